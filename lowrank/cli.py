@@ -1,0 +1,215 @@
+"""The ``lowrank`` command: ``demo``, ``factorize``, ``params``, ``gradcheck``.
+
+Every failure the user can cause (a missing file, a bad rank, a flag out of
+range) ends in one line on stderr, ``lowrank: error: …``, and a non-zero
+exit code: 2 for a malformed command line, 1 for everything else. Never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+class CLIError(Exception):
+    """A failure to report as one line, with exit code 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not usage text plus a line."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sys.stderr.write(f"lowrank: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+# ---------------------------------------------------------------- factorize
+
+
+def _load_matrix(path: str) -> np.ndarray:
+    file = Path(path)
+    if not file.is_file():
+        raise CLIError(f"cannot read {path}: no such file")
+    try:
+        with open(file, "rb") as f:
+            magic = f.read(6)
+        if magic != b"\x93NUMPY":
+            raise CLIError(f"cannot read {path}: not a .npy file (write one with numpy.save)")
+        return np.load(file, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise CLIError(f"cannot read {path} as a .npy array: {exc}") from None
+
+
+def _cmd_factorize(args: argparse.Namespace) -> int:
+    import lowrank
+
+    M = _load_matrix(args.file)
+    M = lowrank._checks.check_matrix(M, f"the matrix in {args.file}")
+    m, n = M.shape
+    s_all = np.linalg.svd(M, compute_uv=False)  # the whole spectrum, for the bound
+    rank = args.rank if args.rank is not None else lowrank.rank_for_energy(s_all, args.energy)
+    rank = lowrank._checks.check_rank(rank, M.shape, "--rank")
+
+    if args.method == "svd":
+        result = lowrank.truncated_svd(M, rank)
+        factors = {"left": result.U * result.s, "right": result.Vt, "s": result.s}
+    elif args.method == "randomized":
+        result = lowrank.randomized_svd(M, rank, random_state=args.seed)
+        factors = {"left": result.U * result.s, "right": result.Vt, "s": result.s}
+    else:
+        fit = lowrank.als(M, rank, random_state=args.seed)
+        factors = {"left": fit.left, "right": fit.right}
+    lr = lowrank.LowRank(factors["left"], factors["right"])
+
+    norm = float(np.linalg.norm(M))
+    bound = float(lowrank.eckart_young_errors(s_all)[rank])
+    error = lr.error(M)
+
+    def rel(e: float) -> float:
+        return e / norm if norm > 0 else 0.0
+
+    ratio = f"{error / bound:.6f}" if bound > 0 else ("1 (both 0)" if error == 0 else "inf")
+    print(f"input     {args.file}: {m}×{n} {M.dtype}")
+    print(f"method    {args.method}, rank {rank}" + (f" (keeps {args.energy:g} of the energy)" if args.energy else ""))
+    print(f"factors   left {lr.left.shape}, right {lr.right.shape}")
+    print(f"params    dense {lr.dense_params:,} vs low-rank {lr.n_params:,} ({lr.compression_ratio:.2f}× smaller)")
+    print(f"error     ‖M − L R‖_F / ‖M‖_F = {rel(error):.6e}")
+    print(f"bound     Eckart–Young optimum at rank {rank}: {rel(bound):.6e} (error / optimum = {ratio})")
+    if args.out:
+        from lowrank.io import save_npz
+
+        path = save_npz(args.out, factors)
+        print(f"wrote     {path} ({', '.join(f'{k} {v.shape}' for k, v in factors.items())})")
+    return 0
+
+
+# ---------------------------------------------------------------- params
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        m, n = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape must look like 9x9, got {text!r}") from None
+    if m < 1 or n < 1:
+        raise argparse.ArgumentTypeError(f"--shape sides must be positive, got {text!r}")
+    return m, n
+
+
+def _cmd_params(args: argparse.Namespace) -> int:
+    import lowrank
+
+    if args.shape is not None:
+        m, n = args.shape
+        rank = lowrank._checks.check_rank(args.rank, (m, n), "--rank")
+        dense, low = m * n, rank * (m + n)
+        print(f"matrix      {m}×{n}, rank {rank}")
+        print(f"dense       {m} × {n} = {dense:,} parameters")
+        print(f"low-rank    {rank} × ({m} + {n}) = {low:,} parameters ({dense / low:.2f}× smaller)")
+        return 0
+    if args.d_model is None or args.layers is None:
+        raise CLIError("params needs --shape MxN, or --d-model and --layers (with --matrices, --rank)")
+    count = lowrank.lora_param_count(args.d_model, args.layers, args.matrices, args.rank)
+    print(f"LoRA        {args.layers} layers × {args.matrices} matrices × r={args.rank} × "
+          f"({args.d_model} + {args.d_model})")
+    print(f"trainable   {count:,} parameters")
+    if args.total is not None:
+        if not args.total > 0:
+            raise CLIError(f"--total must be positive, got {args.total:g}")
+        print(f"total       {args.total:,.0f} parameters")
+        print(f"trainable%  {100 * count / args.total:.4f} %")
+    return 0
+
+
+# ---------------------------------------------------------------- demo, gradcheck
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lowrank.demo import format_report, run_demo
+
+    results = run_demo(seed=args.seed, quick=args.quick)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(format_report(results))
+    return 0
+
+
+def _cmd_gradcheck(args: argparse.Namespace) -> int:
+    from lowrank.gradcheck import format_table, run_all
+
+    rows = run_all(random_state=args.seed)
+    print(format_table(rows))
+    return 0 if all(row.passed for row in rows) else 1
+
+
+# ---------------------------------------------------------------- wiring
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lowrank", description="Low-rank factorization and LoRA, by hand in NumPy.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="the whole story: low-rank approximation, then LoRA")
+    demo.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
+    demo.add_argument("--quick", action="store_true", help="smaller sizes, a few seconds")
+    demo.add_argument("--json", action="store_true", help="print the results as JSON on stdout, nothing else")
+    demo.set_defaults(run=_cmd_demo)
+
+    fac = sub.add_parser("factorize", help="factorize a matrix stored with numpy.save")
+    fac.add_argument("file", help="a .npy file holding a 2-D numeric array")
+    how = fac.add_mutually_exclusive_group(required=True)
+    how.add_argument("--rank", type=int, help="the rank to keep")
+    how.add_argument("--energy", type=float, help="keep the smallest rank holding this fraction of ‖M‖_F² (0, 1]")
+    fac.add_argument("--method", choices=("svd", "randomized", "als"), default="svd", help="default: svd")
+    fac.add_argument("--out", help="write left, right (and s) to this .npz file")
+    fac.add_argument("--seed", type=int, default=0, help="seed for randomized and als (default 0)")
+    fac.set_defaults(run=_cmd_factorize)
+
+    par = sub.add_parser("params", help="parameter arithmetic of a factorization or a LoRA budget")
+    par.add_argument("--shape", type=_parse_shape, help="a matrix shape, e.g. 9x9")
+    par.add_argument("--rank", type=int, default=1, help="rank r (default 1)")
+    par.add_argument("--d-model", type=int, help="model width: each adapted matrix is d_model × d_model")
+    par.add_argument("--layers", type=int, help="number of layers")
+    par.add_argument("--matrices", type=int, default=2, help="adapted matrices per layer (default 2: W_q, W_v)")
+    par.add_argument("--total", type=float, help="the model's total parameter count, for the percentage")
+    par.set_defaults(run=_cmd_params)
+
+    grad = sub.add_parser("gradcheck", help="check every backward pass against finite differences")
+    grad.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    grad.set_defaults(run=_cmd_gradcheck)
+    return parser
+
+
+def _version() -> str:
+    from lowrank import __version__
+
+    return f"lowrank {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lowrank`` command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.run(args)
+    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else 1
+    except (CLIError, ValueError, TypeError, OSError, ImportError) as exc:
+        print(f"lowrank: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lowrank: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
