@@ -205,6 +205,6 @@ def check_float_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
         resolved = None if dtype is None else np.dtype(dtype)
     except (TypeError, ValueError):
         resolved = None
-    if resolved not in FLOAT_DTYPES:
+    if resolved is None or resolved not in FLOAT_DTYPES:  # (dtype == None is True in NumPy)
         raise TypeError(f"{name} must be float32 or float64, got {dtype!r}")
     return resolved

@@ -75,17 +75,20 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
         return e / norm if norm > 0 else 0.0
 
     ratio = f"{error / bound:.6f}" if bound > 0 else ("1 (both 0)" if error == 0 else "inf")
-    print(f"input     {args.file}: {m}×{n} {M.dtype}")
-    print(f"method    {args.method}, rank {rank}" + (f" (keeps {args.energy:g} of the energy)" if args.energy else ""))
-    print(f"factors   left {lr.left.shape}, right {lr.right.shape}")
-    print(f"params    dense {lr.dense_params:,} vs low-rank {lr.n_params:,} ({lr.compression_ratio:.2f}× smaller)")
-    print(f"error     ‖M − L R‖_F / ‖M‖_F = {rel(error):.6e}")
-    print(f"bound     Eckart–Young optimum at rank {rank}: {rel(bound):.6e} (error / optimum = {ratio})")
-    if args.out:
+    report = [
+        f"input     {args.file}: {m}×{n} {M.dtype}",
+        f"method    {args.method}, rank {rank}" + (f" (keeps {args.energy:g} of the energy)" if args.energy else ""),
+        f"factors   left {lr.left.shape}, right {lr.right.shape}",
+        f"params    dense {lr.dense_params:,} vs low-rank {lr.n_params:,} ({lr.compression_ratio:.2f}× smaller)",
+        f"error     ‖M − L R‖_F / ‖M‖_F = {rel(error):.6e}",
+        f"bound     Eckart–Young optimum at rank {rank}: {rel(bound):.6e} (error / optimum = {ratio})",
+    ]
+    if args.out:  # written before anything is printed, so a failed write prints only its error
         from lowrank.io import save_npz
 
         path = save_npz(args.out, factors)
-        print(f"wrote     {path} ({', '.join(f'{k} {v.shape}' for k, v in factors.items())})")
+        report.append(f"wrote     {path} ({', '.join(f'{k} {v.shape}' for k, v in factors.items())})")
+    print("\n".join(report))
     return 0
 
 

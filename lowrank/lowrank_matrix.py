@@ -34,6 +34,10 @@ class LowRank:
     True
     """
 
+    # NumPy arrays defer to our __rmatmul__ for ``X @ lr`` instead of trying
+    # to treat a LowRank as an array themselves.
+    __array_ufunc__ = None
+
     def __init__(self, left: Any, right: Any) -> None:
         left = as_float_array(left, "left")
         right = as_float_array(right, "right")
