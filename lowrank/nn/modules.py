@@ -1,0 +1,838 @@
+"""Layers with state: Parameter, Module, Linear, LoRALinear, activations, Sequential.
+
+A module owns its parameters and calls the pure kernels of
+:mod:`lowrank.nn.functional`; every formula lives there. What lives here is
+bookkeeping: names, train/eval mode, the forward cache, gradient accumulation.
+
+Gradients (DESIGN.md)
+    ``module.backward(dy)`` returns ``dx`` and *adds* each trainable
+    parameter's gradient into ``Parameter.grad`` (None until the first
+    backward pass), so two backward passes before ``zero_grad()`` sum their
+    contributions. A frozen parameter's base-layer gradient is never computed:
+    the kernels are told so and skip the work.
+
+How backward pairs with forward
+    Each module keeps the cache of its most recent forward pass, and
+    ``backward(dy)`` consumes it: backward pairs with the latest forward, once.
+    So a module used twice accumulates both gradients when each use's backward
+    runs before the next forward (forward, backward, forward, backward, then
+    one optimizer step: gradient accumulation over micro-batches). One
+    instance used twice *inside one forward pass* (the same ReLU at two places
+    of a Sequential, a tied layer applied twice) is not supported: the second
+    forward replaces the first cache, and the backward pass then stops with a
+    RuntimeError when it reaches the first use. Give each use its own instance.
+
+dtypes
+    A layer with parameters computes in their dtype. Integer and bool input is
+    converted to it; a float array of the other precision is refused with a
+    TypeError rather than silently rounded (build the layer with the dtype you
+    mean, or cast the input). Activations keep their input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from lowrank._checks import (
+    RandomState,
+    as_float_array,
+    check_choice,
+    check_float_dtype,
+    check_int,
+    check_random_state,
+    check_real,
+)
+from lowrank.nn import functional as F
+
+__all__ = [
+    "GELU",
+    "IncompatibleKeys",
+    "Linear",
+    "LoRALinear",
+    "Module",
+    "Parameter",
+    "ReLU",
+    "Sequential",
+    "Sigmoid",
+    "Tanh",
+]
+
+LORA_INITS = ("kaiming", "gaussian", "pissa")
+
+
+# ---------------------------------------------------------------- Parameter
+
+
+class Parameter:
+    """An array a module learns (or holds frozen), and its gradient.
+
+    Parameters
+    ----------
+    data : array_like
+        Copied into a C-contiguous float32/float64 array (integer and bool
+        input becomes float64).
+    trainable : bool, default True
+        A frozen parameter (False) gets no gradient: backward never computes
+        it and optimizers never write it.
+
+    Attributes
+    ----------
+    data : ndarray
+    grad : ndarray of data's shape and dtype, or None
+        None until a backward pass reaches the parameter; then the sum of
+        every backward pass since the last ``zero_grad()``.
+    trainable : bool
+    """
+
+    __slots__ = ("data", "grad", "trainable")
+
+    def __init__(self, data: Any, trainable: bool = True) -> None:
+        arr = as_float_array(data, "data")
+        self.data = np.array(arr, order="C", copy=True)
+        self.grad: np.ndarray | None = None
+        self.trainable = _check_bool(trainable, "trainable")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return self.data.size
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, trainable={self.trainable})"
+
+
+def _accumulate(param: Parameter, grad: np.ndarray) -> None:
+    """``param.grad += grad``, starting from None: a module used twice sums both."""
+    assert grad.shape == param.shape and grad.dtype == param.dtype, (grad.shape, grad.dtype)
+    if param.grad is None:
+        param.grad = grad  # the kernels return fresh arrays, so the Parameter may own this one
+    else:
+        param.grad += grad
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _as_array_of(x: Any, name: str, dtype: np.dtype) -> np.ndarray:
+    """``x`` as an array of ``dtype``: integers, bools and Python floats are
+    converted, a float array of the other precision is refused."""
+    arr = as_float_array(x, name)
+    if arr.dtype == dtype:
+        return arr
+    if isinstance(x, (np.ndarray, np.generic)) and x.dtype.kind == "f":
+        raise TypeError(
+            f"{name} must have the layer's dtype {dtype}, got {x.dtype}: cast it with "
+            f"{name}.astype(np.{dtype}) or build the layer with dtype=np.{x.dtype}"
+        )
+    return arr.astype(dtype)
+
+
+class IncompatibleKeys(NamedTuple):
+    """What ``load_state_dict(..., strict=False)`` did not match."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+# ---------------------------------------------------------------- Module
+
+
+class Module:
+    """Base class: registers Parameters and sub-Modules, in assignment order.
+
+    Assigning a :class:`Parameter` or a ``Module`` to an attribute registers
+    it under that name (``self.weight = Parameter(...)``), as in PyTorch;
+    names nest with dots (``"0.weight"``). Assigning None to a registered
+    name unregisters it; assigning anything else to it is a TypeError.
+
+    Subclasses write ``forward(x)`` and ``backward(dy)``. ``forward`` saves its
+    kernel's cache with ``_save_for_backward``; ``backward`` takes it back with
+    ``_take_for_backward`` (see the module docstring for the pairing rule).
+    """
+
+    training: bool
+
+    def __init__(self) -> None:
+        # names only: the objects themselves are ordinary attributes
+        object.__setattr__(self, "_param_names", {})  # dict as an ordered set
+        object.__setattr__(self, "_module_names", {})
+        object.__setattr__(self, "_pending", None)  # (cache, out shape, out dtype) of the last forward
+        self.training = True
+
+    # -- registration
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(getattr(type(self), name, None), property):
+            object.__setattr__(self, name, value)  # a property's setter, or its AttributeError
+            return
+        if "_param_names" not in self.__dict__:
+            raise AttributeError(
+                f"cannot assign {name!r} before Module.__init__() is called; "
+                f"call super().__init__() first in {type(self).__name__}.__init__"
+            )
+        params, modules = self._param_names, self._module_names
+        if isinstance(value, Parameter):
+            modules.pop(name, None)
+            params[name] = None
+        elif isinstance(value, Module):
+            params.pop(name, None)
+            modules[name] = None
+        elif name in params or name in modules:
+            kind = "Parameter" if name in params else "Module"
+            if value is not None:
+                raise TypeError(
+                    f"cannot assign {type(value).__name__} to {name!r}, a registered {kind}: assign a {kind} or None"
+                )
+            params.pop(name, None)
+            modules.pop(name, None)
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        self._param_names.pop(name, None)
+        self._module_names.pop(name, None)
+        object.__delattr__(self, name)
+
+    def named_children(self) -> list[tuple[str, Module]]:
+        """The direct sub-modules, as ``(name, Module)`` pairs in order."""
+        return [(name, getattr(self, name)) for name in self._module_names]
+
+    def children(self) -> list[Module]:
+        return [m for _, m in self.named_children()]
+
+    def named_modules(self, prefix: str = "") -> list[tuple[str, Module]]:
+        """This module and every sub-module, depth first, with dotted names
+        (``""`` for this one); a module reachable twice is listed once."""
+        out: list[tuple[str, Module]] = []
+        seen: set[int] = set()
+
+        def visit(module: Module, name: str) -> None:
+            if id(module) in seen:
+                return
+            seen.add(id(module))
+            out.append((name, module))
+            for child_name, child in module.named_children():
+                visit(child, f"{name}.{child_name}" if name else child_name)
+
+        visit(self, prefix)
+        return out
+
+    def modules(self) -> list[Module]:
+        return [m for _, m in self.named_modules()]
+
+    def named_parameters(self) -> list[tuple[str, Parameter]]:
+        """Every Parameter, frozen ones included, with torch-style dotted names.
+
+        A Sequential of Linear/ReLU/Linear gives ``"0.weight"``, ``"0.bias"``,
+        ``"2.weight"``, ``"2.bias"``. A Parameter shared by two modules is
+        listed once, under its first name.
+        """
+        out: list[tuple[str, Parameter]] = []
+        seen: set[int] = set()
+        for module_name, module in self.named_modules():
+            for name in module._param_names:
+                param = getattr(module, name)
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    out.append((f"{module_name}.{name}" if module_name else name, param))
+        return out
+
+    def parameters(self) -> list[Parameter]:
+        """Every Parameter, frozen ones included (filter on ``.trainable``)."""
+        return [p for _, p in self.named_parameters()]
+
+    # -- state
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """A copy of every parameter's array, under the keys of ``named_parameters()``."""
+        return {name: p.data.copy() for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> IncompatibleKeys:
+        """Copy arrays into the parameters, after checking all of them.
+
+        Checks, in this order, each listing every offender: names (missing and
+        unexpected keys, when ``strict``), shapes, dtypes (exactly the
+        parameter's; no silent cast), finiteness. Any failure raises before a
+        single parameter is written. Gradients are left as they are.
+
+        Parameters
+        ----------
+        state_dict : mapping from str to array_like
+        strict : bool, default True
+            If False, missing and unexpected keys are allowed and returned.
+
+        Returns
+        -------
+        IncompatibleKeys
+            ``(missing_keys, unexpected_keys)``; both empty when ``strict``.
+
+        Raises
+        ------
+        ValueError
+            Missing or unexpected keys (strict), a shape mismatch, a
+            non-finite value.
+        TypeError
+            ``state_dict`` is not a mapping, or a dtype mismatch.
+        """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping from names to arrays, got {type(state_dict).__name__}")
+        strict = _check_bool(strict, "strict")
+        own = dict(self.named_parameters())
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        where = f"load_state_dict for {type(self).__name__}"
+        if strict and (missing or unexpected):
+            raise ValueError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
+        values = {k: np.asarray(state_dict[k]) for k in own if k in state_dict}
+        bad_shapes = [
+            f"{k}: expected {own[k].shape}, got {v.shape}" for k, v in values.items() if v.shape != own[k].shape
+        ]
+        if bad_shapes:
+            raise ValueError(f"{where}: shape mismatch: " + "; ".join(bad_shapes))
+        bad_dtypes = [
+            f"{k}: expected {own[k].dtype}, got {v.dtype}" for k, v in values.items() if v.dtype != own[k].dtype
+        ]
+        if bad_dtypes:
+            raise TypeError(f"{where}: dtype mismatch: " + "; ".join(bad_dtypes))
+        non_finite = [k for k, v in values.items() if not np.isfinite(v).all()]
+        if non_finite:
+            raise ValueError(f"{where}: non-finite values in {non_finite}")
+        for k, v in values.items():
+            own[k].data = np.array(v, order="C", copy=True)
+        return IncompatibleKeys(missing, unexpected)
+
+    # -- mode and gradients
+
+    def train(self, mode: bool = True) -> Module:
+        """Set training mode (dropout active) on this module and every sub-module."""
+        mode = _check_bool(mode, "mode")
+        for module in self.modules():
+            module.training = mode
+        return self
+
+    def eval(self) -> Module:
+        """Evaluation mode: ``train(False)``."""
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        """Set every parameter's ``.grad`` to None."""
+        for p in self.parameters():
+            p.grad = None
+
+    # -- forward and backward
+
+    def __call__(self, x: Any) -> np.ndarray:
+        return self.forward(x)
+
+    def forward(self, x: Any) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} defines no forward")
+
+    def backward(self, dy: Any) -> np.ndarray:
+        raise NotImplementedError(f"{type(self).__name__} defines no backward")
+
+    def _save_for_backward(self, cache: Any, y: np.ndarray) -> None:
+        self._pending = (cache, y.shape, y.dtype)
+
+    def _take_for_backward(self, dy: Any) -> tuple[Any, np.ndarray]:
+        """The last forward's cache and ``dy`` checked against its output; consumes the cache."""
+        if self._pending is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward called without a forward to pair with: each "
+                "backward consumes the cache of the most recent forward, once (an instance used "
+                "twice in one forward pass needs one instance per use)"
+            )
+        cache, shape, dtype = self._pending
+        dy = _as_array_of(dy, "dy", dtype)
+        if dy.shape != shape:
+            raise ValueError(f"dy must have the forward output's shape {shape}, got {dy.shape}")
+        self._pending = None
+        return cache, dy
+
+    # -- printing
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        head = f"{type(self).__name__}({self.extra_repr()}"
+        children = self.named_children()
+        if not children:
+            return head + ")"
+        lines = [f"  ({name}): " + repr(child).replace("\n", "\n  ") for name, child in children]
+        return head + "\n" + "\n".join(lines) + "\n)"
+
+
+# ---------------------------------------------------------------- Linear
+
+
+def _base_trainable(layer: Module) -> bool:
+    """Whether a linear layer's weight (and bias) gets a gradient.
+
+    The kernels compute dW and db together or not at all, so the two must agree.
+    """
+    weight, bias = layer.weight, layer.bias
+    if bias is not None and bias.trainable != weight.trainable:
+        raise RuntimeError(
+            f"{type(layer).__name__}: weight and bias must be both trainable or both frozen "
+            f"(the kernel computes their gradients together), got weight.trainable="
+            f"{weight.trainable}, bias.trainable={bias.trainable}"
+        )
+    return weight.trainable
+
+
+def _check_features(x: np.ndarray, in_features: int) -> None:
+    if x.ndim == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x must have shape (..., in_features) = (..., {in_features}), got {x.shape}")
+
+
+class Linear(Module):
+    """``y = x @ weight.T + bias`` (:func:`lowrank.nn.functional.linear`).
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool, default True
+    dtype : float32 or float64, default float32
+    random_state : None, int or numpy.random.Generator
+        For the initialization: PyTorch's default, weight and bias
+        ``~ U(-1/sqrt(in_features), 1/sqrt(in_features))`` (drawn in float64,
+        then cast, so both dtypes start from the same numbers).
+
+    Attributes
+    ----------
+    weight : Parameter of shape (out_features, in_features)
+    bias : Parameter of shape (out_features,), or None
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        dtype: Any = np.float32,
+        random_state: RandomState = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_int(in_features, "in_features", low=1)
+        self.out_features = check_int(out_features, "out_features", low=1)
+        bias = _check_bool(bias, "bias")
+        dtype = check_float_dtype(dtype)
+        rng = check_random_state(random_state)
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) reduces to this
+        shape = (self.out_features, self.in_features)
+        self.weight = Parameter(rng.uniform(-bound, bound, shape).astype(dtype))
+        self.bias = Parameter(rng.uniform(-bound, bound, self.out_features).astype(dtype)) if bias else None
+
+    def forward(self, x: Any) -> np.ndarray:
+        """x : array_like of shape (..., in_features) -> ndarray of shape (..., out_features)"""
+        x = _as_array_of(x, "x", self.weight.dtype)
+        _check_features(x, self.in_features)
+        bias = None if self.bias is None else self.bias.data
+        y, cache = F.linear(x, self.weight.data, bias)  # (..., out)
+        self._save_for_backward(cache, y)
+        return y
+
+    def backward(self, dy: Any) -> np.ndarray:
+        """dy : (..., out_features) -> dx : (..., in_features); adds into weight.grad, bias.grad."""
+        trainable = _base_trainable(self)  # before taking the cache: an error leaves it in place
+        cache, dy = self._take_for_backward(dy)
+        g = F.linear_backward(dy, cache, trainable=trainable)
+        if trainable:
+            _accumulate(self.weight, g.weight)
+            if self.bias is not None:
+                _accumulate(self.bias, g.bias)
+        return g.x
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+class _Factor(Module):
+    """Holds one LoRA factor as ``weight``, so the state-dict keys read
+    ``lora_A.weight`` and ``lora_B.weight``, as in PEFT. Not a layer: it has
+    no forward of its own (LoRALinear's kernel uses both factors at once)."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        super().__init__()
+        self.weight = Parameter(data)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.weight.shape}, dtype={self.weight.dtype}"
+
+
+class LoRALinear(Module):
+    """A frozen Linear plus a trainable low-rank update: ``W + scaling * B @ A``.
+
+    ``y = x @ W.T + b + scaling * (drop(x) @ A.T) @ B.T``
+    (:func:`lowrank.nn.functional.lora_linear`).
+
+    Parameters
+    ----------
+    base : Linear
+        Wrapped, not copied: its weight and bias Parameters become this
+        layer's ``weight`` and ``bias`` and are frozen (``trainable=False``).
+        ``init="pissa"`` replaces the weight's data with the residual, and
+        ``merge()`` writes into it, so ``base`` always shows the current W.
+    r : int, default 8
+        The rank of the update, ``>= 1`` (``<= min(in, out)`` for PiSSA).
+    alpha : float, default 8
+        ``scaling = alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``.
+    dropout : float in [0, 1), default 0.0
+        Dropout on the input of the LoRA path, in training mode only.
+    use_rslora : bool, default False
+        Rank-stabilized scaling ``alpha / sqrt(r)`` (Kalajdzievski, 2023).
+    init : {"kaiming", "gaussian", "pissa"}, default "kaiming"
+        ``"kaiming"``: ``A ~ U(-1/sqrt(in), 1/sqrt(in))``, ``B = 0`` (PyTorch's
+        ``kaiming_uniform_(a=sqrt(5))``, as PEFT), so a fresh adapter changes
+        nothing. ``"gaussian"``: ``A ~ N(0, (1/r)^2)``, ``B = 0``. ``"pissa"``
+        (Meng et al., 2024): from the truncated SVD ``W ≈ U_r diag(s_r) Vt_r``,
+        ``A = diag(sqrt(s_r/scaling)) @ Vt_r``, ``B = U_r @ diag(sqrt(s_r/scaling))``,
+        and the frozen weight becomes the residual ``W - scaling * B @ A``
+        (computed in float64 from the stored A and B, cast once), so the
+        layer's output is unchanged up to that one rounding.
+    random_state : None, int or numpy.random.Generator
+        Resolved once: draws the initial A, then every dropout mask.
+
+    Attributes
+    ----------
+    A : Parameter of shape (r, in_features)
+        Registered as ``lora_A.weight``.
+    B : Parameter of shape (out_features, r)
+        Registered as ``lora_B.weight``.
+    scaling : float
+    merged : bool
+        True between ``merge()`` and ``unmerge()``. While merged, forward is
+        the plain linear with ``W + scaling * B @ A``, ``state_dict()["weight"]``
+        holds that merged W, and backward is refused.
+
+    Notes
+    -----
+    State-dict keys: ``"weight"``, ``"bias"`` (if any), ``"lora_A.weight"``,
+    ``"lora_B.weight"``. Trainable numbers: ``r * (in_features + out_features)``.
+    The gradients of A and B are always computed by the kernel (they cost
+    ``O(N r (in + out))``) and stored only if trainable; the base's are
+    computed only if its Parameters are trainable.
+    """
+
+    def __init__(
+        self,
+        base: Linear,
+        r: int = 8,
+        alpha: float = 8,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        random_state: RandomState = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, Linear):
+            raise TypeError(f"base must be a Linear, got {type(base).__name__}")
+        r = check_int(r, "r", low=1)
+        alpha = check_real(alpha, "alpha", 0.0, low_open=True)
+        dropout = check_real(dropout, "dropout", 0.0, 1.0, high_open=True)
+        use_rslora = _check_bool(use_rslora, "use_rslora")
+        init = check_choice(init, "init", LORA_INITS)
+        in_features, out_features = base.in_features, base.out_features
+        if init == "pissa" and r > min(in_features, out_features):
+            raise ValueError(
+                f"r must be in [1, min(in_features, out_features)] = [1, {min(in_features, out_features)}] "
+                f"for init='pissa' (weight shape {base.weight.shape}), got {r}"
+            )
+        self._rng = check_random_state(random_state)
+        object.__setattr__(self, "_base", base)  # held, not registered: its Parameters are, below
+        self.weight = base.weight
+        self.bias = base.bias
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.dropout, self.use_rslora, self.init = r, alpha, dropout, use_rslora, init
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.merged = False
+        A, B = self._initial_factors()
+        self.lora_A = _Factor(A)  # (r, in)
+        self.lora_B = _Factor(B)  # (out, r)
+        self.weight.trainable = False
+        if self.bias is not None:
+            self.bias.trainable = False
+
+    def _initial_factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """A (r, in) and B (out, r) in the weight's dtype; PiSSA also rewrites W."""
+        r, n_in, n_out, dtype = self.r, self.in_features, self.out_features, self.weight.dtype
+        if self.init == "kaiming":
+            bound = 1.0 / math.sqrt(n_in)
+            A = self._rng.uniform(-bound, bound, (r, n_in))
+            return A.astype(dtype), np.zeros((n_out, r), dtype)
+        if self.init == "gaussian":
+            A = self._rng.normal(0.0, 1.0 / r, (r, n_in))
+            return A.astype(dtype), np.zeros((n_out, r), dtype)
+        from lowrank.svd import truncated_svd  # lazily: svd is not needed otherwise
+
+        W = self.weight.data.astype(np.float64)  # (out, in)
+        svd = truncated_svd(W, r)  # U (out, r), s (r,), Vt (r, in)
+        root = np.sqrt(svd.s / self.scaling)  # (r,)
+        A = (root[:, None] * svd.Vt).astype(dtype)  # (r, in)
+        B = (svd.U * root).astype(dtype)  # (out, r)
+        # the residual from the factors as stored, so residual + scaling * B @ A == W up to one rounding
+        residual = W - self.scaling * (B.astype(np.float64) @ A.astype(np.float64))  # (out, in)
+        self.weight.data = residual.astype(dtype)
+        return A, B
+
+    @property
+    def base(self) -> Linear:
+        """The wrapped Linear (sharing this layer's weight and bias Parameters)."""
+        return self._base
+
+    @property
+    def A(self) -> Parameter:
+        """The down-projection, shape (r, in_features)."""
+        return self.lora_A.weight
+
+    @property
+    def B(self) -> Parameter:
+        """The up-projection, shape (out_features, r)."""
+        return self.lora_B.weight
+
+    def forward(self, x: Any) -> np.ndarray:
+        """x : array_like of shape (..., in_features) -> ndarray of shape (..., out_features)"""
+        x = _as_array_of(x, "x", self.weight.dtype)
+        _check_features(x, self.in_features)
+        bias = None if self.bias is None else self.bias.data
+        if self.merged:  # the update lives inside W now: the plain linear is the whole layer
+            y, cache = F.linear(x, self.weight.data, bias)
+        else:
+            mask = None
+            if self.training and self.dropout > 0:
+                mask = F.dropout_mask(x.shape, self.dropout, random_state=self._rng, dtype=x.dtype)
+            y, cache = F.lora_linear(
+                x, self.weight.data, bias, self.A.data, self.B.data, self.scaling, dropout_mask=mask
+            )
+        self._save_for_backward(cache, y)
+        return y
+
+    def backward(self, dy: Any) -> np.ndarray:
+        """dy : (..., out_features) -> dx : (..., in_features); adds into A.grad and B.grad.
+
+        Raises RuntimeError while merged: A and B are inside W then, and their
+        gradients need the unmerged forward (``unmerge()``, forward again).
+        """
+        if self.merged:
+            raise RuntimeError("LoRALinear.backward while merged: call unmerge() and run forward again")
+        base_trainable = _base_trainable(self)  # before taking the cache: an error leaves it in place
+        cache, dy = self._take_for_backward(dy)
+        g = F.lora_linear_backward(dy, cache, base_trainable=base_trainable)
+        if self.A.trainable:
+            _accumulate(self.A, g.A)
+        if self.B.trainable:
+            _accumulate(self.B, g.B)
+        if base_trainable:
+            _accumulate(self.weight, g.weight)
+            if self.bias is not None:
+                _accumulate(self.bias, g.bias)
+        return g.x
+
+    def delta_weight(self) -> np.ndarray:
+        """The update ``scaling * B @ A``, ndarray of shape (out_features, in_features), float64."""
+        B = self.B.data.astype(np.float64)  # (out, r)
+        A = self.A.data.astype(np.float64)  # (r, in)
+        return self.scaling * (B @ A)  # (out, in)
+
+    def merge(self) -> None:
+        """Fold the update into the weight: ``W <- W + scaling * B @ A``.
+
+        Accumulated in float64 and cast to W's dtype once. If the result is not
+        finite (overflow in W's dtype, or NaN/inf in A or B) it raises
+        FloatingPointError and leaves every weight bit-identical.
+        """
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge: already merged (call unmerge() first)")
+        self._add_to_weight(+1.0, "merge")
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the update back out: ``W <- W - scaling * B @ A``, in float64, cast once.
+
+        Tolerance: after ``merge(); unmerge()`` each entry of W is within
+        ``eps * (|W| + |scaling * B @ A|)`` of its value before (``eps =
+        np.finfo(W.dtype).eps``; one rounding at merge, one here), and is
+        bit-identical where ``B @ A`` is 0 (e.g. a fresh adapter).
+        """
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge: not merged")
+        self._add_to_weight(-1.0, "unmerge")
+        self.merged = False
+
+    def _add_to_weight(self, sign: float, action: str) -> None:
+        dtype = self.weight.dtype
+        delta = self.delta_weight()  # (out, in), float64
+        with np.errstate(over="ignore", invalid="ignore"):  # checked right below
+            new = (self.weight.data.astype(np.float64) + sign * delta).astype(dtype)  # (out, in)
+        finite = np.isfinite(new)
+        if not finite.all():
+            raise FloatingPointError(
+                f"LoRALinear.{action} refused: W {'+' if sign > 0 else '-'} scaling * B @ A would "
+                f"have {int(np.count_nonzero(~finite))} non-finite entries in {dtype} "
+                f"(max |W| = {np.abs(self.weight.data).max():.3g}, "
+                f"max |scaling * B @ A| = {np.abs(delta).max():.3g}); the weights are unchanged"
+            )
+        self.weight.data = new
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, r={self.r}, alpha={self.alpha:g}, "
+            f"scaling={self.scaling:g}, dropout={self.dropout:g}, use_rslora={self.use_rslora}, "
+            f"init={self.init!r}, merged={self.merged}"
+        )
+
+
+# ---------------------------------------------------------------- activations
+
+
+class _Activation(Module):
+    """The bookkeeping shared by the elementwise activations; each names its kernels.
+
+    Input keeps its dtype (integer and bool become float64).
+    """
+
+    def forward(self, x: Any) -> np.ndarray:
+        x = as_float_array(x, "x")
+        y, cache = self._kernel(x)
+        self._save_for_backward(cache, y)
+        return y
+
+    def backward(self, dy: Any) -> np.ndarray:
+        cache, dy = self._take_for_backward(dy)
+        return self._kernel_backward(dy, cache)
+
+    def _kernel(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
+        raise NotImplementedError
+
+    def _kernel_backward(self, dy: np.ndarray, cache: Any) -> np.ndarray:
+        raise NotImplementedError
+
+
+class ReLU(_Activation):
+    """``max(x, 0)``, elementwise (:func:`lowrank.nn.functional.relu`)."""
+
+    def _kernel(self, x):
+        return F.relu(x)
+
+    def _kernel_backward(self, dy, cache):
+        return F.relu_backward(dy, cache)
+
+
+class Tanh(_Activation):
+    """``tanh(x)``, elementwise (:func:`lowrank.nn.functional.tanh`)."""
+
+    def _kernel(self, x):
+        return F.tanh(x)
+
+    def _kernel_backward(self, dy, cache):
+        return F.tanh_backward(dy, cache)
+
+
+class Sigmoid(_Activation):
+    """``1 / (1 + exp(-x))``, elementwise (:func:`lowrank.nn.functional.sigmoid`)."""
+
+    def _kernel(self, x):
+        return F.sigmoid(x)
+
+    def _kernel_backward(self, dy, cache):
+        return F.sigmoid_backward(dy, cache)
+
+
+class GELU(_Activation):
+    """``x * Φ(x)``, elementwise (:func:`lowrank.nn.functional.gelu`).
+
+    Parameters
+    ----------
+    approximate : {"none", "tanh"}, default "none"
+        ``"none"``: the exact erf form; ``"tanh"``: the tanh approximation,
+        exactly as ``torch.nn.GELU``.
+    """
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        self.approximate = check_choice(approximate, "approximate", ("none", "tanh"))
+
+    def _kernel(self, x):
+        return F.gelu(x, approximate=self.approximate)
+
+    def _kernel_backward(self, dy, cache):
+        return F.gelu_backward(dy, cache)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+# ---------------------------------------------------------------- Sequential
+
+
+class Sequential(Module):
+    """Modules applied in order; backward runs them in reverse.
+
+    The sub-modules are named ``"0"``, ``"1"``, …, so parameters read
+    ``"0.weight"``, as in ``torch.nn.Sequential``. Supports ``len``,
+    iteration, ``seq[i]`` (negative too) and ``seq[a:b]`` (a new Sequential of
+    the same module objects).
+    """
+
+    def __init__(self, *modules: Module) -> None:
+        super().__init__()
+        for i, module in enumerate(modules):
+            if not isinstance(module, Module):
+                raise TypeError(f"Sequential takes Modules, got {type(module).__name__} at position {i}")
+            setattr(self, str(i), module)
+
+    def __len__(self) -> int:
+        return len(self._module_names)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self.children())
+
+    def __getitem__(self, index: int | slice) -> Module:
+        children = self.children()
+        if isinstance(index, slice):
+            return Sequential(*children[index])
+        i = check_int(index, "index")
+        if not -len(children) <= i < len(children):
+            raise IndexError(f"index {i} is out of range for a Sequential of length {len(children)}")
+        return children[i]
+
+    def __setitem__(self, index: int, module: Module) -> None:
+        """Replace the module at ``index`` (it keeps its name, e.g. when wrapping in LoRA)."""
+        if not isinstance(module, Module):
+            raise TypeError(f"a Sequential holds Modules, got {type(module).__name__}")
+        names = list(self._module_names)
+        i = check_int(index, "index")
+        if not -len(names) <= i < len(names):
+            raise IndexError(f"index {i} is out of range for a Sequential of length {len(names)}")
+        setattr(self, names[i], module)
+
+    def forward(self, x: Any) -> np.ndarray:
+        for module in self:
+            x = module(x)
+        return x
+
+    def backward(self, dy: Any) -> np.ndarray:
+        for module in reversed(self.children()):
+            dy = module.backward(dy)
+        return dy
