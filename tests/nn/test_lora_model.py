@@ -1,0 +1,418 @@
+"""Whole models: the MLP builder, inject_lora, trainable_summary, merge_lora.
+
+Checked against independent computations: forward passes written out here in
+float64 NumPy, parameter counts from the formula ``r * (in + out)``, finite
+differences through ``lowrank.gradcheck`` for the whole model's gradient, and
+PEFT's own ``print_trainable_parameters`` when torch and peft are installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from strategies import ACTIVATION_NAMES, FLOAT_DTYPES, SEEDS, adapted_mlp_configs, mlp_sizes
+
+from lowrank import nn
+from lowrank.gradcheck import check_gradients
+from lowrank.nn import functional as F
+
+# ---------------------------------------------------------------- helpers
+
+_erf = np.vectorize(math.erf)
+
+ACTIVATION_BY_HAND = {
+    "relu": lambda z: np.maximum(z, 0.0),
+    "tanh": np.tanh,
+    "sigmoid": lambda z: 1.0 / (1.0 + np.exp(-z)),
+    "gelu": lambda z: 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0))),
+    "gelu_tanh": lambda z: 0.5 * z * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3))),
+}
+
+
+def mlp_by_hand(x, weights, activation):
+    """The MLP's forward in float64 from a list of (W, b, delta) triples: W + delta is the layer's weight."""
+    h = x.astype(np.float64)
+    for i, (W, b, delta) in enumerate(weights):
+        if i > 0:
+            h = ACTIVATION_BY_HAND[activation](h)
+        h = h @ (W.astype(np.float64) + delta).T
+        if b is not None:
+            h = h + b.astype(np.float64)
+    return h
+
+
+def layer_weights(model):
+    """(W, b, scaling * B @ A in float64) for each Linear or LoRALinear of a Sequential, in order."""
+    out = []
+    for m in model:
+        if isinstance(m, nn.LoRALinear):
+            delta = m.scaling * (m.B.data.astype(np.float64) @ m.A.data.astype(np.float64))
+            out.append((m.weight.data, None if m.bias is None else m.bias.data, delta))
+        elif isinstance(m, nn.Linear):
+            out.append((m.weight.data, None if m.bias is None else m.bias.data, 0.0))
+    return out
+
+
+def adapted(cfg, init="kaiming", dropout=0.0):
+    """An MLP with LoRA on cfg's targets, every B filled with noise so the adapters matter."""
+    rng = np.random.default_rng(cfg["seed"])
+    model = nn.MLP(cfg["sizes"], cfg["activation"], dtype=cfg["dtype"], random_state=rng)
+    nn.inject_lora(model, r=cfg["r"], alpha=cfg["alpha"], targets=cfg["targets"], dropout=dropout,
+                   use_rslora=cfg["use_rslora"], init=init, random_state=rng)
+    for m in model:
+        if isinstance(m, nn.LoRALinear):
+            m.B.data = rng.standard_normal(m.B.shape).astype(cfg["dtype"])
+    x = rng.standard_normal((4, cfg["sizes"][0])).astype(cfg["dtype"])
+    return model, x
+
+
+def snapshot(model):
+    """Bits, flags and gradients of every parameter, and the module types."""
+    return (
+        {
+            k: (p.data.copy(), p.trainable, None if p.grad is None else p.grad.copy())
+            for k, p in model.named_parameters()
+        },
+        [type(m) for m in model.modules()],
+    )
+
+
+def assert_same_snapshot(a, b):
+    params_a, types_a = a
+    params_b, types_b = b
+    assert types_a == types_b and params_a.keys() == params_b.keys()
+    for k in params_a:
+        (da, ta, ga), (db, tb, gb) = params_a[k], params_b[k]
+        assert np.array_equal(da, db) and da.dtype == db.dtype and ta == tb, k
+        assert (ga is None) == (gb is None) and (ga is None or np.array_equal(ga, gb)), k
+
+
+def tol(dtype, depth=3):
+    return 1e-12 if np.dtype(dtype) == np.float64 else 1e-5 * depth
+
+
+# ---------------------------------------------------------------- MLP
+
+
+@given(sizes=mlp_sizes(), activation=ACTIVATION_NAMES, dtype=FLOAT_DTYPES, seed=SEEDS)
+def test_mlp_is_linear_activation_linear_and_computes_it(sizes, activation, dtype, seed):
+    model = nn.MLP(sizes, activation, dtype=dtype, random_state=seed)
+    assert isinstance(model, nn.Sequential) and len(model) == 2 * (len(sizes) - 1) - 1
+    expected_keys = [f"{2 * i}.{k}" for i in range(len(sizes) - 1) for k in ("weight", "bias")]
+    assert [k for k, _ in model.named_parameters()] == expected_keys
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        layer = model[2 * i]
+        assert isinstance(layer, nn.Linear) and layer.weight.shape == (n_out, n_in) and layer.weight.dtype == dtype
+    activations = [m for m in model if not isinstance(m, nn.Linear)]
+    assert len({id(m) for m in activations}) == len(activations)  # one instance per use
+    x = np.random.default_rng(seed).standard_normal((3, sizes[0])).astype(dtype)
+    y = model(x)
+    assert y.dtype == dtype and y.shape == (3, sizes[-1])
+    np.testing.assert_allclose(y, mlp_by_hand(x, layer_weights(model), activation), rtol=tol(dtype), atol=tol(dtype))
+
+
+def test_mlp_activation_classes_and_reproducibility():
+    kinds = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "gelu_tanh": nn.GELU}
+    for name, cls in kinds.items():
+        assert isinstance(nn.MLP([2, 3, 2], name)[1], cls)
+    assert nn.MLP([2, 3, 2], "gelu")[1].approximate == "none"
+    assert nn.MLP([2, 3, 2], "gelu_tanh")[1].approximate == "tanh"
+    a, b = nn.MLP([3, 4, 2], random_state=7), nn.MLP([3, 4, 2], random_state=7)
+    assert all(np.array_equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+    assert nn.MLP([3, 2], bias=False).named_parameters()[0][0] == "0.weight" and len(nn.MLP([3, 2], bias=False)
+                                                                                       .parameters()) == 1
+    assert "sizes=[3, 4, 2]" in repr(a)
+    assert nn.MLP(np.array([3, 4]), dtype="float64")[0].weight.dtype == np.float64
+
+
+@pytest.mark.parametrize(
+    ("sizes", "kwargs", "error", "match"),
+    [
+        ([4], {}, ValueError, r"sizes must have at least 2 entries.*\[4\]"),
+        ([], {}, ValueError, "at least 2 entries"),
+        ([4, 0, 2], {}, ValueError, r"sizes\[1\] must be in \[1, inf\], got 0"),
+        ([4, -3], {}, ValueError, r"sizes\[1\].*got -3"),
+        ([4, 2.5], {}, TypeError, r"sizes\[1\] must be an integer, got float 2.5"),
+        ([4, True], {}, TypeError, r"sizes\[1\] must be an integer"),
+        ("42", {}, TypeError, "sizes must be a sequence"),
+        (4, {}, TypeError, "sizes must be a sequence of layer widths, got int 4"),
+        ([4, 2], {"activation": "swish"}, ValueError, "activation must be one of .*got 'swish'"),
+        ([4, 2], {"dtype": np.float16}, TypeError, "dtype must be float32 or float64"),
+        ([4, 2], {"bias": 1}, TypeError, "bias must be True or False"),
+        ([4, 2], {"random_state": -1}, ValueError, "random_state"),
+    ],
+)
+def test_mlp_refuses_bad_arguments(sizes, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        nn.MLP(sizes, **kwargs)
+
+
+# ---------------------------------------------------------------- the whole model's gradient
+
+
+@pytest.mark.parametrize("activation", ["tanh", "gelu", "sigmoid"])
+@pytest.mark.parametrize("base_trainable", [False, True])
+def test_whole_model_gradient_matches_finite_differences(activation, base_trainable):
+    """MLP with LoRA on every layer, softmax cross-entropy, float64: every trainable gradient and dx."""
+    rng = np.random.default_rng(3)
+    model = nn.MLP([5, 6, 4, 3], activation, dtype=np.float64, random_state=rng)
+    nn.inject_lora(model, r=2, alpha=3.0, random_state=rng)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = rng.standard_normal(p.shape)  # B = 0 would hide A's gradient
+        elif base_trainable:
+            p.trainable = True
+    x = rng.standard_normal((7, 5))
+    target = rng.integers(0, 3, size=7)
+    names = [k for k, p in model.named_parameters() if p.trainable]
+    assert len(names) == (12 if base_trainable else 6)
+    params = dict(model.named_parameters())
+
+    def loss(x, **arrays):
+        for k, v in arrays.items():
+            params[_from_arg(k)].data = v
+        return F.cross_entropy(model(x), target)[0]
+
+    inputs = {"x": x, **{_to_arg(k): params[k].data.copy() for k in names}}
+    model.zero_grad()
+    _, dlogits = F.cross_entropy(model(x), target)
+    dx = model.backward(dlogits)
+    analytic = {"x": dx, **{_to_arg(k): params[k].grad for k in names}}
+    report = check_gradients(loss, inputs, analytic)
+    assert report.passed and set(report.arguments) == set(inputs)
+
+
+def _to_arg(name):
+    return "p_" + name.replace(".", "__")
+
+
+def _from_arg(arg):
+    return arg[2:].replace("__", ".")
+
+
+# ---------------------------------------------------------------- inject_lora
+
+
+@given(cfg=adapted_mlp_configs())
+def test_inject_lora_wraps_the_targets_and_freezes_everything_else(cfg):
+    model = nn.MLP(cfg["sizes"], cfg["activation"], dtype=cfg["dtype"], random_state=cfg["seed"])
+    before = model.state_dict()
+    x = np.random.default_rng(cfg["seed"]).standard_normal((3, cfg["sizes"][0])).astype(cfg["dtype"])
+    y_before = model(x)
+    linear_names = [str(2 * i) for i in range(len(cfg["sizes"]) - 1)]
+    targets = linear_names if cfg["targets"] is None else cfg["targets"]
+    out = nn.inject_lora(model, r=cfg["r"], alpha=cfg["alpha"], targets=cfg["targets"],
+                         use_rslora=cfg["use_rslora"], random_state=cfg["seed"])
+    assert out is model
+    for name in linear_names:
+        layer = getattr(model, name)
+        assert isinstance(layer, nn.LoRALinear) == (name in targets)
+    expected_trainable = {f"{t}.lora_{f}.weight" for t in targets for f in "AB"}
+    params = dict(model.named_parameters())
+    assert {k for k, p in params.items() if p.trainable} == expected_trainable
+    assert set(params) == set(before) | expected_trainable  # base keys unchanged
+    for k, v in before.items():
+        assert np.array_equal(params[k].data, v)
+    for t in targets:
+        lora = getattr(model, t)
+        scaling = cfg["alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+        assert lora.r == cfg["r"] and lora.scaling == pytest.approx(scaling, rel=1e-15)
+        assert not lora.B.data.any()  # B = 0: a fresh adapter changes nothing
+    np.testing.assert_array_equal(model(x), y_before)
+
+
+def test_inject_lora_same_seed_same_adapters_and_one_generator():
+    def build(seed):
+        return nn.inject_lora(nn.MLP([6, 5, 4], random_state=0), r=2, alpha=2, random_state=seed)
+
+    a, b, c = build(11), build(11), build(12)
+    for k, v in a.state_dict().items():
+        assert np.array_equal(v, b.state_dict()[k])
+    assert not np.array_equal(a.state_dict()["0.lora_A.weight"], c.state_dict()["0.lora_A.weight"])
+    # one Generator resolved once and drawn in model order: layer 2's A follows layer 0's
+    gen = np.random.default_rng(11)
+    bound0, bound2 = 1 / math.sqrt(6), 1 / math.sqrt(5)
+    A0 = gen.uniform(-bound0, bound0, (2, 6)).astype(np.float32)
+    A2 = gen.uniform(-bound2, bound2, (2, 5)).astype(np.float32)
+    assert np.array_equal(a[0].A.data, A0) and np.array_equal(a[2].A.data, A2)
+    assert a[0]._rng is a[2]._rng
+
+
+def test_inject_lora_nested_and_shared_layers():
+    inner = nn.Sequential(nn.Linear(3, 4, random_state=0), nn.ReLU())
+    shared = nn.Linear(4, 4, random_state=1)
+    model = nn.Sequential(inner, shared, nn.Tanh(), nn.Linear(4, 2, random_state=2))
+    model.alias = shared  # the same layer under a second name
+    with pytest.raises(ValueError, match=r"the Linear layers are \['0.0', '1', '3'\]"):
+        nn.inject_lora(model, r=1, alpha=1, targets=["0"])
+    nn.inject_lora(model, r=1, alpha=1, targets=["0.0", "1"], random_state=0)
+    assert isinstance(model[0][0], nn.LoRALinear) and isinstance(model[1], nn.LoRALinear)
+    assert model.alias is model[1]  # replaced under both names, by the same layer
+    assert isinstance(model[3], nn.Linear) and not model[3].weight.trainable
+    keys = [k for k, p in model.named_parameters() if p.trainable]
+    assert keys == ["0.0.lora_A.weight", "0.0.lora_B.weight", "1.lora_A.weight", "1.lora_B.weight"]
+    # the remaining Linear can be adapted later; earlier adapters stay trainable
+    nn.inject_lora(model, r=1, alpha=1, targets=["3"], random_state=0)
+    assert sum(p.trainable for p in model.parameters()) == 6
+
+
+def test_inject_lora_on_a_bare_linear_returns_the_new_layer():
+    lin = nn.Linear(3, 2, random_state=0)
+    lora = nn.inject_lora(lin, r=1, alpha=1, random_state=0)
+    assert isinstance(lora, nn.LoRALinear) and lora.base is lin and not lin.weight.trainable
+
+
+def test_inject_lora_pissa_keeps_the_output():
+    model = nn.MLP([5, 4, 3], "tanh", dtype=np.float64, random_state=0)
+    x = np.random.default_rng(1).standard_normal((6, 5))
+    y = model(x)
+    nn.inject_lora(model, r=2, alpha=2, init="pissa")
+    np.testing.assert_allclose(model(x), y, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"targets": ["1"]}, ValueError, r"targets \['1'\] are not Linear layers.*\['0', '2'\]"),
+        ({"targets": ["0", "7", "x"]}, ValueError, r"targets \['7', 'x'\] are not Linear layers"),
+        ({"targets": "0"}, TypeError, "targets must be a list of layer names"),
+        ({"targets": [0]}, TypeError, r"targets must hold layer names \(str\), got \[0\]"),
+        ({"targets": []}, ValueError, "targets must name at least one"),
+        ({"r": 0}, ValueError, r"r must be in \[1, inf\], got 0"),
+        ({"r": 2.0}, TypeError, "r must be an integer"),
+        ({"alpha": 0}, ValueError, "alpha must be in"),
+        ({"dropout": 1.0}, ValueError, "dropout must be in"),
+        ({"use_rslora": "yes"}, TypeError, "use_rslora"),
+        ({"init": "zeros"}, ValueError, "init must be one of"),
+        ({"init": "pissa", "r": 4}, ValueError, r"init='pissa'.*got 4 for layer '2'"),
+        ({"random_state": "seed"}, TypeError, "random_state"),
+    ],
+)
+def test_inject_lora_refuses_bad_arguments_before_changing_anything(kwargs, error, match):
+    model = nn.MLP([5, 4, 3], random_state=0)
+    before = snapshot(model)
+    args = {"r": 1, "alpha": 1, **kwargs}
+    with pytest.raises(error, match=match):
+        nn.inject_lora(model, **args)
+    assert_same_snapshot(snapshot(model), before)
+
+
+def test_inject_lora_refuses_to_adapt_twice_and_models_without_linears():
+    model = nn.inject_lora(nn.MLP([4, 3, 2], random_state=0), r=1, alpha=1, targets=["0"])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"model already has LoRA layers at \['0'\].*\['2'\]"):
+        nn.inject_lora(model, r=1, alpha=1)
+    with pytest.raises(ValueError, match=r"targets \['0'\] are already LoRA layers"):
+        nn.inject_lora(model, r=1, alpha=1, targets=["0", "2"])
+    assert_same_snapshot(snapshot(model), before)
+    with pytest.raises(ValueError, match="no Linear layer"):
+        nn.inject_lora(nn.Sequential(nn.ReLU()), r=1, alpha=1)
+    with pytest.raises(TypeError, match=r"model must be a lowrank\.nn\.Module, got list"):
+        nn.inject_lora([nn.Linear(2, 2)], r=1, alpha=1)
+
+
+# ---------------------------------------------------------------- trainable_summary
+
+
+@pytest.mark.parametrize(("sizes", "r", "targets"), [([32, 64, 10], 4, None), ([100, 300, 7], 1, ["2"]),
+                                                      ([1000, 2000, 1000], 8, ["0"])])
+def test_trainable_summary_text_from_the_formula(sizes, r, targets, capsys):
+    model = nn.MLP(sizes, random_state=0)
+    nn.inject_lora(model, r=r, alpha=16, targets=targets, random_state=0)
+    layers = list(itertools.pairwise(sizes))
+    chosen = range(len(layers)) if targets is None else [int(t) // 2 for t in targets]
+    lora = sum(r * (layers[i][0] + layers[i][1]) for i in chosen)  # r (in + out) per adapted matrix
+    total = sum(n_in * n_out + n_out for n_in, n_out in layers) + lora
+    expected = f"trainable params: {lora:,} || all params: {total:,} || trainable%: {100 * lora / total:.4f}"
+    assert nn.trainable_summary(model) == expected
+    assert capsys.readouterr().out == expected + "\n"
+    assert nn.trainable_summary(model, quiet=True) == expected
+    assert capsys.readouterr().out == ""
+
+
+def test_trainable_summary_known_values():
+    # MLP [32, 64, 10], r = 4 on both layers: 4 (32 + 64) + 4 (64 + 10) = 680 trainable;
+    # all: 32*64 + 64 + 64*10 + 10 + 680 = 3,442; 680 / 3,442 = 19.7559...%
+    model = nn.inject_lora(nn.MLP([32, 64, 10], random_state=0), r=4, alpha=4, random_state=0)
+    text = nn.trainable_summary(model, quiet=True)
+    assert text == "trainable params: 680 || all params: 3,442 || trainable%: 19.7560"
+    plain = nn.MLP([3, 2])
+    assert nn.trainable_summary(plain, quiet=True) == "trainable params: 8 || all params: 8 || trainable%: 100.0000"
+    with pytest.raises(ValueError, match="no parameters"):
+        nn.trainable_summary(nn.Sequential(nn.ReLU()))
+    with pytest.raises(TypeError, match="model must be"):
+        nn.trainable_summary("model")
+    with pytest.raises(TypeError, match="quiet"):
+        nn.trainable_summary(plain, quiet=None)
+
+
+def test_trainable_summary_matches_peft():
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    sizes, r = [20, 30, 5], 3
+    tmodel = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5))
+    pmodel = peft.get_peft_model(tmodel, peft.LoraConfig(r=r, lora_alpha=6, target_modules=["0", "2"]))
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        pmodel.print_trainable_parameters()
+    ours = nn.trainable_summary(nn.inject_lora(nn.MLP(sizes), r=r, alpha=6), quiet=True)
+    assert buffer.getvalue().strip() == ours
+
+
+# ---------------------------------------------------------------- merge_lora
+
+
+@given(cfg=adapted_mlp_configs())
+def test_merge_lora_equals_the_adapted_model_and_leaves_it_untouched(cfg):
+    model, x = adapted(cfg, dropout=0.25)
+    model.zero_grad()
+    model(x)
+    model.backward(np.ones((x.shape[0], cfg["sizes"][-1]), cfg["dtype"]))  # gradients to leave alone
+    model.train()
+    before = snapshot(model)
+    plain = nn.merge_lora(model)
+    assert_same_snapshot(snapshot(model), before)
+    assert model.training and all(m.training for m in model.modules())
+    assert type(plain) is type(model) and not any(isinstance(m, nn.LoRALinear) for m in plain.modules())
+    base_keys = [k for k in before[0] if "lora_" not in k]
+    assert [k for k, _ in plain.named_parameters()] == base_keys
+    assert all(p.trainable and p.grad is None for p in plain.parameters())
+    assert all(p.data is not q.data for p, q in zip(plain.parameters(), model.parameters(), strict=False))
+    # independent: W + scaling * B @ A by hand, in float64
+    expected = mlp_by_hand(x, layer_weights(model), cfg["activation"])
+    plain.eval()
+    np.testing.assert_allclose(plain(x), expected, rtol=tol(cfg["dtype"]), atol=tol(cfg["dtype"]))
+    model.eval()
+    np.testing.assert_allclose(plain(x), model(x), rtol=tol(cfg["dtype"]), atol=tol(cfg["dtype"]))
+
+
+def test_merge_lora_merged_layers_and_bare_layers():
+    rng = np.random.default_rng(0)
+    lora = nn.LoRALinear(nn.Linear(4, 3, dtype=np.float64, random_state=rng), r=2, alpha=2, random_state=rng)
+    lora.B.data = rng.standard_normal(lora.B.shape)
+    x = rng.standard_normal((5, 4))
+    plain = nn.merge_lora(lora)
+    assert type(plain) is nn.Linear
+    W = lora.weight.data + lora.scaling * lora.B.data @ lora.A.data
+    np.testing.assert_allclose(plain(x), x @ W.T + lora.bias.data, rtol=1e-13)
+    lora.merge()  # already merged: its weight is W + scaling * B @ A, taken as it is
+    np.testing.assert_array_equal(nn.merge_lora(lora).weight.data, lora.weight.data)
+    assert lora.merged
+
+
+def test_merge_lora_refuses_overflow_and_non_modules():
+    lora = nn.LoRALinear(nn.Linear(2, 2, random_state=0), r=1, alpha=1, random_state=0)
+    lora.B.data = np.full((2, 1), 3e38, np.float32)
+    lora.A.data = np.full((1, 2), 10.0, np.float32)
+    before = snapshot(lora)
+    with pytest.raises(FloatingPointError, match="non-finite weights in float32"):
+        nn.merge_lora(nn.Sequential(lora))
+    assert_same_snapshot(snapshot(lora), before)
+    with pytest.raises(TypeError, match="model must be"):
+        nn.merge_lora(None)
