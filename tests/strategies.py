@@ -167,6 +167,38 @@ def lora_layer_configs(draw, max_features: int = 8, dtype=None):
     }
 
 
+# whole models: MLP, inject_lora, merge_lora, fit (tests/nn/test_lora_model.py, tests/test_train.py)
+
+ACTIVATION_NAMES = st.sampled_from(["relu", "tanh", "sigmoid", "gelu", "gelu_tanh"])
+
+
+@st.composite
+def mlp_sizes(draw, min_layers: int = 1, max_layers: int = 3, max_width: int = 6):
+    """Layer widths of a small MLP: ``min_layers`` to ``max_layers`` Linear layers, widths in [1, max_width]."""
+    n_layers = draw(st.integers(min_layers, max_layers))
+    return [draw(st.integers(1, max_width)) for _ in range(n_layers + 1)]
+
+
+@st.composite
+def adapted_mlp_configs(draw, max_width: int = 6, dtype=None):
+    """An MLP to adapt with LoRA: sizes (2 or 3 Linear layers), activation, dtype, r (<= every
+    layer's min side, so PiSSA works too), alpha, rsLoRA, a non-empty subset of Linear names
+    to target (None: all of them) and a seed."""
+    sizes = draw(mlp_sizes(min_layers=2, max_layers=3, max_width=max_width))
+    names = [str(2 * i) for i in range(len(sizes) - 1)]
+    subset = draw(st.lists(st.sampled_from(names), min_size=1, unique=True))
+    return {
+        "sizes": sizes,
+        "activation": draw(ACTIVATION_NAMES),
+        "dtype": draw(FLOAT_DTYPES) if dtype is None else dtype,
+        "r": draw(st.integers(1, min(sizes))),
+        "alpha": draw(st.floats(0.25, 16.0, allow_nan=False, allow_infinity=False)),
+        "use_rslora": draw(st.booleans()),
+        "targets": draw(st.none() | st.just(sorted(subset, key=int))),
+        "seed": draw(SEEDS),
+    }
+
+
 # nn functional kernels and the gradient checker (tests/nn/test_functional.py, tests/test_gradcheck.py)
 
 

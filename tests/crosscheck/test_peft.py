@@ -1,0 +1,115 @@
+"""PEFT interop, in float64: adapters PEFT saved load here, adapters saved here load in PEFT, PiSSA agrees."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+pytest.importorskip("safetensors")
+
+from lowrank import nn  # noqa: E402
+from lowrank.io import load_peft_adapter, save_peft_adapter  # noqa: E402
+
+
+def _torch_mlp(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).double()
+
+
+def _ours_like(torch_model):
+    """A lowrank MLP with the torch model's base weights (torch-style keys map 1:1)."""
+    model = nn.Sequential(nn.Linear(4, 8, dtype=np.float64), nn.ReLU(), nn.Linear(8, 3, dtype=np.float64))
+    model.load_state_dict({k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()})
+    return model
+
+
+@pytest.mark.parametrize(("alpha", "use_rslora", "targets"), [(5, False, ["0", "2"]), (3, True, ["2"])])
+def test_an_adapter_peft_saved_loads_here_with_the_same_outputs_and_gradients(tmp_path, alpha, use_rslora, targets):
+    base = _torch_mlp(0)
+    ours = _ours_like(base)  # before PEFT wraps the layers
+    config = peft.LoraConfig(r=2, lora_alpha=alpha, target_modules=targets, use_rslora=use_rslora,
+                             lora_dropout=0.1)
+    pm = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # B = 0 would hide every mistake in A and in the scaling
+    pm.save_pretrained(tmp_path / "adapter")
+    pm.eval()
+
+    ours = load_peft_adapter(ours, tmp_path / "adapter")
+    ours.eval()
+    x = np.random.default_rng(1).standard_normal((2, 5, 4))
+    dy = np.random.default_rng(2).standard_normal((2, 5, 3))
+    tx = torch.tensor(x, requires_grad=True)
+    ty = pm(tx)
+    ty.backward(torch.tensor(dy))
+    y = ours(x)
+    dx = ours.backward(dy)
+
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-12, atol=1e-12)
+    torch_grads = {n.replace("base_model.model.", "").replace(".default", ""): p.grad
+                   for n, p in pm.named_parameters() if p.requires_grad}
+    our_grads = {n: p.grad for n, p in ours.named_parameters() if p.trainable}
+    assert set(our_grads) == set(torch_grads) == {f"{i}.lora_{f}.weight" for i in targets for f in "AB"}
+    for name, g in our_grads.items():
+        np.testing.assert_allclose(g, torch_grads[name].numpy(), rtol=1e-12, atol=1e-12, err_msg=name)
+    assert ours[2].dropout == 0.1 and ours[2].use_rslora == use_rslora
+
+
+def test_an_adapter_saved_here_loads_in_peft_with_the_same_outputs(tmp_path):
+    base = _torch_mlp(1)
+    ours = _ours_like(base)
+    rng = np.random.default_rng(3)
+    for i in (0, 2):
+        ours[i] = nn.LoRALinear(ours[i], r=3, alpha=7, use_rslora=True, random_state=rng)
+        ours[i].B.data = rng.standard_normal(ours[i].B.shape)
+    save_peft_adapter(ours, tmp_path / "adapter")
+
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
+    pm.eval()
+    assert pm.peft_config["default"].r == 3 and pm.peft_config["default"].use_rslora
+    x = rng.standard_normal((6, 4))
+    np.testing.assert_allclose(ours(x), pm(torch.tensor(x)).detach().numpy(), rtol=1e-12, atol=1e-12)
+    merged = pm.merge_and_unload()  # PEFT's merge agrees with ours too
+    for i in (0, 2):
+        ours[i].merge()
+        np.testing.assert_allclose(ours[i].weight.data, merged[i].weight.detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_pissa_init_matches_peft(tmp_path):
+    """PEFT's PiSSA (init_lora_weights="pissa") against ours.
+
+    PEFT's conventions, read from peft/tuners/lora/layer.py (pissa_init): it
+    refuses float64 and runs the SVD in float32; it divides the singular
+    values by ``scaling`` before the square root, A = diag(sqrt(S_r/scaling)) @ Vh_r,
+    B = U_r @ diag(sqrt(S_r/scaling)), and the base weight becomes
+    W - scaling * B @ A, so the layer's output is unchanged. Ours is the same
+    formula (DESIGN.md), in float64 here: agreement to float32 accuracy.
+    Singular vectors have a sign freedom, so A and B are compared row/column
+    up to sign, and B @ A exactly.
+    """
+    torch.manual_seed(5)
+    base = torch.nn.Sequential(torch.nn.Linear(7, 5))  # float32: PEFT's PiSSA refuses float64
+    W = base[0].weight.detach().numpy().astype(np.float64).copy()
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=3, lora_alpha=6, target_modules=["0"],
+                                                    init_lora_weights="pissa"))  # scaling 2, not 1
+    layer = pm.base_model.model[0]
+    A_t = layer.lora_A["default"].weight.detach().numpy().astype(np.float64)
+    B_t = layer.lora_B["default"].weight.detach().numpy().astype(np.float64)
+    residual_t = layer.base_layer.weight.detach().numpy().astype(np.float64)
+
+    lin = nn.Linear(7, 5, dtype=np.float64)
+    lin.weight.data = W.copy()
+    ours = nn.LoRALinear(lin, r=3, alpha=6, init="pissa")
+    assert ours.scaling == layer.scaling["default"] == 2.0
+    tol = {"rtol": 1e-5, "atol": 1e-5}  # PEFT computed in float32
+    np.testing.assert_allclose(ours.weight.data, residual_t, **tol)
+    np.testing.assert_allclose(ours.B.data @ ours.A.data, B_t @ A_t, **tol)
+    signs = np.sign(np.sum(ours.A.data * A_t, axis=1))  # (r,): +1 or -1 per singular pair
+    np.testing.assert_allclose(ours.A.data, signs[:, None] * A_t, **tol)
+    np.testing.assert_allclose(ours.B.data, B_t * signs, **tol)
+    np.testing.assert_allclose(ours.weight.data + ours.scaling * ours.B.data @ ours.A.data, W, atol=1e-12)
