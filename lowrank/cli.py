@@ -1,4 +1,4 @@
-"""The ``lowrank`` command: ``demo``, ``factorize``, ``params``, ``gradcheck``.
+"""The ``lowrank`` command: ``demo``, ``factorize``, ``params``, ``gradcheck``, ``vectors``.
 
 Every failure the user can cause (a missing file, a bad rank, a flag out of
 range) ends in one line on stderr, ``lowrank: error: …``, and a non-zero
@@ -135,13 +135,19 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lowrank.demo import format_report, run_demo
+    from lowrank.demo import check_plot_path, format_report, plot, run_demo
 
+    if args.plot:
+        check_plot_path(args.plot)
     results = run_demo(seed=args.seed, quick=args.quick)
+    if args.plot:
+        plot(results, args.plot)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         print(format_report(results))
+        if args.plot:
+            print(f"plot written to {args.plot}")
     return 0
 
 
@@ -151,6 +157,22 @@ def _cmd_gradcheck(args: argparse.Namespace) -> int:
     rows = run_all(random_state=args.seed)
     print(format_table(rows))
     return 0 if all(row.passed for row in rows) else 1
+
+
+def _cmd_vectors_write(args: argparse.Namespace) -> int:
+    from lowrank.vectors import write_vectors
+
+    cases = write_vectors(args.directory, random_state=args.seed)
+    print(f"wrote {len(cases)} reference cases and manifest.json to {args.directory}")
+    return 0
+
+
+def _cmd_vectors_check(args: argparse.Namespace) -> int:
+    from lowrank.vectors import check_vectors
+
+    report = check_vectors(args.reference, args.candidate)
+    print(report.format())
+    return 0 if report.passed else 1
 
 
 # ---------------------------------------------------------------- wiring
@@ -165,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
     demo.add_argument("--quick", action="store_true", help="smaller sizes, a few seconds")
     demo.add_argument("--json", action="store_true", help="print the results as JSON on stdout, nothing else")
+    demo.add_argument("--plot", metavar="FILE.png", help="draw ΔW's spectrum and the loss curves (needs matplotlib)")
     demo.set_defaults(run=_cmd_demo)
 
     fac = sub.add_parser("factorize", help="factorize a matrix stored with numpy.save")
@@ -189,6 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
     grad = sub.add_parser("gradcheck", help="check every backward pass against finite differences")
     grad.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     grad.set_defaults(run=_cmd_gradcheck)
+
+    vec = sub.add_parser("vectors", help="reference test vectors for other implementations (needs safetensors)")
+    vec_sub = vec.add_subparsers(dest="action", required=True, parser_class=_Parser, metavar="ACTION")
+    write = vec_sub.add_parser("write", help="write the reference cases and their manifest to DIR")
+    write.add_argument("directory", metavar="DIR")
+    write.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    write.set_defaults(run=_cmd_vectors_write)
+    check = vec_sub.add_parser("check", help="compare a candidate's outputs with the reference")
+    check.add_argument("reference", metavar="REF", help="a folder written by 'lowrank vectors write'")
+    check.add_argument("candidate", metavar="CANDIDATE", help="the candidate's outputs, same layout and names")
+    check.set_defaults(run=_cmd_vectors_check)
     return parser
 
 

@@ -63,15 +63,143 @@ def gpt3_budget() -> dict[str, Any]:
     return {"trainable": trainable, "total": total, "trainable_percent": 100 * trainable / total}
 
 
+# The demo's network and training settings, chosen so that the whole story
+# runs in well under a minute on 2 cores (the --quick sizes in a few seconds).
+_HIDDEN = 128  # the student MLP: n_features -> 128 -> n_classes, tanh like the teacher
+_BATCH = 128
+_PRETRAIN_LR, _FULL_LR, _LORA_LR = 3e-3, 3e-3, 1e-2  # LoRA's few parameters take a larger step
+_RANKS = (1, 2, 4, 8)
+_TOP = (1, 2, 4, 8)
+
+
+def _train(model, task, lr: float, epochs: int, seed: int) -> tuple[dict[str, Any], float]:
+    from lowrank.nn.optim import Adam
+    from lowrank.train import fit
+
+    optimizer = Adam(model.named_parameters(), lr=lr)
+    start = time.perf_counter()
+    history = fit(model, task.X_train, task.y_train, loss="cross_entropy", optimizer=optimizer,
+                  epochs=epochs, batch_size=_BATCH, val=(task.X_val, task.y_val),
+                  random_state=seed, verbose=False)
+    return history.to_dict(), time.perf_counter() - start
+
+
+def _top_right_vectors(delta: np.ndarray, k: int) -> np.ndarray:
+    """The top-``k`` right singular vectors of ``delta``, as rows: the input directions it acts on."""
+    return lowrank.truncated_svd(delta.astype(np.float64), k).Vt  # (k, in)
+
+
+def subspace_similarity(Vi: np.ndarray, Vj: np.ndarray) -> float:
+    """The LoRA paper's §7.2 measure ``φ(i, j) = ‖U_iᵀ U_j‖²_F / min(i, j)``, in [0, 1].
+
+    ``Vi (i, d)`` and ``Vj (j, d)`` hold orthonormal rows: 1 when one span
+    contains the other, 0 when they are orthogonal.
+    """
+    return float(np.sum((Vi @ Vj.T) ** 2) / min(Vi.shape[0], Vj.shape[0]))
+
+
+def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
+    """Pretrain an MLP on task A, then adapt it to task B by full fine-tuning and by LoRA.
+
+    Returns the pretraining curve; a row per method (trainable parameters,
+    their share of the full model, validation accuracy and loss, seconds);
+    and the analysis of the full fine-tuning update of the first layer,
+    ``ΔW = W_finetuned − W_pretrained``: the energy of its top singular
+    directions, and their similarity to the LoRA r=8 update's and to the
+    planted change's input directions.
+    """
+    from lowrank.data import make_tasks
+    from lowrank.nn import MLP, inject_lora
+
+    sizes = dict(n_pretrain=4_000, n_downstream=1_000, n_val=1_000) if quick else {}
+    pre_epochs, ft_epochs = (4, 6) if quick else (12, 15)
+    tasks = make_tasks(random_state=seed, **sizes)
+    A, B = tasks.pretrain, tasks.downstream
+    layer_sizes = [A.n_features, _HIDDEN, A.n_classes]
+
+    model = MLP(layer_sizes, activation="tanh", random_state=seed)
+    pretrain_history, pretrain_seconds = _train(model, A, _PRETRAIN_LR, pre_epochs, seed)
+    pretrained = model.state_dict()
+    before = _evaluate_on(model, B)
+
+    rows, updates = [], {}
+    full_params = sum(p.size for p in model.parameters())
+    for method in ["full"] + [f"lora r={r}" for r in _RANKS]:
+        student = MLP(layer_sizes, activation="tanh", random_state=seed)
+        student.load_state_dict(pretrained)
+        if method == "full":
+            lr = _FULL_LR
+        else:
+            r = int(method.split("=")[1])
+            inject_lora(student, r=r, alpha=2 * r, random_state=seed)  # scaling 2 at every rank
+            lr = _LORA_LR
+        history, seconds = _train(student, B, lr, ft_epochs, seed)
+        trainable = sum(p.size for p in student.parameters() if p.trainable)
+        rows.append({
+            "method": method,
+            "trainable_params": trainable,
+            "percent_of_full": 100 * trainable / full_params,
+            "val_acc": history["val_acc"][-1],
+            "val_loss": history["val_loss"][-1],
+            "seconds": seconds,
+            "val_loss_curve": history["val_loss"],
+        })
+        layer = student[0]
+        if method == "full":
+            updates["full"] = layer.weight.data.astype(np.float64) - pretrained["0.weight"]
+        elif method == "lora r=8":
+            updates["lora8"] = layer.scaling * (layer.B.data.astype(np.float64) @ layer.A.data)
+
+    delta = updates["full"]  # (hidden, in)
+    s = np.linalg.svd(delta, compute_uv=False)
+    kept = lowrank.energy_kept(s)
+    planted = _top_right_vectors(tasks.delta_low, B.delta_rank)
+    full_top = {k: _top_right_vectors(delta, k) for k in _TOP}
+    lora_top = {k: _top_right_vectors(updates["lora8"], k) for k in _TOP}
+    return {
+        "layer_sizes": layer_sizes,
+        "planted_rank": B.delta_rank,
+        "labels_changed": B.label_change,
+        "pretrain": {"epochs": pre_epochs, "val_acc": pretrain_history["val_acc"][-1],
+                     "val_loss": pretrain_history["val_loss"][-1], "seconds": pretrain_seconds,
+                     "val_loss_curve": pretrain_history["val_loss"]},
+        "before_adaptation": before,
+        "finetune_epochs": ft_epochs,
+        "methods": rows,
+        "delta_w": {
+            "layer": "0.weight",
+            "singular_values": s.tolist(),
+            "energy_top": {str(k): float(kept[k]) for k in _TOP},
+            "similarity_lora8_vs_full": {f"{i},{j}": subspace_similarity(lora_top[i], full_top[j])
+                                         for i in _TOP for j in _TOP},
+            "similarity_full_vs_planted": {str(k): subspace_similarity(full_top[k], planted) for k in _TOP},
+        },
+    }
+
+
+def _evaluate_on(model, task) -> dict[str, float]:
+    from lowrank.train import evaluate
+
+    loss, acc = evaluate(model, task.X_val, task.y_val)
+    return {"val_loss": loss, "val_acc": acc}
+
+
 def run_demo(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     """Run every part of the demo and return its measurements."""
-    return {
-        "seed": seed,
-        "quick": quick,
-        "nine_by_nine": nine_by_nine(seed),
-        "completion": completion(seed, quick),
-        "gpt3": gpt3_budget(),
-    }
+    from lowrank._blas import blas_threads
+
+    start = time.perf_counter()
+    with blas_threads(1):  # every matrix here is small: a second thread only costs (see _blas)
+        results = {
+            "seed": seed,
+            "quick": quick,
+            "nine_by_nine": nine_by_nine(seed),
+            "completion": completion(seed, quick),
+            "gpt3": gpt3_budget(),
+            "adaptation": adaptation(seed, quick),
+        }
+    results["seconds"] = time.perf_counter() - start
+    return results
 
 
 def format_report(results: dict[str, Any]) -> str:
@@ -90,4 +218,74 @@ def format_report(results: dict[str, Any]) -> str:
     lines += ["", "3. LoRA's budget on GPT-3 175B (W_q and W_v of 96 layers, r = 1)",
               f"   trainable {g['trainable']:,} of {g['total']:,.0f} parameters: "
               f"{g['trainable_percent']:.4f} %"]
+    lines += ["", *_format_adaptation(results["adaptation"]), "", f"({results['seconds']:.1f} s in all)"]
     return "\n".join(lines)
+
+
+def _format_adaptation(a: dict[str, Any]) -> list[str]:
+    sizes = " → ".join(str(n) for n in a["layer_sizes"])
+    p, b = a["pretrain"], a["before_adaptation"]
+    lines = [f"4. Pretrain an MLP ({sizes}, tanh) on task A: val accuracy {p['val_acc']:.3f} "
+             f"after {p['epochs']} epochs ({p['seconds']:.1f} s)",
+             f"   Task B relabels {100 * a['labels_changed']:.0f} % of inputs by a rank-{a['planted_rank']} change "
+             f"to the teacher; the pretrained model scores {b['val_acc']:.3f} on it.",
+             "",
+             f"5. Adapt to task B ({a['finetune_epochs']} epochs each)",
+             "   method        trainable   % of full   val acc   val loss   seconds"]
+    for row in a["methods"]:
+        lines.append(f"   {row['method']:<12}  {row['trainable_params']:>9,}  {row['percent_of_full']:>9.2f}"
+                     f"  {row['val_acc']:>8.3f}  {row['val_loss']:>9.4f}  {row['seconds']:>8.2f}")
+    d = a["delta_w"]
+    energy = "  ".join(f"top {k}: {100 * v:.1f} %" for k, v in d["energy_top"].items())
+    planted = "  ".join(f"top {k}: {v:.2f}" for k, v in d["similarity_full_vs_planted"].items())
+    lines += ["",
+              f"6. The full fine-tuning update ΔW = W_finetuned − W_pretrained of layer {d['layer']}",
+              f"   energy of its singular spectrum in the top directions: {energy}",
+              f"   similarity of its top input directions to the planted change's: {planted}",
+              "   subspace similarity φ(i, j) = ‖U_iᵀ U_j‖²_F / min(i, j), LoRA r=8 update (i) vs ΔW (j):",
+              "          " + "".join(f"j={j:<6}" for j in _TOP)]
+    for i in _TOP:
+        lines.append(f"   i={i:<4} " + "".join(f"{d['similarity_lora8_vs_full'][f'{i},{j}']:<8.2f}" for j in _TOP))
+    return lines
+
+
+def check_plot_path(path: str) -> None:
+    """Fail fast, before the demo runs: matplotlib must import and ``path``'s folder must be writable."""
+    import os
+    from pathlib import Path
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'lowrank[plot]'") from None
+    folder = Path(path).parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise OSError(f"cannot write {path}: the folder {folder} does not exist or is not writable")
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    """Draw ΔW's singular spectrum and the loss curves into a PNG at ``path``, atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+
+    from lowrank.io import atomic_write
+
+    a = results["adaptation"]
+    fig, (ax_s, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
+    s = np.asarray(a["delta_w"]["singular_values"])
+    ax_s.semilogy(np.arange(1, s.size + 1), s, "o-", ms=3)
+    ax_s.set(title=f"Singular values of ΔW ({a['delta_w']['layer']}, full fine-tuning)",
+             xlabel="index", ylabel="singular value")
+    ax_s.axvline(a["planted_rank"] + 0.5, color="grey", ls="--", label=f"planted rank {a['planted_rank']}")
+    ax_s.legend()
+    for row in a["methods"]:
+        curve = row["val_loss_curve"]
+        ax_l.plot(np.arange(1, len(curve) + 1), curve, label=row["method"])
+    ax_l.set(title="Validation loss on task B", xlabel="epoch", ylabel="cross-entropy")
+    ax_l.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
