@@ -89,6 +89,8 @@ class _Observed:
         self.pattern = pattern  # (k, l)
         self.full = full
         self.counts = np.asarray(pattern.sum(axis=1)).ravel().astype(np.int64)  # (k,)
+        if not isinstance(values, np.ndarray):  # the row of each stored entry, for the loss
+            self.entry_rows = np.repeat(np.arange(values.shape[0]), np.diff(values.indptr))  # (nnz,)
 
 
 def _observed_values(obs: _Observed) -> np.ndarray:
@@ -118,7 +120,7 @@ def _observe_dense(M: Any, mask: Any) -> tuple[_Observed, _Observed]:
 
 
 def _observe_sparse(M: Any) -> tuple[_Observed, _Observed]:
-    values = M.tocsr().astype(float_dtype_of(np.asarray(M.data), "M"))
+    values = M.tocsr().astype(float_dtype_of(np.asarray(M.data), "M"))  # a copy: M is never modified
     values.sum_duplicates()
     if values.ndim != 2 or 0 in values.shape:
         raise ValueError(f"M must be a non-empty 2-D matrix, got shape {values.shape}")
@@ -215,13 +217,12 @@ def _loss(
             resid *= rows.pattern
         data = float(np.sum(np.square(resid)))
     else:
-        coo = values.tocoo()
         data = 0.0
-        for start in range(0, coo.nnz, _LOSS_CHUNK):
-            i = coo.row[start : start + _LOSS_CHUNK]
-            j = coo.col[start : start + _LOSS_CHUNK]
+        for start in range(0, values.nnz, _LOSS_CHUNK):
+            chunk = slice(start, start + _LOSS_CHUNK)
+            i, j = rows.entry_rows[chunk], values.indices[chunk]  # CSR order: row by row
             pred = np.einsum("kr,rk->k", left[i], right[:, j])  # (chunk,)
-            data += float(np.sum(np.square(coo.data[start : start + _LOSS_CHUNK] - pred)))
+            data += float(np.sum(np.square(values.data[chunk] - pred)))
     if reg == 0:
         return data
     left_sq = np.sum(np.square(left), axis=1)  # (m,)
@@ -279,7 +280,7 @@ def als(
         initialization of Jain et al. 2013, the reliable choice for matrix
         completion: from a random start, unregularized ALS can stall in a
         poor stationary point). "random" starts from a Gaussian ``right``
-        scaled to ``M``'s magnitude. "auto" picks "svd" when ``M`` is fully
+        with unit-length columns, as Spark MLlib does. "auto" picks "svd" when ``M`` is fully
         observed, else "random".
     random_state : None, int or numpy.random.Generator
         Seeds the random init. The same seed gives the same bits.
@@ -301,7 +302,7 @@ def als(
     the loss creeping down while the factors grow, instead of finding a
     low-rank matrix that fits. Measured on planted noise-free rank-2 and 3
     problems with 40 % observed, 40×30 to 100×80: from ``init="svd"`` it
-    recovered 157 of 160; from ``init="random"`` 137 of 160. Use the
+    recovered 158 of 160; from ``init="random"`` 141 of 160. Use the
     spectral start, or ``reg > 0``, for completion.
 
     Memory is O(nnz + (m + n) r²) for sparse input: the Gram matrices come
@@ -335,10 +336,12 @@ def als(
         left, right = svd.U * root, root[:, None] * svd.Vt  # (m, r), (r, n)
     else:
         # Only ``right`` matters: the first half-step solves for ``left``.
-        # Scaled so that left @ right starts near the magnitude of M.
-        observed = _observed_values(rows)
-        rms = float(np.sqrt(np.mean(np.square(observed, dtype=np.float64)))) or 1.0
-        right = (rng.standard_normal((rank, n)) * np.sqrt(rms / np.sqrt(rank))).astype(dtype)
+        # Gaussian columns scaled to unit length, as Spark MLlib starts: with
+        # reg > 0 the start's scale matters, and on our 6000×4000 benchmark
+        # this one reached a lower objective in 10 sweeps than a start scaled
+        # to M's magnitude (71,400 against 72,600).
+        right = rng.standard_normal((rank, n))  # (r, n)
+        right = (right / np.linalg.norm(right, axis=0)).astype(dtype)
         left = np.zeros((m, rank), dtype=dtype)
 
     # A loss this small is rounding noise: residuals of about 10 ulps of M's
