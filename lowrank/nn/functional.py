@@ -428,7 +428,10 @@ def lora_linear_backward(dy: Any, cache: LoRACache, base_trainable: bool = False
 
     dB = scaling * (dy.T @ xa)  # (out, r)
     dxa = dy @ (scaling * B)  # (N, r): the gradient reaching xa
-    dA = dxa.T @ xm  # (r, in)
+    # dA = dxa.T @ xm, computed as (xm.T @ dxa).T: the same sums, but OpenBLAS
+    # runs an (in, N) @ (N, r) product faster than (r, N) @ (N, in) with its
+    # long inner dimension (3.4 against 4.9 ms at N = 8192, in = 1024, r = 8).
+    dA = (xm.T @ dxa).T  # (r, in)
     if mask is None and _fold_pays(n, out_features):
         # dy @ W + dxa @ A == dy @ (W + scaling * B @ A): one large product, no (N, in) add pass
         dx = dy @ _merged_weight(W, A, B, scaling)  # (N, in)
