@@ -312,8 +312,9 @@ def check_gradients(
     if failures:
         lines = [
             f"gradient of {a.name!r} is wrong at index {a.worst_index}: analytic {a.worst_analytic!r}, "
-            f"numeric {a.worst_numeric!r} (abs err {a.max_abs_err:.3g}, rel err {a.max_rel_err:.3g} "
-            f"> rtol {rtol:g}); {a.n_failed} of {a.n_checked} checked coordinates fail"
+            f"numeric {a.worst_numeric!r} (abs err {abs(a.worst_analytic - a.worst_numeric):.3g}, "
+            f"rel err {a.max_rel_err:.3g} > rtol {rtol:g}); "
+            f"{a.n_failed} of {a.n_checked} checked coordinates fail"
             for a in failures
         ]
         raise GradcheckError("\n".join(lines), report)
