@@ -430,6 +430,27 @@ def _first_non_finite(trainable: list[tuple[str, Parameter]]) -> str | None:
     return None
 
 
+def _train_step(
+    model: Module, xb: np.ndarray, yb: np.ndarray, loss_fn: LossFn, trainable: list[tuple[str, Parameter]], where: str
+) -> tuple[np.ndarray, float]:
+    """Forward, loss and backward of one minibatch, refusing any non-finite value; returns ``(out, loss)``."""
+    with np.errstate(over="ignore", invalid="ignore"):  # diverging weights: reported just below
+        out = model(xb)
+    if not np.isfinite(out).all():
+        raise NonFiniteError(f"the model's output became non-finite {where}: "
+                             "the weights diverged (try a lower learning rate or clip_grad_norm)")
+    value, dout = loss_fn(out, yb)
+    if not math.isfinite(value):
+        raise NonFiniteError(f"the loss became non-finite ({value}) {where}")
+    model.zero_grad()
+    with np.errstate(over="ignore", invalid="ignore"):  # checked by _first_non_finite
+        model.backward(dout)
+    bad = _first_non_finite(trainable)
+    if bad is not None:
+        raise NonFiniteError(f"the gradient of parameter {bad!r} became non-finite {where}")
+    return out, value
+
+
 def fit(
     model: Module,
     X: Any,
@@ -567,22 +588,7 @@ def fit(
                 idx = order[step * batch_size:(step + 1) * batch_size]
                 xb, yb = X[idx], y[idx]
 
-                with np.errstate(over="ignore", invalid="ignore"):  # diverging weights: reported just below
-                    out = model(xb)
-                if not np.isfinite(out).all():
-                    raise NonFiniteError(f"the model's output became non-finite {_where(epoch, step, n_steps)}: "
-                                         "the weights diverged (try a lower learning rate or clip_grad_norm)")
-                value, dout = loss_fn(out, yb)
-                if not math.isfinite(value):
-                    raise NonFiniteError(f"the loss became non-finite ({value}) {_where(epoch, step, n_steps)}")
-                model.zero_grad()
-                with np.errstate(over="ignore", invalid="ignore"):  # checked by _first_non_finite
-                    model.backward(dout)
-                bad = _first_non_finite(trainable)
-                if bad is not None:
-                    raise NonFiniteError(
-                        f"the gradient of parameter {bad!r} became non-finite {_where(epoch, step, n_steps)}"
-                    )
+                out, value = _train_step(model, xb, yb, loss_fn, trainable, _where(epoch, step, n_steps))
                 if clip_grad_norm is not None:
                     clip_grad_norm_(trainable, clip_grad_norm)
                 optimizer.step()
