@@ -20,6 +20,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from lowrank._checks import check_random_state
+
 PathLike = str | os.PathLike
 
 
@@ -329,7 +331,7 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
 
     modules = dict(model.named_modules())
     r = config["r"]
-    new_layers: dict[str, Module] = {}
+    checked: dict[str, tuple[Any, np.ndarray, np.ndarray]] = {}  # name -> (base Linear, A, B)
     for name, pair in factors.items():
         shown = name or "<the model itself>"
         missing = [f for f in "AB" if f not in pair]
@@ -360,14 +362,19 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
         for factor, arr in (("A", A), ("B", B)):
             if arr.dtype.kind != "f" or not np.isfinite(arr).all():
                 raise ValueError(f"{weights_path}: {_peft_key(name, factor)!r} must hold finite floats")
+        checked[name] = (base, A, B)
+
+    # Everything checked, nothing changed yet: build the layers (wrapping a
+    # Linear freezes it), freeze the rest of the model as PEFT does, swap them in.
+    rng = check_random_state(random_state)  # once, so each layer draws its own dropout masks
+    new_layers: dict[str, Module] = {}
+    for name, (base, A, B) in checked.items():
         new = LoRALinear(base, r=r, alpha=config["alpha"], dropout=config["dropout"],
-                         use_rslora=config["use_rslora"], random_state=random_state)
+                         use_rslora=config["use_rslora"], random_state=rng)
         new.A.data = np.array(A, dtype=base.weight.dtype, order="C")  # (r, in)
         new.B.data = np.array(B, dtype=base.weight.dtype, order="C")  # (out, r)
         new.train(model.training)
         new_layers[name] = new
-
-    # everything checked: freeze the model as PEFT does, then swap the layers in
     for param in model.parameters():
         param.trainable = False
     for name, new in new_layers.items():

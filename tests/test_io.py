@@ -295,3 +295,36 @@ def test_load_freezes_everything_but_the_loaded_factors_as_peft_does(tmp_path):
     fresh = load_peft_adapter(_mlp(), tmp_path / "ad")
     trainable = sorted(k for k, p in fresh.named_parameters() if p.trainable)
     assert trainable == ["0.lora_A.weight", "0.lora_B.weight"]
+
+
+def test_a_refused_load_leaves_the_model_untouched(tmp_path):
+    def bad_shape(t):
+        t["base_model.model.2.lora_B.weight"] = np.ones((5, 2))  # layer 2 is (3, 6): B must be (3, 2)
+        return t
+
+    folder = _write_adapter(tmp_path / "a", tensors=bad_shape)
+    model = _mlp()
+    before = {name: (p.data.copy(), p.trainable) for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=re.escape("layer '2' needs lora_A")):
+        load_peft_adapter(model, folder)
+    after = dict(model.named_parameters())
+    assert list(after) == list(before)  # no layer swapped in
+    for name, (data, trainable) in before.items():
+        assert after[name].trainable == trainable, f"{name} was frozen by a load that failed"
+        assert np.array_equal(after[name].data, data)
+
+
+def test_loaded_layers_draw_their_own_dropout_masks(tmp_path):
+    def square():  # two layers of one shape, so equal streams would give equal masks
+        return nn.Sequential(nn.Linear(4, 4, dtype=np.float64, random_state=0), nn.ReLU(),
+                             nn.Linear(4, 4, dtype=np.float64, random_state=1))
+
+    adapted = square()
+    for i in (0, 2):
+        adapted[i] = nn.LoRALinear(adapted[i], r=2, alpha=4, dropout=0.5, random_state=i)
+    save_peft_adapter(adapted, tmp_path / "a")
+    model = load_peft_adapter(square(), tmp_path / "a", random_state=7)
+    masks = [model[i]._rng.random(8) for i in (0, 2)]  # each layer's next draws
+    assert not np.array_equal(masks[0], masks[1])
+    again = load_peft_adapter(square(), tmp_path / "a", random_state=7)
+    assert np.array_equal(again[0]._rng.random(8), masks[0])  # and the same seed gives the same bits
