@@ -15,6 +15,7 @@ exactly over one factor, so the loss never increases.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,6 +322,8 @@ def als(
     m, n = rows.values.shape
     rank = check_rank(rank, (m, n))
     reg = check_real(reg, "reg", 0.0)
+    if not isinstance(weighted_reg, (bool, np.bool_)):
+        raise TypeError(f"weighted_reg must be True or False, got {type(weighted_reg).__name__} {weighted_reg!r}")
     weighted_reg = bool(weighted_reg)
     max_iter = check_int(max_iter, "max_iter", 1)
     tol = check_real(tol, "tol", 0.0)
@@ -347,14 +350,24 @@ def als(
     # A loss this small is rounding noise: residuals of about 10 ulps of M's
     # entries. Relative changes of noise mean nothing, so stop there too.
     observed_sq = float(np.sum(np.square(_observed_values(rows), dtype=np.float64)))
-    floor = (10 * np.finfo(dtype).eps) ** 2 * observed_sq
+    floor = (10 * float(np.finfo(dtype).eps)) ** 2 * observed_sq
 
     losses: list[float] = []
     converged = False
     for _ in range(max_iter):
-        left = _solve_rows(rows, right.T, reg, weighted_reg)  # (m, r)
-        right = _solve_rows(cols, left, reg, weighted_reg).T  # (r, n)
-        losses.append(_loss(rows, left, right, reg, weighted_reg, cols))
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+            try:
+                left = _solve_rows(rows, right.T, reg, weighted_reg)  # (m, r)
+                right = _solve_rows(cols, left, reg, weighted_reg).T  # (r, n)
+                losses.append(_loss(rows, left, right, reg, weighted_reg, cols))
+            except np.linalg.LinAlgError:  # NaN from an overflow reached LAPACK
+                losses.append(math.nan)
+        if not math.isfinite(losses[-1]):
+            raise ValueError(
+                f"M's observed entries (largest magnitude {np.max(np.abs(_observed_values(rows))):.3g}) are too "
+                f"large for ALS in {dtype}: the normal equations overflowed in sweep {len(losses)}; "
+                "scale M down (the factors scale with sqrt of it) or pass float64"
+            )
         if losses[-1] <= floor or (len(losses) > 1 and abs(losses[-2] - losses[-1]) <= tol * losses[-2]):
             converged = True
             break

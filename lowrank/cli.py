@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _load_matrix(path: str) -> np.ndarray:
     file = Path(path)
+    if file.is_dir():
+        raise CLIError(f"cannot read {path}: it is a folder, not a .npy file")
     if not file.is_file():
         raise CLIError(f"cannot read {path}: no such file")
     try:
@@ -120,12 +123,13 @@ def _cmd_params(args: argparse.Namespace) -> int:
     if args.d_model is None or args.layers is None:
         raise CLIError("params needs --shape MxN, or --d-model and --layers (with --matrices, --rank)")
     count = lowrank.lora_param_count(args.d_model, args.layers, args.matrices, args.rank)
+    if args.total is not None and not (math.isfinite(args.total) and args.total >= count):
+        raise CLIError(f"--total must be a model size of at least the {count:,} trainable parameters, "
+                       f"got {args.total:g}")
     print(f"LoRA        {args.layers} layers × {args.matrices} matrices × r={args.rank} × "
           f"({args.d_model} + {args.d_model})")
     print(f"trainable   {count:,} parameters")
     if args.total is not None:
-        if not args.total > 0:
-            raise CLIError(f"--total must be positive, got {args.total:g}")
         print(f"total       {args.total:,.0f} parameters")
         print(f"trainable%  {100 * count / args.total:.4f} %")
     return 0

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 import lowrank
+from lowrank._checks import check_int, check_random_state
 
 
 def nine_by_nine(seed: int = 0) -> dict[str, Any]:
@@ -22,7 +23,7 @@ def nine_by_nine(seed: int = 0) -> dict[str, Any]:
     looking at. Each error is measured from the truncated SVD's
     reconstruction and compared with the Eckart–Young prediction.
     """
-    rng = np.random.default_rng(seed)
+    rng = check_random_state(seed)
     k = np.arange(1.0, 10.0)
     M = np.outer(k, k) + 0.5 * rng.standard_normal((9, 9))  # (9, 9)
     norm = float(np.linalg.norm(M))
@@ -43,7 +44,7 @@ def nine_by_nine(seed: int = 0) -> dict[str, Any]:
 def completion(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     """ALS fills in a low-rank matrix from 40 % of its entries."""
     m, n, rank = (60, 40, 3) if quick else (300, 200, 5)
-    rng = np.random.default_rng(seed)
+    rng = check_random_state(seed)
     M = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n))  # (m, n), rank 5
     mask = rng.random((m, n)) < 0.4
     start = time.perf_counter()
@@ -186,6 +187,7 @@ def _evaluate_on(model, task) -> dict[str, float]:
 
 def run_demo(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     """Run every part of the demo and return its measurements."""
+    seed = check_int(seed, "seed", 0)
     from lowrank._blas import blas_threads
 
     start = time.perf_counter()
@@ -209,6 +211,9 @@ def format_report(results: dict[str, Any]) -> str:
     for row in results["nine_by_nine"]["ranks"]:
         lines.append(f"   {row['rank']:>4}  {row['params']:>14}  {row['relative_error']:>14.3e}"
                      f"  {row['eckart_young']:>20.3e}")
+    dense = results["nine_by_nine"]["dense_params"]
+    last = max(row["rank"] for row in results["nine_by_nine"]["ranks"] if row["params"] < dense)
+    lines.append(f"   (past rank {last} the two factors hold more numbers than the {dense} of the matrix itself)")
     c = results["completion"]
     lines += ["", f"2. Matrix completion: a rank-{c['rank']} {c['shape'][0]}×{c['shape'][1]} matrix "
               f"from {100 * c['observed_fraction']:.0f} % of its entries (ALS)",

@@ -90,14 +90,14 @@ class LowRank:
 
     def __matmul__(self, X: Any) -> np.ndarray:
         """``M @ X`` for X of shape (n,) or (n, k), as ``left @ (right @ X)``."""
-        X = np.asarray(X)
+        X = as_float_array(X, "the right operand of LowRank @")
         if X.ndim not in (1, 2) or X.shape[0] != self.shape[1]:
             raise ValueError(f"cannot multiply LowRank of shape {self.shape} by an array of shape {X.shape}")
         return self.left @ (self.right @ X)  # (m,) or (m, k)
 
     def __rmatmul__(self, X: Any) -> np.ndarray:
         """``X @ M`` for X of shape (m,) or (k, m), as ``(X @ left) @ right``."""
-        X = np.asarray(X)
+        X = as_float_array(X, "the left operand of @ LowRank")
         if X.ndim not in (1, 2) or X.shape[-1] != self.shape[0]:
             raise ValueError(f"cannot multiply an array of shape {X.shape} by LowRank of shape {self.shape}")
         return (X @ self.left) @ self.right  # (n,) or (k, n)

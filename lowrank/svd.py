@@ -164,6 +164,13 @@ def rank_for_energy(s: Any, energy: float) -> int:
     return int(np.argmax(kept[1:] >= energy - _ENERGY_RTOL)) + 1
 
 
+def _overflowed(M: np.ndarray) -> ValueError:
+    return ValueError(
+        f"M's entries (largest magnitude {np.max(np.abs(M)):.3g}) are too large for an SVD in {M.dtype}: "
+        "the computation overflowed; scale M down or pass float64"
+    )
+
+
 def _check_rank_or_energy(rank: Any, energy: Any) -> None:
     if (rank is None) == (energy is None):
         raise ValueError(
@@ -211,7 +218,10 @@ def truncated_svd(M: Any, rank: int | None = None, *, energy: float | None = Non
     M = check_matrix(M, "M")
     if rank is not None:
         rank = check_rank(rank, M.shape)
-    U, s, Vt = np.linalg.svd(M, full_matrices=False)  # (m, p), (p,), (p, n); p = min(m, n)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+        U, s, Vt = np.linalg.svd(M, full_matrices=False)  # (m, p), (p,), (p, n); p = min(m, n)
+    if not np.all(np.isfinite(s)):
+        raise _overflowed(M)
     if energy is not None:
         rank = rank_for_energy(s, energy)
     U, Vt = _flip_signs(U[:, :rank], Vt[:rank])
@@ -287,8 +297,14 @@ def randomized_svd(
     oversample = check_int(oversample, "oversample", 0)
     n_iter = _resolve_n_iter(n_iter, rank, M.shape)
     rng = check_random_state(random_state)
-
-    return _subspace_iteration(M, rank, oversample, n_iter, rng)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+        try:
+            result = _subspace_iteration(M, rank, oversample, n_iter, rng)
+        except np.linalg.LinAlgError:  # NaN from an overflowed product reached LAPACK
+            raise _overflowed(M) from None
+    if not (np.all(np.isfinite(result.s)) and np.all(np.isfinite(result.U))):
+        raise _overflowed(M)
+    return result
 
 
 def _subspace_iteration(

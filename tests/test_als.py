@@ -512,3 +512,19 @@ def test_bad_tol(tol):
 def test_bad_random_state(random_state):
     with pytest.raises(TypeError, match="random_state"):
         als(M, 2, random_state=random_state)
+
+
+def test_entries_too_large_for_the_dtype_are_refused_not_returned_as_nan():
+    rng = np.random.default_rng(0)
+    M = (rng.standard_normal((20, 15)) * 1e19).astype(np.float32)
+    mask = rng.random(M.shape) < 0.5
+    with pytest.raises(ValueError, match="too large for ALS in float32"):
+        als(M, 2, mask=mask, random_state=0)
+    fit = als(M.astype(np.float64), 2, mask=mask, random_state=0, max_iter=5)
+    assert np.all(np.isfinite(fit.losses))
+
+
+@pytest.mark.parametrize("flag", ["no", 1, None])
+def test_weighted_reg_must_be_a_bool(flag):
+    with pytest.raises(TypeError, match="weighted_reg must be True or False"):
+        als(np.ones((3, 3)), 1, reg=0.1, weighted_reg=flag)

@@ -260,3 +260,18 @@ def test_python_dash_m_lowrank(tmp_path):
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
     )
     assert_one_line_error(bad.returncode, bad.stdout, bad.stderr)
+
+
+def test_review_findings_each_get_a_one_line_error(capsys, tmp_path):
+    cases = [
+        (["demo", "--quick", "--seed", "-1"], "seed must be in [0, inf], got -1"),
+        (["factorize", str(tmp_path), "--rank", "1"], "it is a folder"),
+        (["params", "--d-model", "12288", "--layers", "96", "--rank", "1", "--total", "100"], "at least the 4,718,592"),
+        (["params", "--d-model", "12288", "--layers", "96", "--rank", "1", "--total", "nan"], "got nan"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""  # nothing printed before the refusal
+        assert captured.err.startswith("lowrank: error:") and captured.err.count("\n") == 1
+        assert message in captured.err

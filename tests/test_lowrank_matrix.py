@@ -225,3 +225,11 @@ def test_lora_param_count_refuses_bad_values(args, name):
 def test_lora_param_count_refuses_non_integers():
     with pytest.raises(TypeError, match="r"):
         lora_param_count(12288, 96, 2, 1.5)
+
+
+def test_product_with_a_non_numeric_operand_is_a_type_error():
+    lr = LowRank(np.ones((3, 2)), np.ones((2, 4)))
+    with pytest.raises(TypeError, match="right operand"):
+        lr @ "abc"
+    with pytest.raises(TypeError, match="left operand"):
+        "abc" @ lr

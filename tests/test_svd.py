@@ -390,3 +390,13 @@ def test_rank_and_energy_together_or_neither():
         truncated_svd(M34, 2, energy=0.5)
     with pytest.raises((TypeError, ValueError), match="rank"):
         truncated_svd(M34)
+
+
+def test_entries_too_large_for_the_dtype_are_refused_not_returned_as_inf():
+    from lowrank import randomized_svd
+
+    M = np.full((3, 3), 3e38, np.float32)  # finite, but its singular value 9e38 is not
+    for fit in (lambda: truncated_svd(M, 1), lambda: randomized_svd(M, 1, random_state=0)):
+        with pytest.raises(ValueError, match="too large for an SVD in float32"):
+            fit()
+    assert np.isclose(truncated_svd(M.astype(np.float64), 1).s[0], 9e38)  # float64 holds it
