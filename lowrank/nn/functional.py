@@ -435,13 +435,11 @@ def lora_linear_backward(dy: Any, cache: LoRACache, base_trainable: bool = False
     if mask is None and _fold_pays(n, out_features):
         # dy @ W + dxa @ A == dy @ (W + scaling * B @ A): one large product, no (N, in) add pass
         dx = dy @ _merged_weight(W, A, B, scaling)  # (N, in)
-    elif mask is None:
-        dx = dy @ W  # (N, in)
-        dx += dxa @ A  # dxm, which is dx's share from the LoRA path
     else:
-        dx = (dy @ W).reshape(cache.x_shape)  # (..., in)
         dxm = (dxa @ A).reshape(cache.x_shape)  # (..., in): the gradient reaching xm = x * mask
-        dxm *= mask  # in place: no second (N, in) temporary
+        if mask is not None:
+            dxm *= mask  # in place: no second (..., in) temporary
+        dx = (dy @ W).reshape(cache.x_shape)  # (..., in): the base path's share
         dx += dxm
     dx = dx.reshape(cache.x_shape)
 
