@@ -15,6 +15,7 @@ exactly over one factor, so the loss never increases.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -90,8 +91,12 @@ class _Observed:
         self.pattern = pattern  # (k, l)
         self.full = full
         self.counts = np.asarray(pattern.sum(axis=1)).ravel().astype(np.int64)  # (k,)
-        if not isinstance(values, np.ndarray):  # the row of each stored entry, for the loss
-            self.entry_rows = np.repeat(np.arange(values.shape[0]), np.diff(values.indptr))  # (nnz,)
+
+    @functools.cached_property
+    def entry_rows(self) -> np.ndarray:
+        """The row of each stored entry of sparse ``values``, in CSR order (for the loss), shape (nnz,)."""
+        rows = np.arange(self.values.shape[0], dtype=self.values.indices.dtype)
+        return np.repeat(rows, np.diff(self.values.indptr))
 
 
 def _observed_values(obs: _Observed) -> np.ndarray:
