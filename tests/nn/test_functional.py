@@ -731,3 +731,24 @@ def test_the_example_in_docs_lora_md_runs():
     doc = (pathlib.Path(__file__).parents[2] / "docs" / "lora.md").read_text(encoding="utf-8")
     (example,) = re.findall(r"```python\n(.*?)```", doc, re.S)
     exec(compile(example, "docs/lora.md", "exec"), {})
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("batch", [(64,), (4, 16)])
+def test_stacked_path_for_large_batches_matches_the_formulas(with_bias, batch):
+    rng = np.random.default_rng(3)
+    n_in, n_out, r, scaling = 8, 6, 2, 1.5  # N = 64 rows > in and > out: the stacked products run
+    x, dy = rng.standard_normal((*batch, n_in)), rng.standard_normal((*batch, n_out))
+    W, A, B = rng.standard_normal((n_out, n_in)), rng.standard_normal((r, n_in)), rng.standard_normal((n_out, r))
+    b = rng.standard_normal(n_out) if with_bias else None
+    y, cache = F.lora_linear(x, W, b, A, B, scaling)
+    g = F.lora_linear_backward(dy, cache)
+    assert y.base is not None and g.x.base is not None  # views into the stacked products' results
+
+    y_ref = x @ W.T + scaling * (x @ A.T) @ B.T + (0 if b is None else b)
+    x2, dy2 = x.reshape(-1, n_in), dy.reshape(-1, n_out)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g.x, dy @ W + scaling * (dy @ B) @ A, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g.A, scaling * (dy2 @ B).T @ x2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(g.B, scaling * dy2.T @ (x2 @ A.T), rtol=1e-12, atol=1e-12)
+    assert not np.shares_memory(cache.xa, y)  # the cache keeps a copy of xa, not y's buffer
