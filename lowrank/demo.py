@@ -99,32 +99,17 @@ def subspace_similarity(Vi: np.ndarray, Vj: np.ndarray) -> float:
     return float(np.sum((Vi @ Vj.T) ** 2) / min(Vi.shape[0], Vj.shape[0]))
 
 
-def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
-    """Pretrain an MLP on task A, then adapt it to task B by full fine-tuning and by LoRA.
+def _adapt(task, pretrained: dict[str, np.ndarray], layer_sizes: list[int], epochs: int,
+           seed: int) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """Fine-tune copies of the pretrained MLP on ``task``: fully, and by LoRA at each rank.
 
-    Returns the pretraining curve; a row per method (trainable parameters,
-    their share of the full model, validation accuracy and loss, seconds);
-    and the analysis of the full fine-tuning update of the first layer,
-    ``ΔW = W_finetuned − W_pretrained``: the energy of its top singular
-    directions, and their similarity to the LoRA r=8 update's and to the
-    planted change's input directions.
+    Returns a row per method and the updates of the first layer: ``"full"``,
+    ``W_finetuned - W_pretrained``, and ``"lora8"``, ``scaling * B @ A`` at r = 8.
     """
-    from lowrank.data import make_tasks
     from lowrank.nn import MLP, inject_lora
 
-    sizes = dict(n_pretrain=4_000, n_downstream=1_000, n_val=1_000) if quick else {}
-    pre_epochs, ft_epochs = (4, 6) if quick else (12, 15)
-    tasks = make_tasks(random_state=seed, **sizes)
-    A, B = tasks.pretrain, tasks.downstream
-    layer_sizes = [A.n_features, _HIDDEN, A.n_classes]
-
-    model = MLP(layer_sizes, activation="tanh", random_state=seed)
-    pretrain_history, pretrain_seconds = _train(model, A, _PRETRAIN_LR, pre_epochs, seed)
-    pretrained = model.state_dict()
-    before = _evaluate_on(model, B)
-
     rows, updates = [], {}
-    full_params = sum(p.size for p in model.parameters())
+    full_params = sum(int(np.prod(v.shape)) for v in pretrained.values())
     for method in ["full"] + [f"lora r={r}" for r in _RANKS]:
         student = MLP(layer_sizes, activation="tanh", random_state=seed)
         student.load_state_dict(pretrained)
@@ -134,7 +119,7 @@ def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
             r = int(method.split("=")[1])
             inject_lora(student, r=r, alpha=2 * r, random_state=seed)  # scaling 2 at every rank
             lr = _LORA_LR
-        history, seconds = _train(student, B, lr, ft_epochs, seed)
+        history, seconds = _train(student, task, lr, epochs, seed)
         trainable = sum(p.size for p in student.parameters() if p.trainable)
         rows.append({
             "method": method,
@@ -147,13 +132,47 @@ def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
         })
         layer = student[0]
         if method == "full":
-            updates["full"] = layer.weight.data.astype(np.float64) - pretrained["0.weight"]
+            updates["full"] = layer.weight.data.astype(np.float64) - pretrained["0.weight"]  # (hidden, in)
         elif method == "lora r=8":
-            updates["lora8"] = layer.scaling * (layer.B.data.astype(np.float64) @ layer.A.data)
+            updates["lora8"] = layer.scaling * (layer.B.data.astype(np.float64) @ layer.A.data)  # (hidden, in)
+    return rows, updates
+
+
+def _energy_top(delta: np.ndarray) -> dict[str, float]:
+    """The fraction of ``‖delta‖_F²`` in its top 1, 2, 4, 8 singular directions."""
+    kept = lowrank.energy_kept(np.linalg.svd(delta, compute_uv=False))
+    return {str(k): float(kept[k]) for k in _TOP}
+
+
+def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
+    """Pretrain an MLP on task A, then adapt it to task B by full fine-tuning and by LoRA.
+
+    Returns the pretraining curve; a row per method (trainable parameters,
+    their share of the full model, validation accuracy and loss, seconds);
+    the analysis of the full fine-tuning update of the first layer,
+    ``ΔW = W_finetuned − W_pretrained``: the energy of its top singular
+    directions, and their similarity to the LoRA r=8 update's and to the
+    planted change's input directions; and, for contrast, the same methods
+    on a task whose change from A is full-rank.
+    """
+    from lowrank.data import make_tasks
+    from lowrank.nn import MLP
+
+    sizes = dict(n_pretrain=4_000, n_downstream=1_000, n_val=1_000) if quick else {}
+    pre_epochs, ft_epochs = (4, 6) if quick else (12, 15)
+    tasks = make_tasks(random_state=seed, **sizes)
+    A, B, C = tasks.pretrain, tasks.downstream, tasks.contrast
+    layer_sizes = [A.n_features, _HIDDEN, A.n_classes]
+
+    model = MLP(layer_sizes, activation="tanh", random_state=seed)
+    pretrain_history, pretrain_seconds = _train(model, A, _PRETRAIN_LR, pre_epochs, seed)
+    pretrained = model.state_dict()
+    before = _evaluate_on(model, B)
+
+    rows, updates = _adapt(B, pretrained, layer_sizes, ft_epochs, seed)
+    contrast_rows, contrast_updates = _adapt(C, pretrained, layer_sizes, ft_epochs, seed)
 
     delta = updates["full"]  # (hidden, in)
-    s = np.linalg.svd(delta, compute_uv=False)
-    kept = lowrank.energy_kept(s)
     planted = _top_right_vectors(tasks.delta_low, B.delta_rank)
     full_top = {k: _top_right_vectors(delta, k) for k in _TOP}
     lora_top = {k: _top_right_vectors(updates["lora8"], k) for k in _TOP}
@@ -169,11 +188,18 @@ def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
         "methods": rows,
         "delta_w": {
             "layer": "0.weight",
-            "singular_values": s.tolist(),
-            "energy_top": {str(k): float(kept[k]) for k in _TOP},
+            "singular_values": np.linalg.svd(delta, compute_uv=False).tolist(),
+            "energy_top": _energy_top(delta),
             "similarity_lora8_vs_full": {f"{i},{j}": subspace_similarity(lora_top[i], full_top[j])
                                          for i in _TOP for j in _TOP},
             "similarity_full_vs_planted": {str(k): subspace_similarity(full_top[k], planted) for k in _TOP},
+        },
+        "contrast": {
+            "planted_rank": C.delta_rank,
+            "labels_changed": C.label_change,
+            "before_adaptation": _evaluate_on(model, C),
+            "methods": contrast_rows,
+            "energy_top": _energy_top(contrast_updates["full"]),
         },
     }
 
@@ -240,12 +266,22 @@ def _format_adaptation(a: dict[str, Any]) -> list[str]:
     for row in a["methods"]:
         lines.append(f"   {row['method']:<12}  {row['trainable_params']:>9,}  {row['percent_of_full']:>9.2f}"
                      f"  {row['val_acc']:>8.3f}  {row['val_loss']:>9.4f}  {row['seconds']:>8.2f}")
+    c = a["contrast"]
+    lines += ["",
+              f"   For contrast, task C relabels {100 * c['labels_changed']:.0f} % of inputs by a rank-"
+              f"{c['planted_rank']} (full-rank) change; the pretrained model scores "
+              f"{c['before_adaptation']['val_acc']:.3f} on it:"]
+    for row in c["methods"]:
+        lines.append(f"   {row['method']:<12}  {row['trainable_params']:>9,}  {row['percent_of_full']:>9.2f}"
+                     f"  {row['val_acc']:>8.3f}  {row['val_loss']:>9.4f}  {row['seconds']:>8.2f}")
     d = a["delta_w"]
     energy = "  ".join(f"top {k}: {100 * v:.1f} %" for k, v in d["energy_top"].items())
+    contrast_energy = "  ".join(f"top {k}: {100 * v:.1f} %" for k, v in c["energy_top"].items())
     planted = "  ".join(f"top {k}: {v:.2f}" for k, v in d["similarity_full_vs_planted"].items())
     lines += ["",
               f"6. The full fine-tuning update ΔW = W_finetuned − W_pretrained of layer {d['layer']}",
               f"   energy of its singular spectrum in the top directions: {energy}",
+              f"   (on task C, whose change is full-rank: {contrast_energy})",
               f"   similarity of its top input directions to the planted change's: {planted}",
               "   subspace similarity φ(i, j) = ‖U_iᵀ U_j‖²_F / min(i, j), LoRA r=8 update (i) vs ΔW (j):",
               "          " + "".join(f"j={j:<6}" for j in _TOP)]

@@ -32,6 +32,9 @@ def test_demo_json_has_the_documented_fields(demo_json):
     assert [row["method"] for row in a["methods"]] == ["full", "lora r=1", "lora r=2", "lora r=4", "lora r=8"]
     for key in ("energy_top", "similarity_lora8_vs_full", "similarity_full_vs_planted", "singular_values"):
         assert key in a["delta_w"]
+    for key in ("planted_rank", "labels_changed", "before_adaptation", "methods", "energy_top"):
+        assert key in a["contrast"]
+    assert [row["method"] for row in a["contrast"]["methods"]] == [row["method"] for row in a["methods"]]
 
 
 def test_demo_numbers_follow_from_the_formulas(demo_json):
@@ -71,6 +74,12 @@ def test_demo_adaptation_tells_the_story(demo_json):
     assert rows["lora r=2"]["val_acc"] > a["before_adaptation"]["val_acc"] + 0.05
     assert rows["lora r=2"]["val_acc"] > rows["full"]["val_acc"] - 0.05
     assert a["delta_w"]["energy_top"]["2"] > 0.5  # a rank-2 change: most energy in 2 directions
+
+    c = a["contrast"]  # a full-rank change of the same size: rank 1 no longer suffices
+    contrast = {row["method"]: row for row in c["methods"]}
+    assert c["planted_rank"] > a["planted_rank"]
+    assert contrast["lora r=1"]["val_acc"] < contrast["full"]["val_acc"] - 0.03
+    assert c["energy_top"]["2"] < a["delta_w"]["energy_top"]["2"]
 
 
 def test_subspace_similarity_is_the_papers_measure():
