@@ -188,6 +188,13 @@ def check_real(
     return value
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """Check that ``value`` is True or False (a NumPy bool too), not a truthy stand-in."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     """Check that ``value`` is one of the allowed strings."""
     if not isinstance(value, str) or value not in choices:

@@ -25,6 +25,7 @@ import numpy as np
 from lowrank._checks import (
     RandomState,
     as_float_array,
+    check_bool,
     check_choice,
     check_int,
     check_mask,
@@ -327,9 +328,7 @@ def als(
     m, n = rows.values.shape
     rank = check_rank(rank, (m, n))
     reg = check_real(reg, "reg", 0.0)
-    if not isinstance(weighted_reg, (bool, np.bool_)):
-        raise TypeError(f"weighted_reg must be True or False, got {type(weighted_reg).__name__} {weighted_reg!r}")
-    weighted_reg = bool(weighted_reg)
+    weighted_reg = check_bool(weighted_reg, "weighted_reg")
     max_iter = check_int(max_iter, "max_iter", 1)
     tol = check_real(tol, "tol", 0.0)
     init = check_choice(init, "init", ("auto", "svd", "random"))

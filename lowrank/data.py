@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from lowrank._checks import RandomState, check_choice, check_int, check_random_state, check_real
+from lowrank._checks import RandomState, check_bool, check_choice, check_int, check_random_state, check_real
 
 __all__ = [
     "TASK_NAMES",
@@ -425,7 +425,6 @@ def pretrain_task(*, random_state: RandomState = 0, **kwargs: Any) -> Dataset:
 def downstream_task(*, low_rank: bool = True, random_state: RandomState = 0,
                     **kwargs: Any) -> Dataset:
     """Task B (``low_rank=True``) or its full-rank contrast (``low_rank=False``)."""
-    if not isinstance(low_rank, (bool, np.bool_)):
-        raise TypeError(f"low_rank must be a bool, got {type(low_rank).__name__} {low_rank!r}")
+    check_bool(low_rank, "low_rank")
     name = "downstream" if low_rank else "contrast"
     return make_task(name, random_state=random_state, **kwargs)

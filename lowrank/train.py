@@ -45,7 +45,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lowrank._checks import RandomState, as_float_array, check_int, check_random_state, check_real
+from lowrank._checks import RandomState, as_float_array, check_bool, check_int, check_random_state, check_real
 from lowrank.io import load_npz, save_npz
 from lowrank.nn import functional as F
 from lowrank.nn.modules import Module, Parameter
@@ -558,8 +558,7 @@ def fit(
         folder = os.path.dirname(os.path.abspath(os.fspath(checkpoint)))
         if not os.path.isdir(folder):
             raise FileNotFoundError(f"checkpoint={os.fspath(checkpoint)!r}: the folder {folder} does not exist")
-    if not isinstance(shuffle, (bool, np.bool_)):
-        raise TypeError(f"shuffle must be True or False, got {shuffle!r}")
+    shuffle = check_bool(shuffle, "shuffle")
     progress = _Progress(verbose, epochs)
     trainable = [(name, p) for name, p in model.named_parameters() if p.trainable]
     if not trainable:

@@ -227,7 +227,7 @@ def test_make_tasks_validation(kwargs, error, match):
     [
         (lambda: make_task("finetune"), ValueError,
          "name must be one of 'pretrain', 'downstream', 'contrast', got 'finetune'"),
-        (lambda: downstream_task(low_rank="yes"), TypeError, "low_rank must be a bool, got str 'yes'"),
+        (lambda: downstream_task(low_rank="yes"), TypeError, "low_rank must be True or False, got str 'yes'"),
         (lambda: make_teacher(0, 4, 3), ValueError, r"n_features must be in \[1, inf\], got 0"),
         (lambda: make_teacher(4, 4, 1), ValueError, r"n_classes must be in \[2, inf\], got 1"),
         (lambda: planted_delta((3,), 1), TypeError, r"shape must be a pair \(m, n\), got \(3,\)"),

@@ -29,6 +29,7 @@ import numpy as np
 from lowrank._checks import (
     RandomState,
     as_float_array,
+    check_bool,
     check_choice,
     check_float_dtype,
     check_int,
@@ -115,11 +116,6 @@ def _check_cache(cache: Any, cls: type, forward: str) -> None:
             f"cache must be the {cls.__name__} returned by {forward}(), got {type(cache).__name__}"
         )
 
-
-def _check_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
 
 
 def _check_weight(weight: Any, dtype: np.dtype) -> np.ndarray:
@@ -234,7 +230,7 @@ def linear_backward(dy: Any, cache: LinearCache, *, trainable: bool = True) -> L
         in_features) or None, ``.bias`` (out_features,) or None.
     """
     _check_cache(cache, LinearCache, "linear")
-    trainable = _check_bool(trainable, "trainable")
+    trainable = check_bool(trainable, "trainable")
     x, W = cache.x, cache.weight
     out_features, in_features = W.shape
     dy = _as_grad(dy, (*cache.batch_shape, out_features), x.dtype, "the output y")
@@ -446,7 +442,7 @@ def lora_linear_backward(dy: Any, cache: LoRACache, base_trainable: bool = False
         ``.bias`` (out_features,) or None.
     """
     _check_cache(cache, LoRACache, "lora_linear")
-    base_trainable = _check_bool(base_trainable, "base_trainable")
+    base_trainable = check_bool(base_trainable, "base_trainable")
     x, xm, xa, W, A, B = cache.x, cache.xm, cache.xa, cache.weight, cache.A, cache.B
     scaling, mask = cache.scaling, cache.mask
     n, (out_features, in_features) = x.shape[0], W.shape

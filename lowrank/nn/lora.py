@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from lowrank._checks import RandomState, check_choice, check_int, check_random_state, check_real
-from lowrank.nn.modules import LORA_INITS, Linear, LoRALinear, Module, _check_bool
+from lowrank._checks import RandomState, check_bool, check_choice, check_int, check_random_state, check_real
+from lowrank.nn.modules import LORA_INITS, Linear, LoRALinear, Module
 
 __all__ = ["inject_lora", "merge_lora", "trainable_summary"]
 
@@ -95,7 +95,7 @@ def inject_lora(
     r = check_int(r, "r", low=1)
     check_real(alpha, "alpha", 0.0, low_open=True)
     check_real(dropout, "dropout", 0.0, 1.0, high_open=True)
-    _check_bool(use_rslora, "use_rslora")
+    check_bool(use_rslora, "use_rslora")
     check_choice(init, "init", LORA_INITS)
 
     modules = model.named_modules()
@@ -186,7 +186,7 @@ def trainable_summary(model: Module, *, quiet: bool = False) -> str:
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
-    quiet = _check_bool(quiet, "quiet")
+    quiet = check_bool(quiet, "quiet")
     params = model.parameters()
     total = sum(p.size for p in params)
     if total == 0:

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from lowrank._checks import RandomState, check_choice, check_float_dtype, check_int, check_random_state
-from lowrank.nn.modules import GELU, Linear, Module, ReLU, Sequential, Sigmoid, Tanh, _check_bool
+from lowrank._checks import RandomState, check_bool, check_choice, check_float_dtype, check_int, check_random_state
+from lowrank.nn.modules import GELU, Linear, Module, ReLU, Sequential, Sigmoid, Tanh
 
 __all__ = ["ACTIVATIONS", "MLP"]
 
@@ -70,7 +70,7 @@ class MLP(Sequential):
     ) -> None:
         sizes = _check_sizes(sizes)
         activation = check_choice(activation, "activation", tuple(ACTIVATIONS))
-        bias = _check_bool(bias, "bias")
+        bias = check_bool(bias, "bias")
         dtype = check_float_dtype(dtype)
         rng = check_random_state(random_state)
         layers: list[Module] = []

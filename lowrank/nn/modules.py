@@ -40,6 +40,7 @@ import numpy as np
 from lowrank._checks import (
     RandomState,
     as_float_array,
+    check_bool,
     check_choice,
     check_float_dtype,
     check_int,
@@ -94,7 +95,7 @@ class Parameter:
         arr = as_float_array(data, "data")
         self.data = np.array(arr, order="C", copy=True)
         self.grad: np.ndarray | None = None
-        self.trainable = _check_bool(trainable, "trainable")
+        self.trainable = check_bool(trainable, "trainable")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -124,11 +125,6 @@ def _accumulate(param: Parameter, grad: np.ndarray) -> None:
     else:
         param.grad += grad
 
-
-def _check_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
-    return bool(value)
 
 
 def _as_array_of(x: Any, name: str, dtype: np.dtype) -> np.ndarray:
@@ -293,7 +289,7 @@ class Module:
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping from names to arrays, got {type(state_dict).__name__}")
-        strict = _check_bool(strict, "strict")
+        strict = check_bool(strict, "strict")
         own = dict(self.named_parameters())
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
@@ -322,7 +318,7 @@ class Module:
 
     def train(self, mode: bool = True) -> Module:
         """Set training mode (dropout active) on this module and every sub-module."""
-        mode = _check_bool(mode, "mode")
+        mode = check_bool(mode, "mode")
         for module in self.modules():
             module.training = mode
         return self
@@ -432,7 +428,7 @@ class Linear(Module):
         super().__init__()
         self.in_features = check_int(in_features, "in_features", low=1)
         self.out_features = check_int(out_features, "out_features", low=1)
-        bias = _check_bool(bias, "bias")
+        bias = check_bool(bias, "bias")
         dtype = check_float_dtype(dtype)
         rng = check_random_state(random_state)
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) reduces to this
@@ -550,7 +546,7 @@ class LoRALinear(Module):
         r = check_int(r, "r", low=1)
         alpha = check_real(alpha, "alpha", 0.0, low_open=True)
         dropout = check_real(dropout, "dropout", 0.0, 1.0, high_open=True)
-        use_rslora = _check_bool(use_rslora, "use_rslora")
+        use_rslora = check_bool(use_rslora, "use_rslora")
         init = check_choice(init, "init", LORA_INITS)
         in_features, out_features = base.in_features, base.out_features
         if init == "pissa" and r > min(in_features, out_features):

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from lowrank._checks import check_int, check_real
+from lowrank._checks import check_bool, check_int, check_real
 
 __all__ = [
     "SGD",
@@ -330,9 +330,7 @@ class SGD(Optimizer):
             "nesterov": nesterov,
             "weight_decay": check_real(weight_decay, "weight_decay", 0.0),
         }
-        if not isinstance(nesterov, (bool, np.bool_)):
-            raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__} {nesterov!r}")
-        hyper["nesterov"] = bool(nesterov)
+        hyper["nesterov"] = check_bool(nesterov, "nesterov")
         if nesterov and (hyper["momentum"] <= 0 or hyper["dampening"] != 0):
             raise ValueError(
                 "nesterov=True requires momentum > 0 and dampening == 0, "

@@ -640,7 +640,7 @@ def test_clip_grad_norm_leaves_non_finite_gradients_alone():
          "nesterov=True requires momentum > 0 and dampening == 0, got momentum=0.0"),
         (lambda ps: SGD(ps, lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), ValueError,
          "dampening=0.1"),
-        (lambda ps: SGD(ps, lr=0.1, momentum=0.9, nesterov=1), TypeError, "nesterov must be a bool"),
+        (lambda ps: SGD(ps, lr=0.1, momentum=0.9, nesterov=1), TypeError, "nesterov must be True or False"),
         (lambda ps: Adam(ps, lr=-1e-3), ValueError, r"lr must be in \[0, inf\), got -0.001"),
         (lambda ps: Adam(ps, betas=(1.0, 0.999)), ValueError, r"betas\[0\] must be in \[0, 1\), got 1.0"),
         (lambda ps: Adam(ps, betas=(0.9, -0.1)), ValueError, r"betas\[1\] must be in \[0, 1\), got -0.1"),
