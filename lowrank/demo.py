@@ -138,9 +138,9 @@ def _adapt(task, pretrained: dict[str, np.ndarray], layer_sizes: list[int], epoc
     return rows, updates
 
 
-def _energy_top(delta: np.ndarray) -> dict[str, float]:
-    """The fraction of ``‖delta‖_F²`` in its top 1, 2, 4, 8 singular directions."""
-    kept = lowrank.energy_kept(np.linalg.svd(delta, compute_uv=False))
+def _energy_top(s: np.ndarray) -> dict[str, float]:
+    """The fraction of ``‖ΔW‖_F²`` in its top 1, 2, 4, 8 singular directions, from its singular values ``s``."""
+    kept = lowrank.energy_kept(s)
     return {str(k): float(kept[k]) for k in _TOP}
 
 
@@ -173,6 +173,7 @@ def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     contrast_rows, contrast_updates = _adapt(C, pretrained, layer_sizes, ft_epochs, seed)
 
     delta = updates["full"]  # (hidden, in)
+    s = np.linalg.svd(delta, compute_uv=False)
     planted = _top_right_vectors(tasks.delta_low, B.delta_rank)
     full_top = {k: _top_right_vectors(delta, k) for k in _TOP}
     lora_top = {k: _top_right_vectors(updates["lora8"], k) for k in _TOP}
@@ -188,8 +189,8 @@ def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
         "methods": rows,
         "delta_w": {
             "layer": "0.weight",
-            "singular_values": np.linalg.svd(delta, compute_uv=False).tolist(),
-            "energy_top": _energy_top(delta),
+            "singular_values": s.tolist(),
+            "energy_top": _energy_top(s),
             "similarity_lora8_vs_full": {f"{i},{j}": subspace_similarity(lora_top[i], full_top[j])
                                          for i in _TOP for j in _TOP},
             "similarity_full_vs_planted": {str(k): subspace_similarity(full_top[k], planted) for k in _TOP},
@@ -199,7 +200,7 @@ def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
             "labels_changed": C.label_change,
             "before_adaptation": _evaluate_on(model, C),
             "methods": contrast_rows,
-            "energy_top": _energy_top(contrast_updates["full"]),
+            "energy_top": _energy_top(np.linalg.svd(contrast_updates["full"], compute_uv=False)),
         },
     }
 

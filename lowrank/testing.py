@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from lowrank._checks import check_float_dtype, check_int, check_real
+from lowrank.vectors import error_stats
 
 __all__ = ["assert_lora_linear_matches"]
 
@@ -66,13 +67,10 @@ def _errors(name: str, got: Any, want: np.ndarray, rtol: float, atol: float) -> 
     got = _as_numpy(got)
     if got.shape != want.shape:
         return False, f"  {name:<7} shape {got.shape}, expected {want.shape}"
-    g, w = got.astype(np.float64), want.astype(np.float64)
-    diff = np.abs(g - w)
-    scale = float(np.abs(w).max()) if w.size else 0.0
-    max_abs = float(diff.max()) if diff.size else 0.0
-    nonzero = w != 0
-    max_rel = float((diff[nonzero] / np.abs(w[nonzero])).max()) if nonzero.any() else 0.0
-    ok = bool(np.isfinite(g).all()) and bool(np.all(diff <= atol * scale + rtol * np.abs(w)))
+    diff, max_abs, max_rel = error_stats(got, want)
+    w = np.abs(want.astype(np.float64))
+    scale = float(w.max()) if w.size else 0.0
+    ok = bool(np.isfinite(got).all()) and bool(np.all(diff <= atol * scale + rtol * w))
     worst = ""
     if not ok and diff.size:
         index = tuple(int(i) for i in np.unravel_index(np.argmax(diff), diff.shape))

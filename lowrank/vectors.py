@@ -536,6 +536,20 @@ def read_manifest(directory: PathLike) -> dict[str, Any]:
     return manifest
 
 
+def error_stats(got: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """``|got - want|`` in float64, its maximum, and the largest ``|got - want| / |want|`` over nonzero ``want``.
+
+    The one definition of "max abs" and "max rel" error that ``lowrank vectors
+    check`` and :mod:`lowrank.testing` both report; the shapes must agree.
+    """
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    diff = np.abs(g - w)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    nonzero = w != 0
+    max_rel = float((diff[nonzero] / np.abs(w[nonzero])).max()) if nonzero.any() else 0.0
+    return diff, max_abs, max_rel
+
+
 def _compare(case: str, tensor: str, got: np.ndarray, want: np.ndarray, rtol: float, atol: float) -> CheckRow:
     nan = float("nan")
     if got.shape != want.shape:
@@ -544,13 +558,9 @@ def _compare(case: str, tensor: str, got: np.ndarray, want: np.ndarray, rtol: fl
         return CheckRow(case, tensor, nan, nan, False, f"dtype {got.dtype} is not numeric")
     if want.dtype.kind in "biu":  # integer outputs must match exactly
         rtol = atol = 0.0
-    g, w = got.astype(np.float64), want.astype(np.float64)
-    diff = np.abs(g - w)
-    finite = bool(np.isfinite(g).all())
-    max_abs = float(diff.max()) if diff.size else 0.0
-    nonzero = w != 0
-    max_rel = float((diff[nonzero] / np.abs(w[nonzero])).max()) if nonzero.any() else 0.0
-    ok = finite and bool(np.all(diff <= atol + rtol * np.abs(w)))
+    diff, max_abs, max_rel = error_stats(got, want)
+    finite = bool(np.isfinite(got).all())
+    ok = finite and bool(np.all(diff <= atol + rtol * np.abs(want.astype(np.float64))))
     note = "" if finite else "non-finite values"
     if got.dtype != want.dtype:
         note = f"dtype {got.dtype}, expected {want.dtype}" + (f"; {note}" if note else "")
