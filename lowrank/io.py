@@ -306,6 +306,7 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
     ImportError
         Without the ``io`` extra (safetensors).
     """
+    from lowrank.nn.lora import _replace_everywhere
     from lowrank.nn.modules import Linear, LoRALinear, Module
 
     if not isinstance(model, Module):
@@ -377,11 +378,9 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
         new_layers[name] = new
     for param in model.parameters():
         param.trainable = False
-    for name, new in new_layers.items():
-        if not name:
-            return new
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent], child, new)
+    if "" in new_layers:  # the model is itself the adapted Linear
+        return new_layers[""]
+    _replace_everywhere(model, {id(modules[name]): new for name, new in new_layers.items()})
     return model
 
 
