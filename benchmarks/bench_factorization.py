@@ -47,7 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lowrank
-from lowrank.svd import _resolve_n_iter  # what n_iter="auto" becomes, private on purpose
+from lowrank.factor.svd import _resolve_n_iter  # what n_iter="auto" becomes, private on purpose
 
 SEED = 0
 SPECTRUM_EXPONENT = 1.5  # cases 1-2: s_i = i^-1.5, i = 1..min(m, n)

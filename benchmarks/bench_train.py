@@ -51,10 +51,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout, installed or not
 from lowrank import nn
-from lowrank.data import make_tasks
 from lowrank.nn import functional as F
 from lowrank.nn.optim import Adam
-from lowrank.train import fit
+from lowrank.train.data import make_tasks
+from lowrank.train.fit import fit
 
 SIZES = [32, 128, 6]  # lowrank.demo: [n_features, _HIDDEN, n_classes]
 BATCH = 128  # lowrank.demo._BATCH

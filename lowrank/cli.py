@@ -53,11 +53,11 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
     import lowrank
 
     M = _load_matrix(args.file)
-    M = lowrank._checks.check_matrix(M, f"the matrix in {args.file}")
+    M = lowrank.utils.validation.check_matrix(M, f"the matrix in {args.file}")
     m, n = M.shape
     s_all = np.linalg.svd(M, compute_uv=False)  # the whole spectrum, for the bound
     rank = args.rank if args.rank is not None else lowrank.rank_for_energy(s_all, args.energy)
-    rank = lowrank._checks.check_rank(rank, M.shape, "--rank")
+    rank = lowrank.utils.validation.check_rank(rank, M.shape, "--rank")
 
     if args.method == "svd":
         result = lowrank.truncated_svd(M, rank)
@@ -87,7 +87,7 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
         f"bound     Eckart–Young optimum at rank {rank}: {rel(bound):.6e} (error / optimum = {ratio})",
     ]
     if args.out:  # written before anything is printed, so a failed write prints only its error
-        from lowrank.io import save_npz
+        from lowrank.io.files import save_npz
 
         path = save_npz(args.out, factors)
         report.append(f"wrote     {path} ({', '.join(f'{k} {v.shape}' for k, v in factors.items())})")
@@ -114,7 +114,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
     if args.shape is not None:
         m, n = args.shape
-        rank = lowrank._checks.check_rank(args.rank, (m, n), "--rank")
+        rank = lowrank.utils.validation.check_rank(args.rank, (m, n), "--rank")
         dense, low = m * n, rank * (m + n)
         print(f"matrix      {m}×{n}, rank {rank}")
         print(f"dense       {m} × {n} = {dense:,} parameters")
@@ -156,7 +156,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_gradcheck(args: argparse.Namespace) -> int:
-    from lowrank.gradcheck import format_table, run_all
+    from lowrank.reference.gradcheck import format_table, run_all
 
     rows = run_all(random_state=args.seed)
     print(format_table(rows))
@@ -164,7 +164,7 @@ def _cmd_gradcheck(args: argparse.Namespace) -> int:
 
 
 def _cmd_vectors_write(args: argparse.Namespace) -> int:
-    from lowrank.vectors import write_vectors
+    from lowrank.reference.vectors import write_vectors
 
     cases = write_vectors(args.directory, random_state=args.seed)
     print(f"wrote {len(cases)} reference cases and manifest.json to {args.directory}")
@@ -172,7 +172,7 @@ def _cmd_vectors_write(args: argparse.Namespace) -> int:
 
 
 def _cmd_vectors_check(args: argparse.Namespace) -> int:
-    from lowrank.vectors import check_vectors
+    from lowrank.reference.vectors import check_vectors
 
     report = check_vectors(args.reference, args.candidate)
     print(report.format())

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 import lowrank
-from lowrank._checks import check_int, check_random_state
+from lowrank.utils.validation import check_int, check_random_state
 
 
 def nine_by_nine(seed: int = 0) -> dict[str, Any]:
@@ -75,7 +75,7 @@ _TOP = (1, 2, 4, 8)
 
 def _train(model, task, lr: float, epochs: int, seed: int) -> tuple[dict[str, Any], float]:
     from lowrank.nn.optim import Adam
-    from lowrank.train import fit
+    from lowrank.train.fit import fit
 
     optimizer = Adam(model.named_parameters(), lr=lr)
     start = time.perf_counter()
@@ -155,8 +155,8 @@ def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     planted change's input directions; and, for contrast, the same methods
     on a task whose change from A is full-rank.
     """
-    from lowrank.data import make_tasks
     from lowrank.nn import MLP
+    from lowrank.train.data import make_tasks
 
     sizes = dict(n_pretrain=4_000, n_downstream=1_000, n_val=1_000) if quick else {}
     pre_epochs, ft_epochs = (4, 6) if quick else (12, 15)
@@ -206,7 +206,7 @@ def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
 
 
 def _evaluate_on(model, task) -> dict[str, float]:
-    from lowrank.train import evaluate
+    from lowrank.train.fit import evaluate
 
     loss, acc = evaluate(model, task.X_val, task.y_val)
     return {"val_loss": loss, "val_acc": acc}
@@ -215,7 +215,7 @@ def _evaluate_on(model, task) -> dict[str, float]:
 def run_demo(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     """Run every part of the demo and return its measurements."""
     seed = check_int(seed, "seed", 0)
-    from lowrank._blas import blas_threads
+    from lowrank.utils.threads import blas_threads
 
     start = time.perf_counter()
     with blas_threads(1):  # every matrix here is small: a second thread only costs (see _blas)
@@ -312,7 +312,7 @@ def plot(results: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")  # no screen needed
     import matplotlib.pyplot as plt
 
-    from lowrank.io import atomic_write
+    from lowrank.io.files import atomic_write
 
     a = results["adaptation"]
     fig, (ax_s, ax_l) = plt.subplots(1, 2, figsize=(11, 4))

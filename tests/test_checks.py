@@ -1,4 +1,4 @@
-"""The validation helpers of ``lowrank._checks``: random_state, the dtype rule, matrices, masks, numbers."""
+"""The validation helpers of ``lowrank.utils.validation``: random_state, the dtype rule, matrices, masks, numbers."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import BAD_DTYPES, INPUT_DTYPES, SEEDS, expected_float_dtype, legacy_global_state
 
-from lowrank import _checks
+from lowrank.utils import validation as _checks
 
 # ---------------------------------------------------------------- random_state
 

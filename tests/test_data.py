@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import SEEDS, matrix_shapes
 
-from lowrank.data import (
+from lowrank.train.data import (
     TASK_NAMES,
     _calibrate_norm,
     downstream_task,

@@ -11,8 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import SEEDS
 
-import lowrank.gradcheck
-from lowrank.gradcheck import (
+import lowrank.reference.gradcheck
+from lowrank.nn import functional as F
+from lowrank.reference.gradcheck import (
     GradcheckError,
     GradcheckRow,
     check_gradients,
@@ -20,7 +21,6 @@ from lowrank.gradcheck import (
     numerical_gradient,
     run_all,
 )
-from lowrank.nn import functional as F
 
 
 def quadratic(seed: int, n: int = 4):
@@ -268,5 +268,5 @@ def test_format_table_lays_out_one_line_per_row():
 
 
 def test_docstring_example_runs():
-    result = doctest.testmod(lowrank.gradcheck, verbose=False)
+    result = doctest.testmod(lowrank.reference.gradcheck, verbose=False)
     assert result.attempted > 0 and result.failed == 0

@@ -94,7 +94,8 @@ def test_missing_io_extra_names_it(monkeypatch, tmp_path):
 def test_import_lowrank_io_does_not_import_safetensors():
     import subprocess
 
-    code = "import sys, lowrank, lowrank.io, lowrank.vectors, lowrank.testing; print('safetensors' in sys.modules)"
+    code = ("import sys, lowrank, lowrank.io, lowrank.vectors, lowrank.testing, lowrank.reference.vectors; "
+            "print('safetensors' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -379,7 +379,7 @@ def test_energy_outside_0_1(energy):
         truncated_svd(M34, energy=energy)
 
 
-@pytest.mark.parametrize("factorize", [lowrank.randomized_svd, lowrank.als])
+@pytest.mark.parametrize("factorize", [lowrank.randomized_svd, lowrank.factor.als])
 def test_rank_none_where_there_is_no_energy_option(factorize):
     with pytest.raises(TypeError, match="rank"):
         factorize(M34, None)

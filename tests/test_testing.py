@@ -1,4 +1,4 @@
-"""lowrank.testing: the harness passes the reference itself and catches each classic LoRA bug."""
+"""lowrank.reference.harness: the harness passes the reference itself and catches each classic LoRA bug."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lowrank.nn import functional as F
-from lowrank.testing import assert_lora_linear_matches
+from lowrank.reference.harness import assert_lora_linear_matches
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

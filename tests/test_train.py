@@ -18,10 +18,10 @@ from hypothesis import given, settings
 from strategies import SEEDS
 
 from lowrank import nn
-from lowrank.data import make_tasks
 from lowrank.nn import functional as F
 from lowrank.nn.optim import SGD, Adam, AdamW, WarmupCosine
-from lowrank.train import History, NonFiniteError, evaluate, fit
+from lowrank.train.data import make_tasks
+from lowrank.train.fit import History, NonFiniteError, evaluate, fit
 
 # ---------------------------------------------------------------- fixtures
 

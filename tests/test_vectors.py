@@ -1,7 +1,7 @@
 """Reference vectors: an independent candidate following the manifest's words passes; anything wrong fails.
 
 The candidate below is written from the manifest's conventions, not from
-lowrank.vectors: SVD through numpy.linalg.svd, ALS sweeps and the Adam step by
+lowrank.reference.vectors: SVD through numpy.linalg.svd, ALS sweeps and the Adam step by
 hand, LoRA merge in float64. Only the layer kernels come from lowrank.nn
 (the torch crosscheck recomputes those with autograd).
 """
@@ -21,7 +21,7 @@ pytest.importorskip("safetensors")
 from lowrank import nn
 from lowrank.io import load_safetensors, save_safetensors
 from lowrank.nn import functional as F
-from lowrank.vectors import MANIFEST_NAME, TOLERANCES, check_vectors, read_manifest, write_vectors
+from lowrank.reference.vectors import MANIFEST_NAME, TOLERANCES, check_vectors, read_manifest, write_vectors
 
 
 def _scaling(params: dict) -> float:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from lowrank._checks import (
+from lowrank.utils.validation import (
     RandomState,
     as_float_array,
     check_bool,

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from lowrank._checks import RandomState, check_bool, check_choice, check_int, check_random_state, check_real
 from lowrank.nn.modules import LORA_INITS, Linear, LoRALinear, Module
+from lowrank.utils.validation import RandomState, check_bool, check_choice, check_int, check_random_state, check_real
 
 __all__ = ["inject_lora", "merge_lora", "trainable_summary"]
 

@@ -17,8 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from lowrank._checks import RandomState, check_bool, check_choice, check_float_dtype, check_int, check_random_state
 from lowrank.nn.modules import GELU, Linear, Module, ReLU, Sequential, Sigmoid, Tanh
+from lowrank.utils.validation import (
+    RandomState,
+    check_bool,
+    check_choice,
+    check_float_dtype,
+    check_int,
+    check_random_state,
+)
 
 __all__ = ["ACTIVATIONS", "MLP"]
 

@@ -37,7 +37,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lowrank._checks import (
+from lowrank.nn import functional as F
+from lowrank.utils.validation import (
     RandomState,
     as_float_array,
     check_bool,
@@ -47,7 +48,6 @@ from lowrank._checks import (
     check_random_state,
     check_real,
 )
-from lowrank.nn import functional as F
 
 __all__ = [
     "GELU",
@@ -579,7 +579,7 @@ class LoRALinear(Module):
         if self.init == "gaussian":
             A = self._rng.normal(0.0, 1.0 / r, (r, n_in))
             return A.astype(dtype), np.zeros((n_out, r), dtype)
-        from lowrank.svd import truncated_svd  # lazily: svd is not needed otherwise
+        from lowrank.factor.svd import truncated_svd  # lazily: svd is not needed otherwise
 
         W = self.weight.data.astype(np.float64)  # (out, in)
         svd = truncated_svd(W, r)  # U (out, r), s (r,), Vt (r, in)

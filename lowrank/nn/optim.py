@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from lowrank._checks import check_bool, check_int, check_real
+from lowrank.utils.validation import check_bool, check_int, check_real
 
 __all__ = [
     "SGD",

@@ -42,7 +42,7 @@ def test_lora_linear_and_backward_match_torch_autograd(p):
 
 
 def test_the_harness_passes_a_torch_candidate():
-    from lowrank.testing import assert_lora_linear_matches
+    from lowrank.reference.harness import assert_lora_linear_matches
 
     def forward(x, weight, bias, A, B, scaling, dropout_mask=None):
         t = {k: None if v is None else torch.tensor(v, requires_grad=True)
@@ -64,7 +64,7 @@ def test_the_pytorch_workflow_of_verifying_md(tmp_path):
     pytest.importorskip("safetensors")
     from safetensors.torch import load_file, save_file
 
-    from lowrank.vectors import check_vectors, read_manifest, write_vectors
+    from lowrank.reference.vectors import check_vectors, read_manifest, write_vectors
 
     ref, out = tmp_path / "ref", tmp_path / "mine"
     write_vectors(ref)

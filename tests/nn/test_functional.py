@@ -1,7 +1,7 @@
 """The kernels of lowrank.nn.functional.
 
 Every gradient is compared with central differences through
-``lowrank.gradcheck`` (float64, relative error < 1e-6); forwards with formulas
+``lowrank.reference.gradcheck`` (float64, relative error < 1e-6); forwards with formulas
 written out here in NumPy, ``math.erf``/``math.erfc``, ``scipy.special`` and,
 when installed, PyTorch autograd in float64. That a frozen base computes no
 weight gradient is observed by spying on the matrix products the backward
@@ -26,8 +26,8 @@ from strategies import (
     lora_problems,
 )
 
-from lowrank.gradcheck import check_gradients
 from lowrank.nn import functional as F
+from lowrank.reference.gradcheck import check_gradients
 
 RTOL = 1e-6  # the issue's bar for every kernel's gradient, in float64
 

@@ -2,7 +2,7 @@
 
 Checked against independent computations: forward passes written out here in
 float64 NumPy, parameter counts from the formula ``r * (in + out)``, finite
-differences through ``lowrank.gradcheck`` for the whole model's gradient, and
+differences through ``lowrank.reference.gradcheck`` for the whole model's gradient, and
 PEFT's own ``print_trainable_parameters`` when torch and peft are installed.
 """
 
@@ -19,8 +19,8 @@ from hypothesis import given
 from strategies import ACTIVATION_NAMES, FLOAT_DTYPES, SEEDS, adapted_mlp_configs, mlp_sizes
 
 from lowrank import nn
-from lowrank.gradcheck import check_gradients
 from lowrank.nn import functional as F
+from lowrank.reference.gradcheck import check_gradients
 
 # ---------------------------------------------------------------- helpers
 

@@ -2,7 +2,7 @@
 
 Each property is checked against an independent computation: NumPy formulas
 written out here, ``numpy.linalg.svd`` for PiSSA, finite differences through
-``lowrank.gradcheck``, or two separately computed gradients for accumulation.
+``lowrank.reference.gradcheck``, or two separately computed gradients for accumulation.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from strategies import FLOAT_DTYPES, SEEDS, batch_shapes, lora_layer_configs, rtol_for
 
 from lowrank import nn
-from lowrank.gradcheck import check_gradients
 from lowrank.nn import functional as F
+from lowrank.reference.gradcheck import check_gradients
 
 # ---------------------------------------------------------------- helpers
 

@@ -45,11 +45,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lowrank._checks import RandomState, as_float_array, check_bool, check_int, check_random_state, check_real
-from lowrank.io import load_npz, save_npz
+from lowrank.io.files import load_npz, save_npz
 from lowrank.nn import functional as F
 from lowrank.nn.modules import Module, Parameter
 from lowrank.nn.optim import clip_grad_norm_
+from lowrank.utils.validation import RandomState, as_float_array, check_bool, check_int, check_random_state, check_real
 
 __all__ = ["CHECKPOINT_FORMAT", "LOSSES", "Evaluation", "History", "NonFiniteError", "evaluate", "fit"]
 

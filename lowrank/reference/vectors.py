@@ -1,0 +1,627 @@
+"""Reference test vectors: deterministic cases another implementation is checked against.
+
+:func:`write_vectors` writes a folder::
+
+    manifest.json              the conventions in words, and every case: its inputs,
+                               its outputs, its parameters, its tolerances
+    <case>.safetensors         one file per case: the input tensors and the
+                               expected output tensors, under the names of the manifest
+
+An implementation under test (PyTorch, JAX, C++, ...) reads each case's inputs,
+computes the outputs, and writes them to ``<case>.safetensors`` in a folder of
+its own under the same tensor names (the inputs may be copied along or left
+out). :func:`check_vectors` then compares that folder with the reference, per
+case and tensor. ``docs/verifying.md`` walks through it for PyTorch.
+
+Every expected output here is computed by this package's own kernels and
+modules; the tests recompute them independently (finite differences, torch
+autograd, PEFT). Safetensors needs the ``io`` extra: ``pip install 'lowrank[io]'``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from lowrank.io.files import PathLike, load_json, load_safetensors, save_json, save_safetensors
+from lowrank.utils.validation import RandomState, check_random_state
+
+__all__ = ["MANIFEST_NAME", "TOLERANCES", "CheckReport", "CheckRow", "check_vectors", "read_manifest", "write_vectors"]
+
+MANIFEST_NAME = "manifest.json"
+_FORMAT = "lowrank-vectors"
+_VERSION = 1
+
+# Elementwise test, as numpy.allclose: |candidate - expected| <= atol + rtol * |expected|.
+# float64: a correct implementation differs from the reference by the rounding of a
+# different summation order, ~1e-15 relative on these small, well-conditioned cases;
+# 1e-9 leaves room for that and still catches any wrong formula or convention.
+# float32: eps = 1.2e-7, products of length <= 16, so 1e-4 relative (1e-5 absolute for
+# entries near 0 after cancellation).
+TOLERANCES = {
+    "float32": {"rtol": 1e-4, "atol": 1e-5},
+    "float64": {"rtol": 1e-9, "atol": 1e-12},
+}
+
+CONVENTIONS = {
+    "files": (
+        "Each case is one safetensors file holding its input tensors and its expected output tensors, "
+        "under the names listed in this manifest. Your implementation reads the inputs, computes the "
+        "outputs and writes them, under the same names, to a file of the same name in a folder of its own; "
+        "then `lowrank vectors check REFERENCE_DIR YOUR_DIR` compares them. Scalars are 0-d tensors."
+    ),
+    "shapes": (
+        "Matrices are row-major. A layer input x has shape (..., in_features): any number of leading batch "
+        "dimensions, all treated alike (flatten them to N rows). Gradients have the shape of what they are "
+        "the gradient of: dx the shape of x, dweight (out, in), dA (r, in), dB (out, r)."
+    ),
+    "linear": "y = x @ weight^T + bias, with weight of shape (out_features, in_features) and bias (out_features,).",
+    "lora": (
+        "A LoRA layer adds a low-rank update to a frozen linear layer: "
+        "y = x @ weight^T + bias + scaling * ((x * dropout_mask) @ A^T) @ B^T, "
+        "with A of shape (r, in_features) and B of shape (out_features, r). The merged weight is "
+        "weight + scaling * B @ A."
+    ),
+    "scaling": "scaling = alpha / r; with rsLoRA (use_rslora true), scaling = alpha / sqrt(r).",
+    "dropout": (
+        "Inverted dropout with an explicit mask: dropout_mask holds 0 or 1/(1-p) and multiplies the input of "
+        "the LoRA path only (the base path sees x unchanged). The mask either has x's shape or broadcasts to it "
+        "(NumPy broadcasting rules). A case without a dropout_mask tensor has no dropout."
+    ),
+    "gradients": (
+        "Backward cases give an upstream gradient dy (the gradient of some scalar with respect to the output y) "
+        "and expect the gradients of that scalar with respect to each input: for the linear and LoRA layers "
+        "dx, dA, dB, and also dweight and dbias as if the base layer were trainable (summed over every batch "
+        "dimension)."
+    ),
+    "reduction": (
+        "Every loss is the mean over all elements (for cross-entropy: over all positions, i.e. all dimensions "
+        "but the last, which holds the classes). The loss is a 0-d float64 tensor (accumulated in float64 even "
+        "for float32 inputs); its gradient with respect to the prediction has the prediction's dtype."
+    ),
+    "adam": (
+        "PyTorch's Adam: m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2; "
+        "param -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps), with t = 1 for the first step and "
+        "m = v = 0 before it. Only trainable parameters are updated."
+    ),
+    "svd": (
+        "Truncated SVD M ~ U @ diag(s) @ Vt of rank r with s descending. Singular vectors are only defined up "
+        "to sign, so the cases compare s and the reconstruction U @ diag(s) @ Vt, which do not depend on it."
+    ),
+    "als": (
+        "Alternating least squares on the observed entries (mask true) of M, minimizing "
+        "sum over observed (i, j) of (M_ij - (left @ right)_ij)^2 + reg * (||left||_F^2 + ||right||_F^2). "
+        "Start from right = right_init (r, n); each sweep first solves exactly for left with right fixed (one "
+        "regularized least-squares problem per row of M, over that row's observed columns), then for right "
+        "with left fixed (per column). losses[k] is the objective after sweep k + 1, in float64. "
+        "right_init is diag(sqrt(s)) @ Vt from the rank-r truncated SVD of M with unobserved entries set to 0 "
+        "and scaled by m * n / (number of observed entries); given here so you need not reproduce it. "
+        "Compare the product left @ right, which does not depend on sign choices."
+    ),
+    "comparison": (
+        "An output passes when every element satisfies |candidate - expected| <= atol + rtol * |expected| "
+        "(numpy.allclose), with the case's rtol and atol (defaults per dtype under 'tolerances'). "
+        "max_abs is max |candidate - expected|; max_rel is max |candidate - expected| / |expected| over the "
+        "elements where expected is not 0."
+    ),
+}
+
+
+# ---------------------------------------------------------------- building cases
+
+
+class _Case:
+    """One case while it is built: tensors, the words describing them, and its parameters."""
+
+    def __init__(self, name: str, kind: str, dtype: Any, description: str, **params: Any) -> None:
+        self.name, self.kind, self.description = name, kind, description
+        self.dtype = np.dtype(dtype).name
+        self.params = params
+        self.inputs: dict[str, np.ndarray] = {}
+        self.outputs: dict[str, np.ndarray] = {}
+        self.docs: dict[str, str] = {}
+        self.tolerance = dict(TOLERANCES[self.dtype])
+
+    def input(self, name: str, value: np.ndarray, doc: str) -> np.ndarray:
+        self.inputs[name] = np.asarray(value, order="C")  # ascontiguousarray would make 0-d 1-d
+        self.docs[name] = doc
+        return self.inputs[name]
+
+    def output(self, name: str, value: Any, doc: str) -> None:
+        self.outputs[name] = np.asarray(value, order="C")  # ascontiguousarray would make 0-d 1-d
+        self.docs[name] = doc
+
+    def manifest_entry(self, sha256: str) -> dict[str, Any]:
+        def describe(tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+            return {k: {"shape": list(v.shape), "dtype": v.dtype.name, "description": self.docs[k]}
+                    for k, v in tensors.items()}
+
+        return {
+            "name": self.name,
+            "file": f"{self.name}.safetensors",
+            "sha256": sha256,
+            "kind": self.kind,
+            "dtype": self.dtype,
+            "description": self.description,
+            "params": self.params,
+            "inputs": describe(self.inputs),
+            "outputs": describe(self.outputs),
+            **self.tolerance,
+        }
+
+
+_SUFFIX = {"float32": "f32", "float64": "f64"}
+_DTYPES = (np.float32, np.float64)
+
+
+def _normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _linear_cases(rng: np.random.Generator) -> list[_Case]:
+    from lowrank.nn import functional as F
+
+    cases = []
+    for dtype in _DTYPES:
+        for batch, bias in (((2, 3), True), ((5,), False)):
+            name = f"linear_{'bias' if bias else 'nobias'}_{_SUFFIX[np.dtype(dtype).name]}"
+            case = _Case(name, "linear", dtype, "A linear layer's forward and backward pass.",
+                         in_features=5, out_features=4)
+            x = case.input("x", _normal(rng, (*batch, 5), dtype), "input, shape (..., in_features)")
+            w = case.input("weight", _normal(rng, (4, 5), dtype), "weight, shape (out_features, in_features)")
+            b = case.input("bias", _normal(rng, (4,), dtype), "bias, shape (out_features,)") if bias else None
+            dy = case.input("dy", _normal(rng, (*batch, 4), dtype), "upstream gradient, y's shape")
+            y, cache = F.linear(x, w, b)
+            g = F.linear_backward(dy, cache)
+            case.output("y", y, "output, shape (..., out_features)")
+            case.output("dx", g.x, "gradient with respect to x")
+            case.output("dweight", g.weight, "gradient with respect to weight, summed over the batch")
+            if bias:
+                case.output("dbias", g.bias, "gradient with respect to bias, summed over the batch")
+            cases.append(case)
+    return cases
+
+
+# (tag, batch shape, in, out, r, alpha, use_rslora, bias, dropout: None, "full" mask or "shared" mask)
+_LORA_CONFIGS = (
+    ("r1_alpha1", (3,), 5, 4, 1, 1.0, False, True, None),
+    ("r2_alpha4_batch", (2, 3), 5, 4, 2, 4.0, False, True, None),
+    ("r4_alpha16_rslora", (3,), 6, 5, 4, 16.0, True, True, None),
+    ("r3_alpha6_nobias", (2, 2), 5, 3, 3, 6.0, False, False, None),
+    ("r2_alpha8_dropout", (2, 3), 5, 4, 2, 8.0, False, True, "full"),
+    ("r2_alpha2_dropout_shared", (4,), 5, 4, 2, 2.0, True, False, "shared"),
+    ("r2_alpha4_largebatch", (12,), 3, 4, 2, 4.0, False, True, None),  # N > in_features
+)
+
+
+def _lora_cases(rng: np.random.Generator) -> list[_Case]:
+    from lowrank.nn import functional as F
+
+    cases = []
+    for dtype in _DTYPES:
+        for tag, batch, n_in, n_out, r, alpha, rslora, bias, dropout in _LORA_CONFIGS:
+            scaling = alpha / math.sqrt(r) if rslora else alpha / r
+            case = _Case(
+                f"lora_linear_{tag}_{_SUFFIX[np.dtype(dtype).name]}", "lora_linear", dtype,
+                "A LoRA layer's forward and backward pass (B is non-zero, so every gradient is exercised).",
+                in_features=n_in, out_features=n_out, r=r, alpha=alpha, use_rslora=rslora, scaling=scaling,
+                dropout_p=0.5 if dropout else 0.0,
+            )  # fmt: skip
+            x = case.input("x", _normal(rng, (*batch, n_in), dtype), "input, shape (..., in_features)")
+            w = case.input("weight", _normal(rng, (n_out, n_in), dtype), "frozen base weight (out, in)")
+            b = case.input("bias", _normal(rng, (n_out,), dtype), "frozen base bias (out,)") if bias else None
+            A = case.input("A", _normal(rng, (r, n_in), dtype), "LoRA down-projection, shape (r, in)")
+            B = case.input("B", _normal(rng, (n_out, r), dtype), "LoRA up-projection, shape (out, r)")
+            mask = None
+            if dropout:
+                shape = x.shape if dropout == "full" else (n_in,)
+                keep = rng.random(shape) >= 0.5
+                doc = "inverted-dropout mask (0 or 1/(1-p) = 2), " + (
+                    "x's shape" if dropout == "full" else "shape (in,), broadcast over the batch")
+                mask = case.input("dropout_mask", (keep / 0.5).astype(dtype), doc)
+            dy = case.input("dy", _normal(rng, (*batch, n_out), dtype), "upstream gradient, y's shape")
+            y, cache = F.lora_linear(x, w, b, A, B, scaling, dropout_mask=mask)
+            g = F.lora_linear_backward(dy, cache, base_trainable=True)
+            case.output("y", y, "output, shape (..., out_features)")
+            case.output("dx", g.x, "gradient with respect to x (through both paths)")
+            case.output("dA", g.A, "gradient with respect to A")
+            case.output("dB", g.B, "gradient with respect to B")
+            case.output("dweight", g.weight, "gradient with respect to weight, as if it were trainable")
+            if bias:
+                case.output("dbias", g.bias, "gradient with respect to bias, as if it were trainable")
+            cases.append(case)
+    return cases
+
+
+def _merge_cases(rng: np.random.Generator) -> list[_Case]:
+    from lowrank import nn
+
+    cases = []
+    for dtype in _DTYPES:
+        r, alpha, n_in, n_out = 3, 6.0, 6, 5
+        case = _Case(f"lora_merge_{_SUFFIX[np.dtype(dtype).name]}", "lora_merge", dtype,
+                     "Merging a LoRA update into its base weight (accumulated in float64, rounded once).",
+                     r=r, alpha=alpha, use_rslora=False, scaling=alpha / r)
+        w = case.input("weight", _normal(rng, (n_out, n_in), dtype), "base weight (out, in)")
+        A = case.input("A", _normal(rng, (r, n_in), dtype), "shape (r, in)")
+        B = case.input("B", _normal(rng, (n_out, r), dtype), "shape (out, r)")
+        layer = nn.LoRALinear(nn.Linear(n_in, n_out, bias=False, dtype=dtype, random_state=0), r=r, alpha=alpha)
+        layer.weight.data, layer.A.data, layer.B.data = w.copy(), A.copy(), B.copy()
+        layer.merge()
+        case.output("merged_weight", layer.weight.data, "weight + scaling * B @ A, shape (out, in)")
+        cases.append(case)
+    return cases
+
+
+def _activation_cases(rng: np.random.Generator) -> list[_Case]:
+    from lowrank.nn import functional as F
+
+    kernels: dict[str, tuple[str, Callable, Callable]] = {
+        "relu": ("max(x, 0); its derivative at 0 is 0 (no input is exactly 0 here)", F.relu, F.relu_backward),
+        "tanh": ("tanh(x)", F.tanh, F.tanh_backward),
+        "sigmoid": ("1 / (1 + exp(-x))", F.sigmoid, F.sigmoid_backward),
+        "gelu": ("x * Phi(x), Phi the standard normal CDF (the exact erf form)",
+                 F.gelu, F.gelu_backward),
+        "gelu_tanh": ("x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))) / 2 (the tanh approximation)",
+                      lambda x: F.gelu(x, approximate="tanh"), F.gelu_backward),
+        "dropout": ("x * mask, with the given inverted-dropout mask (0 or 2 here)", None, F.dropout_backward),
+    }  # fmt: skip
+    cases = []
+    for dtype in _DTYPES:
+        for name, (formula, forward, backward) in kernels.items():
+            case = _Case(f"{name}_{_SUFFIX[np.dtype(dtype).name]}", name, dtype,
+                         f"Elementwise {name}: y = {formula}; dx = dy * dy/dx.")
+            x = rng.uniform(-4, 4, (3, 4))
+            x = np.sign(x) * (0.05 + np.abs(x))  # away from relu's kink
+            x = case.input("x", x.astype(dtype), "input, any shape (3, 4 here)")
+            if name == "dropout":
+                mask = case.input("mask", ((rng.random(x.shape) >= 0.5) / 0.5).astype(dtype), "mask, x's shape")
+                y, cache = F.dropout(x, mask)
+            else:
+                y, cache = forward(x)
+            dy = case.input("dy", _normal(rng, x.shape, dtype), "upstream gradient, x's shape")
+            case.output("y", y, "output, x's shape")
+            case.output("dx", backward(dy, cache), "gradient with respect to x")
+            cases.append(case)
+    return cases
+
+
+def _loss_cases(rng: np.random.Generator) -> list[_Case]:
+    from lowrank.nn import functional as F
+
+    cases = []
+    for dtype in _DTYPES:
+        sfx = _SUFFIX[np.dtype(dtype).name]
+        case = _Case(f"mse_loss_{sfx}", "mse_loss", dtype,
+                     "loss = mean((pred - target)^2); dpred = 2 (pred - target) / n.")
+        pred = case.input("pred", _normal(rng, (3, 4), dtype), "prediction, any shape")
+        target = case.input("target", _normal(rng, (3, 4), dtype), "target, pred's shape")
+        loss, grad = F.mse_loss(pred, target)
+        case.output("loss", np.float64(loss), "0-d float64")
+        case.output("dpred", grad, "gradient of the loss with respect to pred")
+        cases.append(case)
+
+        case = _Case(f"cross_entropy_{sfx}", "cross_entropy", dtype,
+                     "Softmax cross-entropy with integer class targets: "
+                     "loss = mean over positions of (logsumexp(logits) - logits[target]); "
+                     "dlogits = (softmax(logits) - onehot(target)) / number of positions.")
+        logits = case.input("logits", (3 * _normal(rng, (2, 3, 5), dtype)).astype(dtype), "shape (..., C), C = 5")
+        target = case.input("target", rng.integers(0, 5, (2, 3)).astype(np.int64), "int64 class indices, shape (...)")
+        loss, grad = F.cross_entropy(logits, target)
+        case.output("loss", np.float64(loss), "0-d float64")
+        case.output("dlogits", grad, "gradient with respect to logits")
+        cases.append(case)
+
+        case = _Case(f"bce_with_logits_{sfx}", "binary_cross_entropy_with_logits", dtype,
+                     "Binary cross-entropy on logits z with targets t in [0, 1]: "
+                     "loss = mean(max(z, 0) - z t + log(1 + exp(-|z|))); dlogits = (sigmoid(z) - t) / n.")
+        logits = case.input("logits", (3 * _normal(rng, (4, 3), dtype)).astype(dtype), "logits, any shape")
+        target = case.input("target", rng.random((4, 3)).astype(dtype), "targets in [0, 1], logits' shape")
+        loss, grad = F.binary_cross_entropy_with_logits(logits, target)
+        case.output("loss", np.float64(loss), "0-d float64")
+        case.output("dlogits", grad, "gradient with respect to logits")
+        cases.append(case)
+    return cases
+
+
+def _training_cases(rng: np.random.Generator) -> list[_Case]:
+    from lowrank import nn
+    from lowrank.nn import functional as F
+    from lowrank.nn.optim import Adam
+
+    cases = []
+    for dtype in _DTYPES:
+        lr, betas, eps, r, alpha = 0.01, (0.9, 0.999), 1e-8, 2, 4.0
+        case = _Case(
+            f"mlp_lora_adam_step_{_SUFFIX[np.dtype(dtype).name]}", "mlp_lora_adam_step", dtype,
+            "One training step of a LoRA-adapted MLP: layers 0 = LoRA(Linear(4, 8)), 1 = ReLU, "
+            "2 = LoRA(Linear(8, 3)), no dropout; pred = model(x); loss = mse_loss(pred, target) (mean); "
+            "backward; one Adam step on the LoRA factors only (the base weights and biases are frozen). "
+            "Parameter tensors are named 'param.<name>' (before the step), 'grad.<name>' and "
+            "'updated.<name>' (after the step), with PyTorch/PEFT names such as '0.lora_A.weight'.",
+            r=r, alpha=alpha, use_rslora=False, scaling=alpha / r, lr=lr, betas=list(betas), eps=eps,
+            weight_decay=0.0,
+        )  # fmt: skip
+        model = nn.Sequential(nn.Linear(4, 8, dtype=dtype, random_state=rng), nn.ReLU(),
+                              nn.Linear(8, 3, dtype=dtype, random_state=rng))
+        model[0] = nn.LoRALinear(model[0], r=r, alpha=alpha, random_state=rng)
+        model[2] = nn.LoRALinear(model[2], r=r, alpha=alpha, random_state=rng)
+        for layer in (model[0], model[2]):
+            layer.B.data = (0.5 * _normal(rng, layer.B.shape, dtype)).astype(dtype)  # non-zero: dA flows
+        for key, p in model.named_parameters():
+            trainable = "trainable (LoRA factor)" if p.trainable else "frozen"
+            case.input(f"param.{key}", p.data.copy(), f"parameter {key!r}, {trainable}")
+        x = case.input("x", _normal(rng, (6, 4), dtype), "input batch, shape (6, 4)")
+        target = case.input("target", _normal(rng, (6, 3), dtype), "regression target, shape (6, 3)")
+        pred = model(x)
+        loss, dpred = F.mse_loss(pred, target)
+        model.backward(dpred)
+        trainable = [(k, p) for k, p in model.named_parameters() if p.trainable]
+        Adam(trainable, lr=lr, betas=betas, eps=eps).step()
+        case.output("pred", pred, "model output before the step, shape (6, 3)")
+        case.output("loss", np.float64(loss), "0-d float64, before the step")
+        for key, p in trainable:
+            case.output(f"grad.{key}", p.grad, f"gradient of the loss with respect to {key!r}")
+            case.output(f"updated.{key}", p.data, f"{key!r} after one Adam step")
+        cases.append(case)
+    return cases
+
+
+def _factorization_cases(rng: np.random.Generator) -> list[_Case]:
+    from lowrank.factor.als import als
+    from lowrank.factor.svd import truncated_svd
+
+    cases = []
+    for dtype in _DTYPES:
+        rank = 3
+        case = _Case(f"truncated_svd_{_SUFFIX[np.dtype(dtype).name]}", "truncated_svd", dtype,
+                     "Rank-3 truncated SVD of a 7 x 5 matrix with well-separated singular values.", rank=rank)
+        # planted spectrum 5, 4, 3, 2, 1: gaps keep the rank-3 subspace well conditioned
+        U, _ = np.linalg.qr(rng.standard_normal((7, 5)))
+        V, _ = np.linalg.qr(rng.standard_normal((5, 5)))
+        M = case.input("M", ((U * np.arange(5.0, 0.0, -1.0)) @ V.T).astype(dtype), "the matrix, shape (7, 5)")
+        svd = truncated_svd(M, rank)
+        case.output("s", svd.s, "the 3 largest singular values, descending")
+        case.output("reconstruction", svd.to_dense(), "U @ diag(s) @ Vt, shape (7, 5)")
+        cases.append(case)
+
+    m, n, rank, reg, sweeps = 8, 6, 2, 0.1, 5
+    case = _Case("als_f64", "als", np.float64,
+                 f"{sweeps} ALS sweeps on a rank-2 plus noise 8 x 6 matrix with about 70 % of entries observed.",
+                 rank=rank, reg=reg, sweeps=sweeps, weighted_reg=False)
+    M = rng.standard_normal((m, rank)) @ rng.standard_normal((rank, n)) + 0.05 * rng.standard_normal((m, n))
+    mask = rng.random((m, n)) < 0.7
+    mask[np.arange(m), np.arange(m) % n] = True  # every row and column observed at least once
+    M = np.where(mask, M, 0.0)
+    case.input("M", M, "the matrix, shape (8, 6); unobserved entries hold 0 and must not be used")
+    case.input("mask", mask, "bool, shape (8, 6): true where M is observed")
+    svd = truncated_svd(M * (m * n / mask.sum()), rank)  # the start that als(init="svd") takes
+    case.input("right_init", np.sqrt(svd.s)[:, None] * svd.Vt, "the starting right factor, shape (r, n)")
+    fit = als(M, rank, mask=mask, reg=reg, max_iter=sweeps, tol=0.0, init="svd")
+    assert fit.n_iter == sweeps, fit.n_iter  # reg > 0 keeps the loss above als's noise floor
+    case.output("product", fit.left @ fit.right, "left @ right after the last sweep, shape (8, 6)")
+    case.output("losses", fit.losses, "the objective after each sweep, shape (sweeps,)")
+    cases.append(case)
+    return cases
+
+
+def _build_cases(random_state: RandomState) -> list[_Case]:
+    rng = check_random_state(random_state)
+    cases: list[_Case] = []
+    for build in (_linear_cases, _lora_cases, _merge_cases, _activation_cases, _loss_cases,
+                  _training_cases, _factorization_cases):  # fmt: skip
+        cases.extend(build(rng))
+    return cases
+
+
+def write_vectors(directory: PathLike, *, random_state: RandomState = 0) -> list[str]:
+    """Write the reference cases and their manifest into ``directory`` (created if missing).
+
+    The same ``random_state`` (default 0) gives byte-identical files. Needs
+    the ``io`` extra (safetensors).
+
+    Parameters
+    ----------
+    directory : str or os.PathLike
+        Its parent must exist. Existing case files of the same names are replaced.
+    random_state : None, int or numpy.random.Generator, default 0
+
+    Returns
+    -------
+    list of str
+        The case names, in manifest order.
+    """
+    folder = Path(directory)
+    folder.mkdir(exist_ok=True)
+    entries = []
+    for case in _build_cases(random_state):
+        path = save_safetensors(folder / f"{case.name}.safetensors", {**case.inputs, **case.outputs},
+                                metadata={_FORMAT: case.name})  # one key: the header's order is then fixed
+        entries.append(case.manifest_entry(hashlib.sha256(path.read_bytes()).hexdigest()))
+    save_json(folder / MANIFEST_NAME, {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "conventions": CONVENTIONS,
+        "tolerances": TOLERANCES,
+        "cases": entries,
+    })  # fmt: skip
+    return [e["name"] for e in entries]
+
+
+# ---------------------------------------------------------------- checking
+
+
+class CheckRow(NamedTuple):
+    """One compared tensor: ``max_abs``/``max_rel`` are NaN when nothing could be compared."""
+
+    case: str
+    tensor: str
+    max_abs: float
+    max_rel: float
+    ok: bool
+    note: str
+
+
+class CheckReport(NamedTuple):
+    """The result of :func:`check_vectors`: one row per case and output tensor."""
+
+    rows: list[CheckRow]
+
+    @property
+    def passed(self) -> bool:
+        """True when every row passed (and there is at least one)."""
+        return bool(self.rows) and all(row.ok for row in self.rows)
+
+    @property
+    def failures(self) -> list[CheckRow]:
+        return [row for row in self.rows if not row.ok]
+
+    def format(self) -> str:
+        """A plain-text table, one line per row, and a summary line."""
+        header = ("case", "tensor", "max_abs", "max_rel", "result")
+        lines = [header]
+        for row in self.rows:
+            result = "ok" if row.ok else "FAIL" + (f" ({row.note})" if row.note else "")
+            if row.ok and row.note:
+                result += f" ({row.note})"
+            lines.append((row.case, row.tensor, f"{row.max_abs:.3g}", f"{row.max_rel:.3g}", result))
+        widths = [max(len(line[i]) for line in lines) for i in range(4)]
+        text = ["  ".join(cell.ljust(w) for cell, w in zip(line[:4], widths, strict=True)) + "  " + line[4]
+                for line in lines]
+        n_fail = len(self.failures)
+        verdict = "PASSED" if self.passed else "FAILED"
+        text.append(f"{verdict}: {len(self.rows) - n_fail} of {len(self.rows)} tensors match")
+        return "\n".join(text)
+
+
+def _manifest_error(path: Path, rule: str) -> ValueError:
+    return ValueError(f"{path} is not a lowrank vectors manifest: {rule}")
+
+
+def read_manifest(directory: PathLike) -> dict[str, Any]:
+    """Read and validate ``directory/manifest.json``.
+
+    Raises
+    ------
+    ValueError
+        A missing, corrupt or truncated manifest, or one of another format, in one line.
+    """
+    folder = Path(directory)
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise ValueError(f"no such vectors folder: {folder}")
+    try:
+        manifest = load_json(path)
+    except FileNotFoundError:
+        raise ValueError(f"{folder} holds no {MANIFEST_NAME}: write one with `lowrank vectors write`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+        raise _manifest_error(path, f"its 'format' must be {_FORMAT!r}")
+    if manifest.get("version") != _VERSION:
+        raise _manifest_error(path, f"version {manifest.get('version')!r} is not the supported {_VERSION}")
+    cases = manifest.get("cases")
+    if not isinstance(cases, list) or not cases:
+        raise _manifest_error(path, "'cases' must be a non-empty list")
+    for i, case in enumerate(cases):
+        ok = (isinstance(case, dict) and isinstance(case.get("name"), str) and isinstance(case.get("file"), str)
+              and isinstance(case.get("outputs"), dict) and case["outputs"]
+              and all(isinstance(case.get(k), (int, float)) and case[k] >= 0 for k in ("rtol", "atol"))
+              and Path(case["file"]).name == case["file"])  # fmt: skip
+        if not ok:
+            raise _manifest_error(path, f"case {i} lacks a name, a plain file name, outputs, rtol or atol")
+    return manifest
+
+
+def error_stats(got: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """``|got - want|`` in float64, its maximum, and the largest ``|got - want| / |want|`` over nonzero ``want``.
+
+    The one definition of "max abs" and "max rel" error that ``lowrank vectors
+    check`` and :mod:`lowrank.reference.harness` both report; the shapes must agree.
+    """
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    diff = np.abs(g - w)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    nonzero = w != 0
+    max_rel = float((diff[nonzero] / np.abs(w[nonzero])).max()) if nonzero.any() else 0.0
+    return diff, max_abs, max_rel
+
+
+def _compare(case: str, tensor: str, got: np.ndarray, want: np.ndarray, rtol: float, atol: float) -> CheckRow:
+    nan = float("nan")
+    if got.shape != want.shape:
+        return CheckRow(case, tensor, nan, nan, False, f"shape {got.shape}, expected {want.shape}")
+    if got.dtype.kind not in "biuf":
+        return CheckRow(case, tensor, nan, nan, False, f"dtype {got.dtype} is not numeric")
+    if want.dtype.kind in "biu":  # integer outputs must match exactly
+        rtol = atol = 0.0
+    diff, max_abs, max_rel = error_stats(got, want)
+    finite = bool(np.isfinite(got).all())
+    ok = finite and bool(np.all(diff <= atol + rtol * np.abs(want.astype(np.float64))))
+    note = "" if finite else "non-finite values"
+    if got.dtype != want.dtype:
+        note = f"dtype {got.dtype}, expected {want.dtype}" + (f"; {note}" if note else "")
+    return CheckRow(case, tensor, max_abs if finite else nan, max_rel if finite else nan, ok, note)
+
+
+def check_vectors(ref_dir: PathLike, candidate_dir: PathLike) -> CheckReport:
+    """Compare a candidate's outputs with the reference, per case and output tensor.
+
+    For each case of ``ref_dir/manifest.json`` the candidate file
+    ``candidate_dir/<case>.safetensors`` must hold every output tensor of
+    the case under its name, of the expected shape, within the case's
+    ``rtol``/``atol`` elementwise (``|got - want| <= atol + rtol * |want|``).
+    A missing file or tensor is a failed row; extra tensors are ignored.
+
+    Parameters
+    ----------
+    ref_dir : str or os.PathLike
+        A folder written by :func:`write_vectors`.
+    candidate_dir : str or os.PathLike
+
+    Returns
+    -------
+    CheckReport
+        ``.passed``, ``.rows`` of ``(case, tensor, max_abs, max_rel, ok, note)``, ``.format()``.
+
+    Raises
+    ------
+    ValueError
+        In one line: a missing folder, a missing, corrupt or truncated
+        manifest or reference file (each reference file's sha256 is checked
+        against the manifest), or a corrupt or truncated candidate file.
+    ImportError
+        Without the ``io`` extra (safetensors).
+    """
+    ref, cand = Path(ref_dir), Path(candidate_dir)
+    manifest = read_manifest(ref)
+    if not cand.is_dir():
+        raise ValueError(f"no such candidate folder: {cand}")
+    rows: list[CheckRow] = []
+    nan = float("nan")
+    for case in manifest["cases"]:
+        name, file = case["name"], case["file"]
+        ref_path = ref / file
+        if not ref_path.is_file():
+            raise ValueError(f"reference file {ref_path} is missing (named in {ref / MANIFEST_NAME})")
+        blob = ref_path.read_bytes()
+        if "sha256" in case and hashlib.sha256(blob).hexdigest() != case["sha256"]:
+            raise ValueError(f"reference file {ref_path} does not match its sha256 in {MANIFEST_NAME}: "
+                             f"it is corrupt, truncated or edited; write the vectors again")
+        want_all = load_safetensors(ref_path)
+        cand_path = cand / file
+        if not cand_path.is_file():
+            rows.append(CheckRow(name, "*", nan, nan, False, f"missing file {file}"))
+            continue
+        got_all = load_safetensors(cand_path)
+        for tensor in case["outputs"]:
+            if tensor not in want_all:
+                raise ValueError(f"reference file {ref_path} lacks its output {tensor!r}")
+            if tensor not in got_all:
+                rows.append(CheckRow(name, tensor, nan, nan, False, "missing tensor"))
+                continue
+            rows.append(_compare(name, tensor, got_all[tensor], want_all[tensor], case["rtol"], case["atol"]))
+    return CheckReport(rows)
