@@ -325,7 +325,7 @@ def test_loaded_layers_draw_their_own_dropout_masks(tmp_path):
         adapted[i] = nn.LoRALinear(adapted[i], r=2, alpha=4, dropout=0.5, random_state=i)
     save_peft_adapter(adapted, tmp_path / "a")
     model = load_peft_adapter(square(), tmp_path / "a", random_state=7)
-    masks = [model[i]._rng.random(8) for i in (0, 2)]  # each layer's next draws
+    masks = [model[i].generator.random(8) for i in (0, 2)]  # each layer's next draws
     assert not np.array_equal(masks[0], masks[1])
     again = load_peft_adapter(square(), tmp_path / "a", random_state=7)
-    assert np.array_equal(again[0]._rng.random(8), masks[0])  # and the same seed gives the same bits
+    assert np.array_equal(again[0].generator.random(8), masks[0])  # and the same seed gives the same bits

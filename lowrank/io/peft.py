@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from lowrank.io.files import PathLike, load_json, load_safetensors, save_json, save_safetensors
-from lowrank.nn.lora import _replace_everywhere
-from lowrank.nn.modules import Linear, LoRALinear, Module
+from lowrank.nn.lora import LoRALinear, _replace_everywhere
+from lowrank.nn.modules import Linear, Module
 from lowrank.utils.validation import check_random_state
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "load_peft_adapter", "save_peft_adapter"]

@@ -5,12 +5,11 @@ formula); the classes here hold parameters and call them.
 """
 
 from lowrank.nn import functional
-from lowrank.nn.lora import inject_lora, merge_lora, trainable_summary
+from lowrank.nn.lora import LoRALinear, inject_lora, merge_lora, trainable_summary
 from lowrank.nn.mlp import MLP
 from lowrank.nn.modules import (
     GELU,
     Linear,
-    LoRALinear,
     Module,
     Parameter,
     ReLU,

@@ -312,9 +312,8 @@ def _unprefixed(prefix: str, arrays: Mapping[str, np.ndarray]) -> dict[str, np.n
 
 
 def _module_rngs(model: Module) -> dict[str, np.random.Generator]:
-    """The generators layers own (LoRA dropout), by module name."""
-    return {name: m._rng for name, m in model.named_modules() if isinstance(getattr(m, "_rng", None),
-                                                                               np.random.Generator)}
+    """Every layer's own generator (dropout masks), by module name."""
+    return dict(model.named_generators())
 
 
 @dataclass

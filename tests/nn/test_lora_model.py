@@ -241,7 +241,7 @@ def test_inject_lora_same_seed_same_adapters_and_one_generator():
     A0 = gen.uniform(-bound0, bound0, (2, 6)).astype(np.float32)
     A2 = gen.uniform(-bound2, bound2, (2, 5)).astype(np.float32)
     assert np.array_equal(a[0].A.data, A0) and np.array_equal(a[2].A.data, A2)
-    assert a[0]._rng is a[2]._rng
+    assert a[0].generator is a[2].generator
 
 
 def test_inject_lora_nested_and_shared_layers():
