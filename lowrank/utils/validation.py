@@ -84,6 +84,50 @@ def as_float_array(x: Any, name: str, dtype: np.dtype | None = None) -> np.ndarr
     return arr.astype(target, copy=False)
 
 
+def first_non_finite(arr: np.ndarray, where: np.ndarray | None = None) -> tuple[int, ...] | None:
+    """The index of the first NaN or inf of ``arr`` (in C order), or None if there is none.
+
+    Parameters
+    ----------
+    arr : ndarray of any shape
+    where : ndarray of bool of arr's shape, optional
+        Look only at the entries where this is True (e.g. observed entries).
+
+    Returns
+    -------
+    tuple of int, or None
+    """
+    bad = ~np.isfinite(arr)
+    if where is not None:
+        bad &= where
+    if not bad.any():
+        return None
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), arr.shape))
+
+
+def describe_non_finite(arr: np.ndarray, name: str, where: np.ndarray | None = None) -> str | None:
+    """The one-line message for a non-finite ``arr``, or None when it is finite.
+
+    ``"{name} must be finite, got nan at index (0, 2) (3 non-finite entries)"``
+    (``"must be finite at observed entries"`` with ``where``): the one wording
+    every check of finiteness in lowrank uses.
+    """
+    index = first_non_finite(arr, where)
+    if index is None:
+        return None
+    bad = ~np.isfinite(arr) if where is None else ~np.isfinite(arr) & where
+    at = "" if where is None else " at observed entries"
+    return f"{name} must be finite{at}, got {arr[index]} at index {index} ({int(np.count_nonzero(bad))} non-finite entries)"
+
+
+def check_finite(arr: np.ndarray, name: str, where: np.ndarray | None = None) -> np.ndarray:
+    """Raise ValueError (:func:`describe_non_finite`'s message) unless ``arr`` is finite; return it."""
+    message = describe_non_finite(arr, name, where)
+    if message is not None:
+        raise ValueError(message)
+    return arr
+
+
 def check_matrix(
     M: Any,
     name: str = "M",
@@ -112,15 +156,7 @@ def check_matrix(
         raise ValueError(f"{name} must be a 2-D matrix, got an array of shape {arr.shape} ({arr.ndim}-D)")
     if arr.size == 0:
         raise ValueError(f"{name} must be non-empty, got shape {arr.shape}")
-    finite = np.isfinite(arr)
-    bad = ~finite if mask is None else (~finite & mask)
-    if bad.any():
-        i, j = np.argwhere(bad)[0]
-        where = "" if mask is None else " at observed entries"
-        raise ValueError(
-            f"{name} must be finite{where}, got {arr[i, j]} at index ({i}, {j}) "
-            f"({int(bad.sum())} non-finite entries)"
-        )
+    check_finite(arr, name, mask)
     return arr
 
 
