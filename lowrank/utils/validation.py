@@ -117,7 +117,8 @@ def describe_non_finite(arr: np.ndarray, name: str, where: np.ndarray | None = N
         return None
     bad = ~np.isfinite(arr) if where is None else ~np.isfinite(arr) & where
     at = "" if where is None else " at observed entries"
-    return f"{name} must be finite{at}, got {arr[index]} at index {index} ({int(np.count_nonzero(bad))} non-finite entries)"
+    count = int(np.count_nonzero(bad))
+    return f"{name} must be finite{at}, got {arr[index]} at index {index} ({count} non-finite entries)"
 
 
 def check_finite(arr: np.ndarray, name: str, where: np.ndarray | None = None) -> np.ndarray:
