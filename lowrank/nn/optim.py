@@ -43,7 +43,7 @@ Schedules
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,6 +61,7 @@ __all__ = [
     "Optimizer",
     "WarmupCosine",
     "clip_grad_norm_",
+    "clip_grads_",
 ]
 
 
@@ -228,7 +229,9 @@ class Optimizer:
         """Restore a ``state_dict()`` snapshot; all of it is checked before anything changes.
 
         Raises ValueError on a missing or unknown key, an unknown parameter
-        name, or a buffer whose shape or dtype differs from its parameter's.
+        name, or a buffer whose shape differs from its parameter's; TypeError
+        on a buffer whose dtype differs from its parameter's (as
+        ``Module.load_state_dict``: a dtype mismatch is never silently cast).
         """
         params = dict(self.named_params)
         expected = {"step", *self.hyper}
@@ -265,11 +268,12 @@ class Optimizer:
                 continue
             value = np.asarray(value)
             data = params[key].data
-            if value.shape != data.shape or value.dtype != data.dtype:
-                raise ValueError(
-                    f"state_dict[{full_key!r}] must have its parameter's shape {data.shape} "
-                    f"and dtype {data.dtype}, got shape {value.shape} and dtype {value.dtype}"
-                )
+            if value.shape != data.shape:
+                raise ValueError(f"state_dict[{full_key!r}] must have its parameter's shape "
+                                 f"{data.shape}, got shape {value.shape}")
+            if value.dtype != data.dtype:
+                raise TypeError(f"state_dict[{full_key!r}] must have its parameter's dtype "
+                                f"{data.dtype}, got dtype {value.dtype}")
             new_state[key][buf] = value.copy()
         self.hyper = hyper
         self.step_count = step_count
@@ -468,7 +472,8 @@ def clip_grad_norm_(params: Any, max_norm: float) -> float:
 
     Parameters
     ----------
-    params : iterable of Parameter, or of (name, Parameter) pairs
+    params : Module, or iterable of Parameter, or of (name, Parameter) pairs
+        A module stands for its ``named_parameters()``.
     max_norm : float
         > 0.
 
@@ -478,10 +483,28 @@ def clip_grad_norm_(params: Any, max_norm: float) -> float:
         The total norm *before* clipping. If it is not finite (a gradient
         holds inf or NaN) the gradients are left untouched, so the caller can
         see it and stop.
+
+    See Also
+    --------
+    clip_grads_ : the same without the checks, for a loop that checked its
+        parameter list once.
     """
+    if callable(getattr(params, "named_parameters", None)):  # a Module
+        params = params.named_parameters()
     pairs = _named_parameters(params)
     max_norm = check_real(max_norm, "max_norm", 0.0, low_open=True)
-    grads = [p.grad for _, p in pairs if p.trainable and p.grad is not None]
+    return clip_grads_([p for _, p in pairs], max_norm)
+
+
+def clip_grads_(params: Sequence[Any], max_norm: float) -> float:
+    """:func:`clip_grad_norm_`'s unchecked core: ``params`` a list of Parameters, ``max_norm`` > 0.
+
+    For a training loop that collected and checked its parameters once
+    (``lowrank.train.fit`` does): checking them again at every step would
+    rebuild the list, its names and two sets each time. Same rule, same
+    result, same return value as :func:`clip_grad_norm_`.
+    """
+    grads = [p.grad for p in params if p.trainable and p.grad is not None]
     total = math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads))
     scale = max_norm / (total + 1e-6)
     if math.isfinite(total) and scale < 1:

@@ -27,6 +27,7 @@ from lowrank.nn.optim import (
     LinearWarmup,
     WarmupCosine,
     clip_grad_norm_,
+    clip_grads_,
 )
 
 
@@ -458,9 +459,7 @@ def _adam_state_dict():
         (lambda sd: sd.update({"state.0.bias.momentum_buffer": np.zeros(3)}),
          "unknown buffer 'momentum_buffer'"),
         (lambda sd: sd.update({"state.0.weight.exp_avg": np.zeros((2, 3), np.float32)}),
-         r"shape \(3, 2\) and dtype float32, got shape \(2, 3\)"),
-        (lambda sd: sd.update({"state.0.weight.exp_avg": np.zeros((3, 2))}),
-         r"dtype float32, got shape \(3, 2\) and dtype float64"),
+         r"state_dict\['state.0.weight.exp_avg'\] must have its parameter's shape \(3, 2\), got shape \(2, 3\)"),
         (lambda sd: sd.update(lr=np.array([0.1, 0.2])), r"state_dict\['lr'\] must be a single number"),
         (lambda sd: sd.update(lr=np.asarray(-1.0)), r"lr must be in \[0, inf\), got -1.0"),
         (lambda sd: sd.update(beta2=np.asarray(1.0)), r"betas\[1\] must be in \[0, 1\), got 1.0"),
@@ -475,6 +474,22 @@ def test_load_state_dict_refuses_bad_snapshots_and_changes_nothing(edit, match):
     sd = _adam_state_dict()
     edit(sd)
     with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert after.keys() == before.keys()
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int32])
+def test_load_state_dict_refuses_a_buffer_of_another_dtype_with_type_error(dtype):
+    """A dtype mismatch is a TypeError, as in Module.load_state_dict: never a silent cast."""
+    params = _two_params()
+    opt = Adam(params)
+    before = opt.state_dict()
+    sd = _adam_state_dict()
+    sd["state.0.weight.exp_avg"] = sd["state.0.weight.exp_avg"].astype(dtype)
+    with pytest.raises(TypeError, match=r"state_dict\['state.0.weight.exp_avg'\] must have its parameter's "
+                                        rf"dtype float32, got dtype {np.dtype(dtype)}$"):
         opt.load_state_dict(sd)
     after = opt.state_dict()
     assert after.keys() == before.keys()
@@ -615,6 +630,38 @@ def test_clip_grad_norm_skips_frozen_and_gradless_parameters():
     np.testing.assert_array_equal(frozen.grad, [100.0, 100.0])
     assert gradless.grad is None
     np.testing.assert_allclose(live.grad, np.array([3.0, 4.0]) / (5.0 + 1e-6), rtol=1e-15)
+
+
+def test_clip_grad_norm_of_a_module_clips_its_trainable_parameters():
+    from lowrank import nn
+
+    model = nn.Sequential(nn.Linear(3, 2, dtype=np.float64, random_state=0), nn.ReLU(),
+                          nn.Linear(2, 2, dtype=np.float64, random_state=1))
+    model[0].bias.trainable = False
+    grads = {name: np.full(p.shape, 2.0) for name, p in model.named_parameters()}
+    for name, p in model.named_parameters():
+        p.grad = grads[name].copy()
+    live = [name for name, p in model.named_parameters() if p.trainable]
+    total = math.sqrt(sum(4.0 * grads[name].size for name in live))  # by hand: every entry is 2
+    assert clip_grad_norm_(model, 1.0) == pytest.approx(total, rel=1e-15)
+    params = dict(model.named_parameters())
+    for name in live:
+        np.testing.assert_allclose(params[name].grad, grads[name] / (total + 1e-6), rtol=1e-15)
+    np.testing.assert_array_equal(params["0.bias"].grad, grads["0.bias"])  # frozen: untouched
+
+
+@given(optimizer_problems(n_steps=3), st.floats(0.05, 5.0))
+def test_clip_grads_core_matches_the_numpy_norm_without_the_checks(problem, max_norm):
+    """The unchecked core: a plain list of Parameters; same rule as clip_grad_norm_."""
+    _, grads = problem
+    params = [Param(np.zeros_like(g), grad=g.copy()) for g in grads]
+    total = np.linalg.norm(np.concatenate([g.astype(np.float64).ravel() for g in grads]))
+    assert clip_grads_(params, max_norm) == pytest.approx(total, rel=1e-12)
+    scale = min(1.0, max_norm / (total + 1e-6))
+    for p, g in zip(params, grads, strict=True):
+        # the reference is computed in float64; a clipped float32 entry may land among the subnormals
+        np.testing.assert_allclose(p.grad, g.astype(np.float64) * scale, rtol=1e-6 if g.dtype == np.float32 else 1e-14,
+                                   atol=np.finfo(g.dtype).smallest_normal)
 
 
 def test_clip_grad_norm_leaves_non_finite_gradients_alone():
