@@ -9,8 +9,10 @@ hand for clipping, and loss/accuracy recomputed over the whole set for
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -20,6 +22,7 @@ from strategies import SEEDS
 from lowrank import nn
 from lowrank.nn import functional as F
 from lowrank.nn.optim import SGD, Adam, AdamW, WarmupCosine
+from lowrank.train import FitConfig, TrainState, load_checkpoint, save_checkpoint
 from lowrank.train.data import make_tasks
 from lowrank.train.fit import History, NonFiniteError, evaluate, fit
 
@@ -184,7 +187,8 @@ def test_a_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path
 
     run(1)
     good = path.read_bytes()
-    with pytest.raises(NonFiniteError, match=r"the loss became non-finite \(inf\) at epoch 2, step 3 of 8"):
+    with pytest.raises(NonFiniteError, match=r"^at epoch 2, step 3 of 8 \(update 11 of the run\): "
+                                             r"the loss must be finite, got inf$"):
         run(3, resume=path)
     assert path.read_bytes() == good
 
@@ -193,13 +197,13 @@ def test_a_huge_learning_rate_diverges_with_a_clear_error(tmp_path):
     path = tmp_path / "run.npz"
     d = TASKS.pretrain
     model = pretrained()
-    with pytest.raises(NonFiniteError, match=r"non-finite at epoch \d+, step \d+ of 13") as info:
+    with pytest.raises(NonFiniteError, match=r"^at epoch 1, step \d+ of 13 \(update \d+ of the run\): "
+                                             r"the model's output must be finite, got -?(nan|inf) at index "
+                                             r"\(\d+, \d+\) \(\d+ non-finite entries\); the weights diverged") as info:
         fit(model, d.X_train, d.y_train, loss="cross_entropy", optimizer=SGD(model.named_parameters(), lr=1e6),
             epochs=50, batch_size=32, random_state=0, checkpoint=path, verbose=False)
     assert isinstance(info.value, FloatingPointError)
-    if path.exists():  # written only after whole good epochs: a complete, loadable checkpoint
-        with np.load(path, allow_pickle=False) as f:
-            assert int(f["epoch"]) >= 1
+    assert not path.exists()  # it diverged within epoch 1: no whole good epoch, so no checkpoint
 
 
 def test_a_non_finite_gradient_names_the_parameter():
@@ -211,7 +215,9 @@ def test_a_non_finite_gradient_names_the_parameter():
         value, dout = F.cross_entropy(out, y)
         return value, np.full_like(dout, np.nan)
 
-    with pytest.raises(NonFiniteError, match=r"gradient of parameter '2.weight' became non-finite at epoch 1, step 1"):
+    with pytest.raises(NonFiniteError, match=r"^at epoch 1, step 1 of 13 \(update 1 of the run\): the gradient of "
+                                             r"parameter '2.weight' must be finite, got nan at index \(0, 0\) "
+                                             r"\(36 non-finite entries\)$"):
         fit(model, d.X_train, d.y_train, loss=nan_gradient, optimizer=SGD(model.named_parameters(), lr=0.1),
             epochs=1, batch_size=32, random_state=0, verbose=False)
 
@@ -393,3 +399,147 @@ def test_resume_refuses_other_settings_and_foreign_files(tmp_path):
         fit(model, d.X_train, d.y_train, batch_size=32, schedule=schedule, resume=foreign, **common)
     with pytest.raises(FileNotFoundError):
         fit(model, d.X_train, d.y_train, batch_size=32, schedule=schedule, resume=tmp_path / "none.npz", **common)
+
+
+# ---------------------------------------------------------------- FitConfig
+
+
+def _config(**overrides):
+    kwargs = {"n_samples": 100, "epochs": 3, "batch_size": 32, "loss": "cross_entropy"}
+    kwargs.update(overrides)
+    return FitConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        ({"n_samples": 0}, ValueError, r"n_samples must be in \[1, inf\], got 0"),
+        ({"n_samples": 10.0}, TypeError, "n_samples must be an integer"),
+        ({"epochs": 0}, ValueError, r"epochs must be in \[1, inf\], got 0"),
+        ({"epochs": "3"}, TypeError, "epochs must be an integer"),
+        ({"batch_size": -1}, ValueError, r"batch_size must be in \[1, inf\], got -1"),
+        ({"batch_size": 2.0}, TypeError, "batch_size must be an integer"),
+        ({"loss": "hinge"}, ValueError, "loss must be one of 'cross_entropy', 'mse', 'bce' or None, got 'hinge'"),
+        ({"shuffle": 1}, TypeError, "shuffle must be True or False"),
+        ({"has_val": "yes"}, TypeError, "has_val must be True or False"),
+        ({"clip_grad_norm": 0.0}, ValueError, r"clip_grad_norm must be in \(0, inf\)"),
+        ({"clip_grad_norm": -1.0}, ValueError, "clip_grad_norm must be in"),
+        ({"clip_grad_norm": math.nan}, ValueError, "clip_grad_norm"),
+        ({"clip_grad_norm": "1"}, TypeError, "clip_grad_norm"),
+        ({"early_stopping": 2}, ValueError, "early_stopping needs val"),
+        ({"early_stopping": 0, "has_val": True}, ValueError, r"early_stopping must be in \[1, inf\], got 0"),
+        ({"early_stopping": 1.5, "has_val": True}, TypeError, "early_stopping must be an integer"),
+        ({"checkpoint": "/nonexistent/folder/run.npz"}, FileNotFoundError, "the folder /nonexistent/folder does not"),
+        ({"verbose": "loud"}, ValueError, "verbose must be True, False, 'auto', 'bar' or 'lines', got 'loud'"),
+    ],
+)
+def test_fit_config_refuses_every_bad_setting(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _config(**overrides)
+
+
+def test_fit_config_is_frozen_normalised_and_json(tmp_path):
+    config = _config(n_samples=np.int64(100), batch_size=np.int32(32), clip_grad_norm=1, early_stopping=2,
+                     has_val=True, checkpoint=tmp_path / "run.npz", resume=tmp_path / "old.npz", verbose="lines")
+    assert config.n_samples == 100 and type(config.n_samples) is int and type(config.batch_size) is int
+    assert config.clip_grad_norm == 1.0 and type(config.clip_grad_norm) is float
+    assert config.checkpoint == str(tmp_path / "run.npz") and config.resume == str(tmp_path / "old.npz")
+    assert config.n_steps == 4  # ceil(100 / 32), by hand
+    assert _config(n_samples=96).n_steps == 3
+    assert json.loads(json.dumps(config.to_json())) == {
+        "n_samples": 100, "epochs": 3, "batch_size": 32, "loss": "cross_entropy", "shuffle": True, "has_val": True,
+        "clip_grad_norm": 1.0, "early_stopping": 2, "checkpoint": str(tmp_path / "run.npz"),
+        "resume": str(tmp_path / "old.npz"), "verbose": "lines"}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 5  # type: ignore[misc]
+    for verbose in (True, False, "auto", "bar", "lines"):
+        assert _config(verbose=verbose).verbose == verbose
+
+
+def test_fit_config_check_resume_names_every_setting_that_differs():
+    saved = _config().to_json()
+    _config(epochs=9, clip_grad_norm=0.5, verbose=False).check_resume(saved, "here")  # free to change
+    with pytest.raises(ValueError, match=r"^here was written by a run with other settings, so it cannot continue "
+                                         r"it: batch_size: checkpoint 32, now 16, loss: checkpoint "
+                                         r"'cross_entropy', now 'mse'$"):
+        _config(batch_size=16, loss="mse").check_resume(saved, "here")
+
+
+def test_the_checkpoint_stores_the_runs_config(tmp_path):
+    path = tmp_path / "run.npz"
+    lora_run(1, checkpoint=path, early_stopping=3)
+    with np.load(path, allow_pickle=False) as f:
+        saved = json.loads(str(f["config"]))
+    assert saved == {"n_samples": 200, "epochs": 1, "batch_size": 32, "loss": "cross_entropy", "shuffle": True,
+                     "has_val": True, "clip_grad_norm": 1.0, "early_stopping": 3, "checkpoint": str(path),
+                     "resume": None, "verbose": False}
+
+
+@pytest.mark.parametrize(
+    ("setting", "overrides", "message"),
+    [
+        ("n_samples", {"n": 199}, "n_samples: checkpoint 200, now 199"),
+        ("batch_size", {"batch_size": 16}, "batch_size: checkpoint 32, now 16"),
+        ("shuffle", {"shuffle": False}, "shuffle: checkpoint True, now False"),
+        ("loss", {"loss": lambda out, y: F.cross_entropy(out, y)}, "loss: checkpoint 'cross_entropy', now None"),
+        ("early_stopping", {"early_stopping": 2}, "early_stopping: checkpoint None, now 2"),
+    ],
+)
+def test_a_checkpoint_refuses_a_resume_under_another_config(tmp_path, setting, overrides, message):
+    path = tmp_path / "run.npz"
+    lora_run(1, checkpoint=path)
+    good = path.read_bytes()
+    model = nn.inject_lora(pretrained(), r=2, alpha=4, dropout=0.1, random_state=1)
+    before = model.state_dict()
+    d = TASKS.downstream
+    opt = Adam(model.named_parameters(), lr=2e-2)
+    n = overrides.pop("n", 200)
+    kwargs = {"loss": "cross_entropy", "optimizer": opt, "schedule": WarmupCosine(opt, warmup_steps=3, total_steps=40),
+              "epochs": 2, "batch_size": 32, "val": (d.X_val, d.y_val), "clip_grad_norm": 1.0, "verbose": False,
+              "resume": path, **overrides}
+    with pytest.raises(ValueError, match=rf"cannot continue it: {re.escape(message)}$"):
+        fit(model, d.X_train[:n], d.y_train[:n], **kwargs)
+    assert_same_weights_as(model, before)  # refused before anything was loaded
+    assert path.read_bytes() == good
+
+
+def assert_same_weights_as(model, state):
+    for k, v in model.state_dict().items():
+        assert np.array_equal(v, state[k]), k
+
+
+def test_save_and_load_checkpoint_round_trip_one_state(tmp_path):
+    """The state object alone carries everything: weights, optimizer, schedule, both kinds of generator."""
+    path = tmp_path / "state.npz"
+
+    def state_of(model_seed, rng_seed):
+        model = nn.inject_lora(pretrained(model_seed), r=2, alpha=4, dropout=0.1, random_state=model_seed + 1)
+        opt = Adam(model.named_parameters(), lr=1e-2)
+        schedule = WarmupCosine(opt, warmup_steps=2, total_steps=10)
+        config = FitConfig(n_samples=10, epochs=4, batch_size=5, loss="mse")
+        return TrainState(config, model, opt, schedule, np.random.default_rng(rng_seed))
+
+    saved = state_of(0, 0)
+    for p in saved.model.parameters():
+        if p.trainable:
+            p.grad = np.ones_like(p.data)
+    saved.optimizer.step()
+    saved.schedule.step()
+    saved.epoch = 2
+    saved.history.epoch.extend([1, 2])
+    saved.history.train_loss.extend([0.5, 0.25])
+    save_checkpoint(path, saved)
+
+    loaded = state_of(7, 99)
+    load_checkpoint(path, loaded)
+    assert loaded.epoch == 2 and loaded.history == saved.history
+    assert_same_weights_as(loaded.model, saved.model.state_dict())
+    assert loaded.schedule.last_step == 1 and loaded.optimizer.lr == saved.optimizer.lr
+    assert loaded.rng.integers(0, 2**62, 4).tolist() == saved.rng.integers(0, 2**62, 4).tolist()
+    for (name_a, a), (name_b, b) in zip(loaded.model.named_generators(), saved.model.named_generators(), strict=True):
+        assert name_a == name_b and a.random(3).tolist() == b.random(3).tolist()
+
+    other = state_of(0, 0)
+    other.config = FitConfig(n_samples=10, epochs=4, batch_size=2, loss="mse")
+    with pytest.raises(ValueError, match="batch_size: checkpoint 5, now 2"):
+        load_checkpoint(path, other)

@@ -8,8 +8,18 @@
         for each batch:
             out = model(X_b); loss, dout = loss_fn(out, y_b)  # stop if out or loss is not finite
             model.zero_grad(); model.backward(dout)          # stop if a gradient is not finite
-            clip_grad_norm_(...); optimizer.step(); schedule.step()
+            clip_grads_(...); optimizer.step(); schedule.step()
         validate in eval mode; early stopping; checkpoint
+
+The steps, each named once: ``fit`` checks its arguments into a
+:class:`~lowrank.train.config.FitConfig` and a
+:class:`~lowrank.train.checkpoint.TrainState` (resuming it from a checkpoint
+if asked), then ``_Trainer`` runs the epochs: ``train_epoch`` (the step
+loop and the training history), ``forward_backward`` (one minibatch, refusing
+non-finite values), ``update`` (clipping, the optimizer and the schedule),
+``validate`` (validation history and early stopping), and ``end_epoch``
+(checkpoint and progress). ``_Progress`` draws the progress and
+``_modes_restored`` puts the train/eval modes back at the end.
 
 Reproducibility
     Every random draw of an epoch (the shuffle, and any LoRA dropout masks,
@@ -20,42 +30,43 @@ Reproducibility
     bit-identical to an uninterrupted run's (given the same arguments).
 
 Checkpoints
-    One ``.npz`` file (``lowrank.io.save_npz``: written to a temporary file
-    and moved into place, so a crash never leaves a half-written one; read
-    back with ``allow_pickle=False``), rewritten at the end of every epoch.
-    Keys: ``"format"``, ``"epoch"`` (epochs completed), ``"config"`` (JSON),
-    ``"rng"`` (the shuffling Generator's ``bit_generator.state`` as JSON),
-    ``"module_rng.<module>"`` (the same for layers with their own generator),
-    ``"model.<name>"`` (every parameter), ``"optim.<key>"`` and
-    ``"schedule.<key>"`` (their ``state_dict()``), ``"history.<field>"``,
-    ``"early.<field>"`` and ``"best.<name>"`` (early stopping's state and
-    best trainable weights).
+    One ``.npz`` file, written atomically at the end of every epoch; see
+    :mod:`lowrank.train.checkpoint` for its keys.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from lowrank.io.files import load_npz, save_npz
-from lowrank.nn import functional as F
 from lowrank.nn.modules import Module, Parameter
-from lowrank.nn.optim import clip_grad_norm_
-from lowrank.utils.validation import RandomState, as_float_array, check_bool, check_int, check_random_state, check_real
+from lowrank.nn.optim import clip_grads_
+from lowrank.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    EarlyStopping,
+    History,
+    TrainState,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lowrank.train.config import LOSSES, FitConfig, LossFn, resolve_loss
+from lowrank.utils.validation import (
+    RandomState,
+    as_float_array,
+    check_finite,
+    check_int,
+    check_random_state,
+    describe_non_finite,
+)
 
 __all__ = ["CHECKPOINT_FORMAT", "LOSSES", "Evaluation", "History", "NonFiniteError", "evaluate", "fit"]
-
-CHECKPOINT_FORMAT = "lowrank.fit/1"
-
-LossFn = Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]]
 
 
 class NonFiniteError(FloatingPointError):
@@ -64,97 +75,6 @@ class NonFiniteError(FloatingPointError):
     The message names the epoch, the step and what became non-finite. The
     checkpoint on disk, if any, is the one of the last completed epoch.
     """
-
-
-# ---------------------------------------------------------------- losses and accuracy
-
-
-def _class_accuracy(out: np.ndarray, y: np.ndarray) -> float:
-    """Fraction of rows whose largest logit is at the target class: out (..., C), y (...)."""
-    return float(np.mean(np.argmax(out, axis=-1) == y))
-
-
-def _binary_accuracy(out: np.ndarray, y: np.ndarray) -> float:
-    """Fraction of entries on the target's side: logit > 0 against target > 0.5."""
-    return float(np.mean((out > 0) == (np.asarray(y) > 0.5)))
-
-
-# name -> (loss function returning (loss, dout), accuracy or None)
-LOSSES: dict[str, tuple[LossFn, Callable[[np.ndarray, np.ndarray], float] | None]] = {
-    "cross_entropy": (F.cross_entropy, _class_accuracy),
-    "mse": (F.mse_loss, None),
-    "bce": (F.binary_cross_entropy_with_logits, _binary_accuracy),
-}
-
-
-def _resolve_loss(loss: Any) -> tuple[str | None, LossFn, Callable[..., float] | None]:
-    """(name or None, loss function, accuracy or None) for a loss name or callable."""
-    if isinstance(loss, str):
-        if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))} or a callable, got {loss!r}")
-        return (loss, *LOSSES[loss])
-    for name, (fn, acc) in LOSSES.items():  # F.cross_entropy itself gets its accuracy too
-        if loss is fn:
-            return name, fn, acc
-    if not callable(loss):
-        raise TypeError(f"loss must be a loss name or a callable (out, y) -> (loss, dout), got {type(loss).__name__}")
-    return None, loss, None
-
-
-# ---------------------------------------------------------------- History
-
-
-@dataclass
-class History:
-    """What ``fit`` measured, one entry per epoch.
-
-    Attributes
-    ----------
-    epoch : list of int
-        1, 2, … (a resumed run continues the numbering).
-    train_loss : list of float
-        The mean loss over the epoch's minibatches, weighted by batch size,
-        each measured in training mode before that batch's update.
-    train_acc : list of float
-        Likewise for accuracy; empty when the loss has none (``"mse"`` or a
-        custom callable).
-    val_loss, val_acc : list of float
-        On ``val`` in eval mode after the epoch; empty without ``val``
-        (``val_acc`` also without an accuracy).
-    best_epoch : int or None
-        With early stopping: the epoch of the lowest validation loss, whose
-        weights the model holds at the end.
-    stopped_epoch : int or None
-        The epoch after which early stopping ended training, if it did.
-    """
-
-    epoch: list[int] = field(default_factory=list)
-    train_loss: list[float] = field(default_factory=list)
-    train_acc: list[float] = field(default_factory=list)
-    val_loss: list[float] = field(default_factory=list)
-    val_acc: list[float] = field(default_factory=list)
-    best_epoch: int | None = None
-    stopped_epoch: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain lists, ints and None: ready for ``json.dumps``."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), list) else v) for f in fields(self)}
-
-    # checkpoint encoding: lists as arrays, None as -1
-    _LISTS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
-
-    def _to_arrays(self) -> dict[str, np.ndarray]:
-        out = {k: np.asarray(getattr(self, k), dtype=np.int64 if k == "epoch" else np.float64) for k in self._LISTS}
-        for k in ("best_epoch", "stopped_epoch"):
-            value = getattr(self, k)
-            out[k] = np.asarray(-1 if value is None else value, dtype=np.int64)
-        return out
-
-    @classmethod
-    def _from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> History:
-        lists = {k: arrays[k].tolist() for k in cls._LISTS}
-        ints = {k: (None if int(arrays[k]) < 0 else int(arrays[k])) for k in ("best_epoch", "stopped_epoch")}
-        return cls(**lists, **ints)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -176,27 +96,30 @@ def _check_data(X: Any, y: Any, name_x: str = "X", name_y: str = "y") -> tuple[n
         raise ValueError(
             f"{name_y} must have one target per sample of {name_x} ({X.shape[0]}), got shape {y.shape}"
         )
-    if not np.isfinite(X).all():
-        index = tuple(int(i) for i in np.argwhere(~np.isfinite(X))[0])
-        raise ValueError(f"{name_x} must be finite, got {X[index]} at index {index}")
-    return X, y
+    return check_finite(X, name_x), y
 
 
-def _modes(model: Module) -> list[tuple[Module, bool]]:
-    return [(m, m.training) for m in model.modules()]
-
-
-def _restore_modes(modes: list[tuple[Module, bool]]) -> None:
-    for m, training in modes:
-        m.training = training
-
-
-def _evaluate(model: Module, X: np.ndarray, y: np.ndarray, loss_fn: LossFn, acc_fn, batch_size: int,
-              where: str) -> Evaluation:
-    """Batched loss and accuracy in eval mode; the caller validated everything."""
-    modes = _modes(model)
-    model.eval()
+@contextmanager
+def _modes_restored(model: Module) -> Iterator[None]:
+    """Run the block, then put every module back in the train/eval mode it had."""
+    modes = [(m, m.training) for m in model.modules()]
     try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _non_finite(arr: np.ndarray, name: str, where: str, hint: str = "") -> NonFiniteError:
+    """The error for a computed ``arr`` that is not finite: ``describe_non_finite``'s wording, after where."""
+    return NonFiniteError(f"{where}: {describe_non_finite(arr, name)}{hint}")
+
+
+def _evaluate(model: Module, X: np.ndarray, y: np.ndarray, loss_fn: LossFn, acc_fn: Callable[..., float] | None,
+              batch_size: int, where: str) -> Evaluation:
+    """Batched loss and accuracy in eval mode; the caller validated everything."""
+    with _modes_restored(model):
+        model.eval()
         n = X.shape[0]
         total_loss = total_acc = 0.0
         for start in range(0, n, batch_size):
@@ -204,13 +127,11 @@ def _evaluate(model: Module, X: np.ndarray, y: np.ndarray, loss_fn: LossFn, acc_
             with np.errstate(over="ignore", invalid="ignore"):  # reported just below
                 out = model(xb)
             if not np.isfinite(out).all():
-                raise NonFiniteError(f"the model's output became non-finite {where} (rows {start}..)")
+                raise _non_finite(out, "the model's output", f"{where} (rows {start}..)")
             value, _ = loss_fn(out, yb)
             total_loss += value * len(xb)  # the mean losses are per sample: weight by batch size
             if acc_fn is not None:
                 total_acc += acc_fn(out, yb) * len(xb)
-    finally:
-        _restore_modes(modes)
     return Evaluation(total_loss / n, None if acc_fn is None else total_acc / n)
 
 
@@ -238,7 +159,7 @@ def evaluate(model: Module, X: Any, y: Any, *, loss: str | LossFn = "cross_entro
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
-    _, loss_fn, acc_fn = _resolve_loss(loss)
+    _, loss_fn, acc_fn = resolve_loss(loss)
     X, y = _check_data(X, y)
     batch_size = check_int(batch_size, "batch_size", low=1)
     return _evaluate(model, X, y, loss_fn, acc_fn, batch_size, "during evaluate")
@@ -250,9 +171,7 @@ def evaluate(model: Module, X: Any, y: Any, *, loss: str | LossFn = "cross_entro
 class _Progress:
     """A bar on a terminal, one line per epoch otherwise, or nothing; always on stderr."""
 
-    def __init__(self, verbose: Any, epochs: int) -> None:
-        if verbose not in (True, False, "auto", "bar", "lines"):
-            raise ValueError(f"verbose must be True, False, 'auto', 'bar' or 'lines', got {verbose!r}")
+    def __init__(self, verbose: bool | str, epochs: int) -> None:
         self.stream = sys.stderr
         if verbose in (True, "auto"):
             isatty = getattr(self.stream, "isatty", None)
@@ -290,164 +209,142 @@ class _Progress:
         self.stream.flush()
 
 
-# ---------------------------------------------------------------- checkpoints
+# ---------------------------------------------------------------- the loop
 
 
-def _json_array(obj: Any) -> np.ndarray:
-    """A JSON document as a 0-d unicode array: .npz stores it without pickle."""
-    return np.asarray(json.dumps(obj))
+class _Trainer:
+    """The epochs of one ``fit`` call, over data and a state that ``fit`` checked; one method per step."""
 
+    def __init__(self, state: TrainState, X: np.ndarray, y: np.ndarray, val: tuple[np.ndarray, np.ndarray] | None,
+                 loss_fn: LossFn, acc_fn: Callable[..., float] | None,
+                 trainable: list[tuple[str, Parameter]]) -> None:
+        self.state, self.config = state, state.config
+        self.X, self.y, self.val = X, y, val
+        self.loss_fn, self.acc_fn = loss_fn, acc_fn
+        self.trainable = trainable
+        self.params = [p for _, p in trainable]  # collected once: clipping takes them every step
+        self.progress = _Progress(state.config.verbose, state.config.epochs)
 
-def _from_json_array(arr: np.ndarray) -> Any:
-    return json.loads(str(arr[()]))
+    def run(self) -> None:
+        """Every epoch not done yet, then the best epoch's weights (with early stopping)."""
+        state = self.state
+        for epoch in range(state.epoch + 1, self.config.epochs + 1):
+            if state.history.stopped_epoch is not None:  # a resumed run that had already stopped
+                break
+            started = time.perf_counter()
+            self.train_epoch(epoch)
+            stop = self.validate(epoch)
+            self.end_epoch(epoch, time.perf_counter() - started)
+            if stop:
+                break
+        if state.early is not None:
+            state.early.restore_best(state.model)
 
+    def train_epoch(self, epoch: int) -> None:
+        """One pass over the data in minibatches; appends the epoch's training loss (and accuracy) to the history."""
+        config, acc_fn, X, y = self.config, self.acc_fn, self.X, self.y
+        n, batch_size, n_steps = config.n_samples, config.batch_size, config.n_steps
+        self.state.model.train()
+        order = self.state.rng.permutation(n) if config.shuffle else np.arange(n)
+        total_loss = total_acc = 0.0
+        for step in range(n_steps):
+            idx = order[step * batch_size:(step + 1) * batch_size]
+            xb, yb = X[idx], y[idx]
+            out, value = self.forward_backward(xb, yb, epoch, step)
+            self.update()
+            total_loss += value * len(idx)  # the mean losses are per sample: weight by batch size
+            if acc_fn is not None:
+                total_acc += acc_fn(out, yb) * len(idx)
+            self.progress.step(epoch, step + 1, n_steps, value)
+        history = self.state.history
+        history.epoch.append(epoch)
+        history.train_loss.append(total_loss / n)
+        if acc_fn is not None:
+            history.train_acc.append(total_acc / n)
 
-def _prefixed(prefix: str, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {f"{prefix}.{k}": v for k, v in arrays.items()}
+    def where(self, epoch: int, step: int) -> str:
+        """Where in the run a step is, for error messages; ``step`` counts from 0."""
+        n_steps = self.config.n_steps
+        return f"at epoch {epoch}, step {step + 1} of {n_steps} (update {(epoch - 1) * n_steps + step + 1} of the run)"
 
+    def forward_backward(self, xb: np.ndarray, yb: np.ndarray, epoch: int, step: int) -> tuple[np.ndarray, float]:
+        """Forward, loss and backward of one minibatch, refusing any non-finite value; returns ``(out, loss)``."""
+        model = self.state.model
+        with np.errstate(over="ignore", invalid="ignore"):  # diverging weights: reported just below
+            out = model(xb)
+        if not np.isfinite(out).all():
+            raise _non_finite(out, "the model's output", self.where(epoch, step),
+                              "; the weights diverged (try a lower learning rate or clip_grad_norm)")
+        value, dout = self.loss_fn(out, yb)
+        if not math.isfinite(value):
+            # describe_non_finite's wording; a scalar has no index to name
+            raise NonFiniteError(f"{self.where(epoch, step)}: the loss must be finite, got {value}")
+        model.zero_grad()
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            model.backward(dout)
+        for name, p in self.trainable:
+            if p.grad is not None and not np.isfinite(p.grad).all():
+                raise _non_finite(p.grad, f"the gradient of parameter {name!r}", self.where(epoch, step))
+        return out, value
 
-def _unprefixed(prefix: str, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    start = len(prefix) + 1
-    return {k[start:]: v for k, v in arrays.items() if k.startswith(prefix + ".")}
+    def update(self) -> None:
+        """Clip the gradients (if asked), step the optimizer, then the schedule."""
+        state, clip = self.state, self.config.clip_grad_norm
+        if clip is not None:
+            clip_grads_(self.params, clip)  # the checked shell would re-collect the parameters every step
+        state.optimizer.step()
+        if state.schedule is not None:
+            state.schedule.step()
 
+    def validate(self, epoch: int) -> bool:
+        """Evaluate on ``val`` into the history and let early stopping decide; True to stop."""
+        if self.val is None:
+            return False
+        history, early = self.state.history, self.state.early
+        result = _evaluate(self.state.model, *self.val, self.loss_fn, self.acc_fn,
+                           max(self.config.batch_size, 1024), f"on val after epoch {epoch}")
+        history.val_loss.append(result.loss)
+        if result.accuracy is not None:
+            history.val_acc.append(result.accuracy)
+        if early is None:
+            return False
+        stop = early.update(epoch, result.loss, self.trainable)
+        history.best_epoch = early.best_epoch
+        if stop:
+            history.stopped_epoch = epoch
+        return stop
 
-def _module_rngs(model: Module) -> dict[str, np.random.Generator]:
-    """Every layer's own generator (dropout masks), by module name."""
-    return dict(model.named_generators())
-
-
-@dataclass
-class _EarlyStopping:
-    """Patience bookkeeping on the validation loss, and the best trainable weights."""
-
-    patience: int
-    best_loss: float = math.inf
-    best_epoch: int = -1
-    bad_epochs: int = 0
-    best: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def update(self, epoch: int, val_loss: float, trainable: list[tuple[str, Parameter]]) -> bool:
-        """Record the epoch; True when training should stop."""
-        if val_loss < self.best_loss:  # strictly lower: ties keep the earlier, cheaper-to-reach weights
-            self.best_loss, self.best_epoch, self.bad_epochs = val_loss, epoch, 0
-            self.best = {name: p.data.copy() for name, p in trainable}
-        else:
-            self.bad_epochs += 1
-        return self.bad_epochs >= self.patience
-
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        out = {"early.best_loss": np.asarray(self.best_loss, dtype=np.float64),
-               "early.best_epoch": np.asarray(self.best_epoch, dtype=np.int64),
-               "early.bad_epochs": np.asarray(self.bad_epochs, dtype=np.int64)}
-        out.update(_prefixed("best", self.best))
-        return out
-
-    def load(self, arrays: Mapping[str, np.ndarray]) -> None:
-        self.best_loss = float(arrays["early.best_loss"])
-        self.best_epoch = int(arrays["early.best_epoch"])
-        self.bad_epochs = int(arrays["early.bad_epochs"])
-        self.best = {k: v.copy() for k, v in _unprefixed("best", arrays).items()}
-
-
-def _save_checkpoint(path: Any, *, epoch: int, config: dict[str, Any], rng: np.random.Generator, model: Module,
-                     optimizer: Any, schedule: Any, history: History, early: _EarlyStopping | None) -> None:
-    arrays: dict[str, np.ndarray] = {
-        "format": np.asarray(CHECKPOINT_FORMAT),
-        "epoch": np.asarray(epoch, dtype=np.int64),
-        "config": _json_array(config),
-        "rng": _json_array(rng.bit_generator.state),
-    }
-    arrays.update({f"module_rng.{name}": _json_array(g.bit_generator.state) for name, g in _module_rngs(model).items()})
-    arrays.update(_prefixed("model", model.state_dict()))
-    arrays.update(_prefixed("optim", optimizer.state_dict()))
-    if schedule is not None:
-        arrays.update(_prefixed("schedule", schedule.state_dict()))
-    arrays.update(_prefixed("history", history._to_arrays()))
-    if early is not None:
-        arrays.update(early.to_arrays())
-    save_npz(path, arrays)
-
-
-def _load_checkpoint(path: Any, *, config: dict[str, Any], rng: np.random.Generator, model: Module, optimizer: Any,
-                     schedule: Any, early: _EarlyStopping | None) -> tuple[int, History]:
-    """Restore everything ``_save_checkpoint`` wrote; returns (epochs completed, History)."""
-    where = f"resume={os.fspath(path)!r}"
-    try:
-        return _restore(load_npz(path), where, config=config, rng=rng, model=model, optimizer=optimizer,
-                        schedule=schedule, early=early)
-    except KeyError as exc:
-        raise ValueError(f"{where} is an incomplete checkpoint: it has no key {exc}") from None
-
-
-def _restore(arrays: Mapping[str, np.ndarray], where: str, *, config: dict[str, Any], rng: np.random.Generator,
-             model: Module, optimizer: Any, schedule: Any, early: _EarlyStopping | None) -> tuple[int, History]:
-    if "format" not in arrays or str(arrays["format"][()]) != CHECKPOINT_FORMAT:
-        raise ValueError(f"{where} is not a checkpoint written by lowrank.train.fit (format {CHECKPOINT_FORMAT!r})")
-    saved = _from_json_array(arrays["config"])
-    differ = {k: (saved.get(k), v) for k, v in config.items() if saved.get(k) != v}
-    if differ:
-        details = ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in differ.items())
-        raise ValueError(f"{where} was written by a run with other settings, so it cannot continue it: {details}")
-    if (schedule is None) != (not _unprefixed("schedule", arrays)):
-        raise ValueError(f"{where}: the checkpoint {'has' if schedule is None else 'has no'} schedule state, "
-                         f"but this call passes {'no' if schedule is None else 'a'} schedule")
-    rngs = _module_rngs(model)
-    saved_rngs = {k[len("module_rng."):] for k in arrays if k.startswith("module_rng.")}
-    if saved_rngs != set(rngs):
-        raise ValueError(f"{where}: the checkpoint holds generators for layers {sorted(saved_rngs)}, "
-                         f"the model has them for {sorted(rngs)}")
-    # read everything first, so that a missing key changes nothing
-    epoch = int(arrays["epoch"])
-    history = History._from_arrays(_unprefixed("history", arrays))
-    rng_state = _from_json_array(arrays["rng"])
-    early_arrays = {k: arrays[k] for k in ("early.best_loss", "early.best_epoch", "early.bad_epochs")} if early else {}
-    # each load_state_dict checks its whole snapshot before writing; the model's comes first
-    model.load_state_dict(_unprefixed("model", arrays))
-    optimizer.load_state_dict(_unprefixed("optim", arrays))
-    if schedule is not None:
-        schedule.load_state_dict(_unprefixed("schedule", arrays))
-    rng.bit_generator.state = rng_state
-    for name, g in rngs.items():
-        g.bit_generator.state = _from_json_array(arrays[f"module_rng.{name}"])
-    if early is not None:
-        early.load({**early_arrays, **{k: v for k, v in arrays.items() if k.startswith("best.")}})
-    return epoch, history
+    def end_epoch(self, epoch: int, seconds: float) -> None:
+        """Count the epoch as done, write the checkpoint (if asked) and report progress."""
+        self.state.epoch = epoch
+        if self.config.checkpoint is not None:
+            save_checkpoint(self.config.checkpoint, self.state)
+        self.progress.epoch_end(self.state.history, seconds)
 
 
 # ---------------------------------------------------------------- fit
 
 
-def _where(epoch: int, step: int, n_steps: int) -> str:
-    """Where in the run a step is, for error messages; ``step`` counts from 0."""
-    return f"at epoch {epoch}, step {step + 1} of {n_steps} (update {(epoch - 1) * n_steps + step + 1} of the run)"
+def _check_optimizer(optimizer: Any) -> None:
+    for attr in ("step", "state_dict", "load_state_dict"):
+        if not callable(getattr(optimizer, attr, None)):
+            raise TypeError(f"optimizer must be a lowrank.nn.optim optimizer (with .{attr}()), "
+                            f"got {type(optimizer).__name__}")
 
 
-def _first_non_finite(trainable: list[tuple[str, Parameter]]) -> str | None:
-    for name, p in trainable:
-        if p.grad is not None and not np.isfinite(p.grad).all():
-            return name
-    return None
+def _check_val(val: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    if val is None:
+        return None
+    if not isinstance(val, (tuple, list)) or len(val) != 2:
+        raise TypeError(f"val must be a pair (X_val, y_val), got {type(val).__name__}")
+    return _check_data(*val, name_x="val[0]", name_y="val[1]")
 
 
-def _train_step(
-    model: Module, xb: np.ndarray, yb: np.ndarray, loss_fn: LossFn, trainable: list[tuple[str, Parameter]], where: str
-) -> tuple[np.ndarray, float]:
-    """Forward, loss and backward of one minibatch, refusing any non-finite value; returns ``(out, loss)``."""
-    with np.errstate(over="ignore", invalid="ignore"):  # diverging weights: reported just below
-        out = model(xb)
-    if not np.isfinite(out).all():
-        raise NonFiniteError(f"the model's output became non-finite {where}: "
-                             "the weights diverged (try a lower learning rate or clip_grad_norm)")
-    value, dout = loss_fn(out, yb)
-    if not math.isfinite(value):
-        raise NonFiniteError(f"the loss became non-finite ({value}) {where}")
-    model.zero_grad()
-    with np.errstate(over="ignore", invalid="ignore"):  # checked by _first_non_finite
-        model.backward(dout)
-    bad = _first_non_finite(trainable)
-    if bad is not None:
-        raise NonFiniteError(f"the gradient of parameter {bad!r} became non-finite {where}")
-    return out, value
+def _trainable(model: Module) -> list[tuple[str, Parameter]]:
+    trainable = [(name, p) for name, p in model.named_parameters() if p.trainable]
+    if not trainable:
+        raise ValueError("model has no trainable parameters: nothing to fit")
+    return trainable
 
 
 def fit(
@@ -509,9 +406,10 @@ def fit(
     resume : path, optional
         A checkpoint to continue from. The call must use the same model
         architecture, optimizer and schedule types, batch size, number of
-        samples, loss and early stopping as the run that wrote it; the data,
-        too, for bit-identical weights. ``random_state``'s Generator is set to
-        the saved state (so a Generator passed in is changed).
+        samples, shuffling, loss and early stopping as the run that wrote it
+        (``FitConfig.RESUME_FIELDS``); the data, too, for bit-identical
+        weights. ``random_state``'s Generator is set to the saved state (so a
+        Generator passed in is changed).
     shuffle : bool, default True
         Draw a new order of the samples every epoch; else keep their order.
     verbose : True, False, "auto", "bar" or "lines", default True
@@ -532,95 +430,20 @@ def fit(
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
-    loss_name, loss_fn, acc_fn = _resolve_loss(loss)
+    loss_name, loss_fn, acc_fn = resolve_loss(loss)
     X, y = _check_data(X, y)
-    for attr in ("step", "state_dict", "load_state_dict"):
-        if not callable(getattr(optimizer, attr, None)):
-            raise TypeError(f"optimizer must be a lowrank.nn.optim optimizer (with .{attr}()), "
-                            f"got {type(optimizer).__name__}")
-    epochs = check_int(epochs, "epochs", low=1)
-    batch_size = check_int(batch_size, "batch_size", low=1)
-    if val is not None:
-        if not isinstance(val, (tuple, list)) or len(val) != 2:
-            raise TypeError(f"val must be a pair (X_val, y_val), got {type(val).__name__}")
-        X_val, y_val = _check_data(*val, name_x="val[0]", name_y="val[1]")
-    if clip_grad_norm is not None:
-        clip_grad_norm = check_real(clip_grad_norm, "clip_grad_norm", 0.0, low_open=True)
-    early = None
-    if early_stopping is not None:
-        if val is None:
-            raise ValueError("early_stopping needs val=(X_val, y_val): it watches the validation loss")
-        early = _EarlyStopping(check_int(early_stopping, "early_stopping", low=1))
+    _check_optimizer(optimizer)
+    checked_val = _check_val(val)
+    config = FitConfig(n_samples=X.shape[0], epochs=epochs, batch_size=batch_size, loss=loss_name,
+                       shuffle=shuffle, has_val=checked_val is not None, clip_grad_norm=clip_grad_norm,
+                       early_stopping=early_stopping, checkpoint=checkpoint, resume=resume, verbose=verbose)
     if schedule is not None and getattr(schedule, "optimizer", None) is not optimizer:
         raise ValueError("schedule must be built on the optimizer passed to fit")
-    if checkpoint is not None:
-        folder = os.path.dirname(os.path.abspath(os.fspath(checkpoint)))
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"checkpoint={os.fspath(checkpoint)!r}: the folder {folder} does not exist")
-    shuffle = check_bool(shuffle, "shuffle")
-    progress = _Progress(verbose, epochs)
-    trainable = [(name, p) for name, p in model.named_parameters() if p.trainable]
-    if not trainable:
-        raise ValueError("model has no trainable parameters: nothing to fit")
-    rng = check_random_state(random_state)
-
-    n = X.shape[0]
-    config = {"n_samples": n, "batch_size": batch_size, "shuffle": bool(shuffle), "loss": loss_name,
-              "early_stopping": early_stopping}
-    history, done = History(), 0
-    if resume is not None:
-        done, history = _load_checkpoint(resume, config=config, rng=rng, model=model, optimizer=optimizer,
-                                         schedule=schedule, early=early)
-
-    modes = _modes(model)
-    n_steps = math.ceil(n / batch_size)
-    try:
-        for epoch in range(done + 1, epochs + 1):
-            if history.stopped_epoch is not None:  # a resumed run that had already stopped
-                break
-            started = time.perf_counter()
-            model.train()
-            order = rng.permutation(n) if shuffle else np.arange(n)
-            total_loss = total_acc = 0.0
-            for step in range(n_steps):
-                idx = order[step * batch_size:(step + 1) * batch_size]
-                xb, yb = X[idx], y[idx]
-
-                out, value = _train_step(model, xb, yb, loss_fn, trainable, _where(epoch, step, n_steps))
-                if clip_grad_norm is not None:
-                    clip_grad_norm_(trainable, clip_grad_norm)
-                optimizer.step()
-                if schedule is not None:
-                    schedule.step()
-                total_loss += value * len(idx)
-                if acc_fn is not None:
-                    total_acc += acc_fn(out, yb) * len(idx)
-                progress.step(epoch, step + 1, n_steps, value)
-
-            history.epoch.append(epoch)
-            history.train_loss.append(total_loss / n)
-            if acc_fn is not None:
-                history.train_acc.append(total_acc / n)
-            stop = False
-            if val is not None:
-                result = _evaluate(model, X_val, y_val, loss_fn, acc_fn, max(batch_size, 1024),
-                                   f"on val after epoch {epoch}")
-                history.val_loss.append(result.loss)
-                if result.accuracy is not None:
-                    history.val_acc.append(result.accuracy)
-                if early is not None:
-                    stop = early.update(epoch, result.loss, trainable)
-                    history.best_epoch = early.best_epoch
-                    if stop:
-                        history.stopped_epoch = epoch
-            if checkpoint is not None:
-                _save_checkpoint(checkpoint, epoch=epoch, config=config, rng=rng, model=model, optimizer=optimizer,
-                                 schedule=schedule, history=history, early=early)
-            progress.epoch_end(history, time.perf_counter() - started)
-            if stop:
-                break
-        if early is not None and early.best:
-            model.load_state_dict(early.best, strict=False)  # the trainable weights of the best epoch
-    finally:
-        _restore_modes(modes)
-    return history
+    trainable = _trainable(model)
+    early = None if config.early_stopping is None else EarlyStopping(config.early_stopping)
+    state = TrainState(config, model, optimizer, schedule, check_random_state(random_state), early=early)
+    if config.resume is not None:
+        load_checkpoint(config.resume, state)
+    with _modes_restored(model):
+        _Trainer(state, X, y, checked_val, loss_fn, acc_fn, trainable).run()
+    return state.history
