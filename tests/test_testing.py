@@ -1,103 +1,130 @@
-"""lowrank.reference.harness: the harness passes the reference itself and catches each classic LoRA bug."""
+"""lowrank.reference.harness: it passes a correct candidate and catches each classic LoRA bug.
+
+Every candidate here is written by hand in NumPy from the formula
+``y = x @ W.T + b + s * ((x * mask) @ A.T) @ B.T`` and its gradients, never
+with lowrank's kernels: the harness is shown to tell a right layer from a
+wrong one, not to agree with itself.
+"""
 
 from __future__ import annotations
 
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from lowrank.nn import functional as F
+from lowrank.reference.cases import LORA_CASES
 from lowrank.reference.harness import assert_lora_linear_matches
 
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_reference_passes(dtype):
-    assert_lora_linear_matches(F.lora_linear, F.lora_linear_backward, dtype=dtype, max_examples=25)
+BUGS = ("scaling ignored", "transposed B", "dropout on the base path", "bias forgotten")
 
 
-def test_an_independent_numpy_candidate_returning_a_dict_passes():
-    def forward(x, weight, bias, A, B, scaling, dropout_mask=None):
-        xm = x if dropout_mask is None else x * dropout_mask
-        y = x @ weight.T + scaling * (xm @ A.T) @ B.T + (0 if bias is None else bias)
-        return y, (x, xm, weight, A, B, scaling, dropout_mask)
-
-    def backward(dy, cache, base_trainable=True):
-        x, xm, W, A, B, s, mask = cache
-        x2, xm2 = x.reshape(-1, x.shape[-1]), xm.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        dxa = s * dy2 @ B  # (N, r)
-        dxm = (dxa @ A).reshape(x.shape)
-        dx = dy @ W + (dxm if mask is None else dxm * mask)
-        return {"x": dx, "A": dxa.T @ xm2, "B": s * dy2.T @ (xm2 @ A.T), "weight": dy2.T @ x2,
-                "bias": dy2.sum(axis=0)}
-
-    assert_lora_linear_matches(forward, backward, max_examples=25)
-
-
-def _bug(name):
-    """Candidates each with one classic mistake, built on the reference kernels."""
+def by_hand(bug=None, *, grads_as_dict=True):
+    """A LoRA layer by hand, right or with one classic mistake made consistently in forward and backward."""
 
     def forward(x, weight, bias, A, B, scaling, dropout_mask=None):
-        if name == "dropout on both paths" and dropout_mask is not None:
-            x = x * dropout_mask
-        if name == "alpha instead of alpha / r":
-            scaling = scaling * A.shape[0]
-        return F.lora_linear(x, weight, bias, A, B, scaling, dropout_mask=dropout_mask)
+        mask = 1.0 if dropout_mask is None else dropout_mask
+        if bug == "scaling ignored":
+            scaling = 1.0
+        Bt = B.T if bug == "transposed B" and B.shape[0] == B.shape[1] else B  # expressible when out == r
+        x_base, x_lora = (x * mask, x) if bug == "dropout on the base path" else (x, x * mask)
+        y = x_base @ weight.T + scaling * (x_lora @ A.T) @ Bt.T  # (..., out)
+        if bias is not None and bug != "bias forgotten":
+            y = y + bias
+        return y, (x_base, x_lora, mask, weight, A, Bt, scaling, B is not Bt)
 
     def backward(dy, cache, base_trainable=True):
-        g = F.lora_linear_backward(dy, cache, base_trainable=base_trainable)
-        if name == "dB without scaling":
-            return SimpleNamespace(x=g.x, A=g.A, B=g.B / cache.scaling, weight=g.weight, bias=g.bias)
-        if name == "transposed dA" and g.A.shape[0] == g.A.shape[1]:
-            return SimpleNamespace(x=g.x, A=g.A.T, B=g.B, weight=g.weight, bias=g.bias)
-        return g
+        x_base, x_lora, mask, W, A, Bt, s, transposed = cache
+        n_in, n_out = x_base.shape[-1], dy.shape[-1]
+        dy2 = dy.reshape(-1, n_out)  # (N, out)
+        xb2, xl2 = x_base.reshape(-1, n_in), x_lora.reshape(-1, n_in)  # (N, in)
+        dxa = s * dy2 @ Bt  # (N, r)
+        d_base, d_lora = (dy @ W), (dxa @ A).reshape(x_base.shape)  # (..., in)
+        dx = d_base * mask + d_lora if bug == "dropout on the base path" else d_base + d_lora * mask
+        dB = s * dy2.T @ (xl2 @ A.T)  # (out, r)
+        grads = {"x": dx, "A": dxa.T @ xl2, "B": dB.T if transposed else dB}
+        if base_trainable:
+            grads.update(weight=dy2.T @ xb2, bias=dy2.sum(axis=0))
+        if grads_as_dict:
+            return grads
+        return type("Grads", (), grads)()  # attributes, as a namedtuple or dataclass would have
 
     return forward, backward
 
 
-@pytest.mark.parametrize(("bug", "named", "clean"), [
-    ("dropout on both paths", "y", "dA"),
-    ("alpha instead of alpha / r", "y", None),
-    ("dB without scaling", "dB", "dA"),
-    ("transposed dA", "dA", "dB"),
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("grads_as_dict", [True, False])
+def test_a_correct_candidate_by_hand_passes(dtype, grads_as_dict):
+    assert_lora_linear_matches(*by_hand(grads_as_dict=grads_as_dict), dtype=dtype, max_examples=25)
+
+
+@pytest.mark.parametrize(("bug", "wrong", "right", "smallest"), [
+    ("scaling ignored", ["y", "dx", "dA", "dB"], ["dweight"], "A (1, 1), B (1, 1)"),
+    ("transposed B", ["y", "dx", "dA", "dB"], ["dweight"], "B (2, 2)"),
+    ("dropout on the base path", ["y", "dx", "dweight"], [], "dropout_mask (1,)"),
+    ("bias forgotten", ["y"], ["dx", "dA", "dB", "dweight", "dbias"], "x (1,), weight (1, 1), bias (1,)"),
 ])  # fmt: skip
-def test_a_buggy_candidate_fails_with_the_smallest_case_and_each_tensor(bug, named, clean):
-    forward, backward = _bug(bug)
+def test_a_wrong_candidate_fails_with_the_smallest_case_and_each_tensor(bug, wrong, right, smallest):
     with pytest.raises(AssertionError) as info:
-        assert_lora_linear_matches(forward, backward, max_examples=50)
+        assert_lora_linear_matches(*by_hand(bug), max_examples=50)
     message = str(info.value)
-    assert "smallest failing case found" in message
-    assert f"  {named:<7} max_abs" in message and "MISMATCH" in message.split(f"  {named:<7}")[1].splitlines()[0]
-    if clean is not None:
-        assert "ok" in message.split(f"  {clean:<7}")[1].splitlines()[0]
-    if bug == "dB without scaling":  # shrinking reaches the smallest shapes
-        assert "x (1,), weight (1, 1)" in message
+    assert "smallest failing case found" in message and smallest in message, message
+    lines = {line.split()[0]: line for line in message.splitlines() if line.startswith("  ")}
+    for name in wrong:
+        assert "MISMATCH" in lines[name], message
+    for name in right:
+        assert lines[name].split()[-1] == "ok", message
+
+
+def test_a_bug_only_a_catalogue_case_reaches_is_caught_there():
+    """The drawn batches never give x 12 rows of 3 features; the catalogue's large-batch case does."""
+    forward, backward = by_hand()
+    large = next(c for c in LORA_CASES if c.name == "r2_alpha4_largebatch")
+
+    def forward_wrong_on_large_batches(x, weight, bias, A, B, scaling, dropout_mask=None):
+        y, cache = forward(x, weight, bias, A, B, scaling, dropout_mask)
+        return (y + 1e-6 if x.shape == (*large.batch, large.in_features) else y), cache
+
+    with pytest.raises(AssertionError, match=r"failing catalogue case 'r2_alpha4_largebatch': x \(12, 3\)"):
+        assert_lora_linear_matches(forward_wrong_on_large_batches, backward, max_examples=25)
 
 
 def test_a_candidate_that_raises_is_reported_with_the_case():
-    def forward(x, weight, bias, A, B, scaling, dropout_mask=None):
+    forward, backward = by_hand()
+
+    def forward_needing_a_bias(x, weight, bias, A, B, scaling, dropout_mask=None):
         if bias is None:
             raise KeyError("bias")
-        return F.lora_linear(x, weight, bias, A, B, scaling, dropout_mask)
+        return forward(x, weight, bias, A, B, scaling, dropout_mask)
 
     with pytest.raises(AssertionError, match=r"the candidate raised KeyError: 'bias'\non the case: .*bias None"):
-        assert_lora_linear_matches(forward, F.lora_linear_backward, max_examples=25)
+        assert_lora_linear_matches(forward_needing_a_bias, backward, max_examples=25)
 
 
-def test_a_missing_gradient_is_reported():
-    def backward(dy, cache, base_trainable=True):
-        g = F.lora_linear_backward(dy, cache, base_trainable=False)
-        return g  # weight and bias are None
+def test_a_missing_gradient_is_reported_unless_the_base_is_not_checked():
+    forward, backward = by_hand()
+
+    def backward_without_base(dy, cache, base_trainable=True):
+        return backward(dy, cache, base_trainable=False)  # no weight, no bias
 
     with pytest.raises(AssertionError, match="dweight missing"):
-        assert_lora_linear_matches(F.lora_linear, backward, max_examples=5)
-    assert_lora_linear_matches(F.lora_linear, backward, max_examples=5, check_base=False)
+        assert_lora_linear_matches(forward, backward_without_base, max_examples=5)
+    assert_lora_linear_matches(forward, backward_without_base, max_examples=5, check_base=False)
+
+
+def test_a_candidate_writing_into_its_inputs_does_not_spoil_the_reference():
+    forward, backward = by_hand()
+
+    def forward_in_place(x, weight, bias, A, B, scaling, dropout_mask=None):
+        y, cache = forward(x.copy(), weight.copy(), bias, A.copy(), B.copy(), scaling, dropout_mask)
+        x[...], weight[...], A[...], B[...] = 0.0, 0.0, 0.0, 0.0
+        return y, cache
+
+    assert_lora_linear_matches(forward_in_place, backward, max_examples=10)
 
 
 def test_argument_errors():
-    fwd, bwd = F.lora_linear, F.lora_linear_backward
+    fwd, bwd = by_hand()
     with pytest.raises(TypeError, match="dtype must be float32 or float64"):
         assert_lora_linear_matches(fwd, bwd, dtype=np.int32)
     with pytest.raises(ValueError, match=r"max_examples must be in \[1, inf\], got 0"):
@@ -111,4 +138,4 @@ def test_argument_errors():
 def test_missing_hypothesis_names_the_test_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "hypothesis", None)
     with pytest.raises(ImportError, match=r"pip install 'lowrank\[test\]'"):
-        assert_lora_linear_matches(F.lora_linear, F.lora_linear_backward)
+        assert_lora_linear_matches(*by_hand())

@@ -1,9 +1,12 @@
 """Reference vectors: an independent candidate following the manifest's words passes; anything wrong fails.
 
-The candidate below is written from the manifest's conventions, not from
-lowrank.reference.vectors: SVD through numpy.linalg.svd, ALS sweeps and the Adam step by
-hand, LoRA merge in float64. Only the layer kernels come from lowrank.nn
-(the torch crosscheck recomputes those with autograd).
+The candidate below is written from the manifest's conventions alone, in
+float64 NumPy, and never calls a lowrank kernel or module: the linear and LoRA
+layers and their gradients, every activation and loss, the merge, the LoRA MLP
+and its Adam step are formulas written out here; the SVD comes from
+numpy.linalg.svd; the ALS sweeps solve the normal equations row by row.
+Float32 cases are computed in float64 from their float32 inputs and rounded
+once at the end.
 """
 
 from __future__ import annotations
@@ -15,17 +18,113 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
-pytest.importorskip("safetensors")
-
-from lowrank import nn
+from lowrank.cli import main
 from lowrank.io import load_safetensors, save_safetensors
-from lowrank.nn import functional as F
+from lowrank.reference.cases import LINEAR_CASES, LORA_CASES
+from lowrank.reference.compare import compare
 from lowrank.reference.vectors import MANIFEST_NAME, TOLERANCES, check_vectors, read_manifest, write_vectors
+
+# ---------------------------------------------------------------- the candidate, by hand
 
 
 def _scaling(params: dict) -> float:
     return params["alpha"] / (math.sqrt(params["r"]) if params["use_rslora"] else params["r"])
+
+
+def _lora_by_hand(x, W, b, A, B, s, mask):
+    """y = x W^T + b + s ((x*mask) A^T) B^T and its gradients for upstream dy, all batch dims flattened."""
+    xm = x if mask is None else x * mask  # (..., in)
+    y = x @ W.T + s * (xm @ A.T) @ B.T + (0.0 if b is None else b)  # (..., out)
+
+    def backward(dy):
+        n_in = x.shape[-1]
+        x2, xm2, dy2 = x.reshape(-1, n_in), xm.reshape(-1, n_in), dy.reshape(-1, dy.shape[-1])  # (N, .)
+        dxa = s * dy2 @ B  # (N, r): gradient at xm @ A.T
+        dxm = (dxa @ A).reshape(x.shape)  # (..., in)
+        return {
+            "dx": dy @ W + (dxm if mask is None else dxm * mask),
+            "dA": dxa.T @ xm2,  # (r, in)
+            "dB": s * dy2.T @ (xm2 @ A.T),  # (out, r)
+            "dweight": dy2.T @ x2,  # (out, in)
+            "dbias": None if b is None else dy2.sum(axis=0),
+        }
+
+    return y, backward
+
+
+_PHI = np.vectorize(lambda v: 0.5 * (1.0 + math.erf(v / math.sqrt(2.0))))  # standard normal CDF
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _activation_by_hand(kind, x):
+    """(y, dy/dx) elementwise, from the formulas."""
+    if kind == "relu":
+        return np.maximum(x, 0.0), (x > 0).astype(np.float64)
+    if kind == "tanh":
+        return np.tanh(x), 1.0 - np.tanh(x) ** 2
+    if kind == "sigmoid":
+        sig = 1.0 / (1.0 + np.exp(-x))
+        return sig, sig * (1.0 - sig)
+    if kind == "gelu":  # x Phi(x); derivative Phi(x) + x phi(x)
+        pdf = np.exp(-0.5 * x**2) / math.sqrt(2.0 * math.pi)
+        return x * _PHI(x), _PHI(x) + x * pdf
+    if kind == "gelu_tanh":  # x (1 + tanh(u)) / 2 with u = c (x + 0.044715 x^3)
+        t = np.tanh(_GELU_C * (x + 0.044715 * x**3))
+        du = _GELU_C * (1.0 + 3 * 0.044715 * x**2)
+        return 0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t**2) * du
+    raise AssertionError(kind)
+
+
+def _loss_by_hand(kind, z, target):
+    """(mean loss, dloss/dz)."""
+    if kind == "mse_loss":
+        return np.mean((z - target) ** 2), 2.0 * (z - target) / z.size
+    if kind == "cross_entropy":  # classes on the last axis, mean over positions
+        shifted = z - z.max(axis=-1, keepdims=True)
+        lse = np.log(np.exp(shifted).sum(axis=-1, keepdims=True))  # (..., 1)
+        logp = shifted - lse
+        onehot = np.eye(z.shape[-1])[target]  # (..., C)
+        n = target.size
+        return -np.sum(logp * onehot) / n, (np.exp(logp) - onehot) / n
+    if kind == "binary_cross_entropy_with_logits":
+        loss = np.maximum(z, 0.0) - z * target + np.log1p(np.exp(-np.abs(z)))
+        return loss.mean(), (1.0 / (1.0 + np.exp(-z)) - target) / z.size
+    raise AssertionError(kind)
+
+
+def _mlp_adam_by_hand(t, p):
+    """LoRA(Linear(4, 8)) -> ReLU -> LoRA(Linear(8, 3)), mse, backward, one Adam step on the factors."""
+    s = _scaling(p)
+    P = {k[len("param."):]: v for k, v in t.items() if k.startswith("param.")}
+    x, target = t["x"], t["target"]
+    h, back0 = _lora_by_hand(x, P["0.weight"], P["0.bias"], P["0.lora_A.weight"], P["0.lora_B.weight"], s, None)
+    a = np.maximum(h, 0.0)  # (6, 8)
+    pred, back2 = _lora_by_hand(a, P["2.weight"], P["2.bias"], P["2.lora_A.weight"], P["2.lora_B.weight"], s, None)
+    loss, dpred = _loss_by_hand("mse_loss", pred, target)
+    g2 = back2(dpred)
+    g0 = back0(g2["dx"] * (h > 0))
+    grads = {"0.lora_A.weight": g0["dA"], "0.lora_B.weight": g0["dB"],
+             "2.lora_A.weight": g2["dA"], "2.lora_B.weight": g2["dB"]}  # fmt: skip
+    out = {"pred": pred, "loss": loss}
+    (b1, b2), lr, eps = p["betas"], p["lr"], p["eps"]
+    for key, g in grads.items():  # Adam's first step: m_hat = g, v_hat = g^2
+        m_hat, v_hat = (1 - b1) * g / (1 - b1), (1 - b2) * g * g / (1 - b2)
+        out[f"grad.{key}"] = g
+        out[f"updated.{key}"] = P[key] - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return out
+
+
+def _svd_by_hand(M, k):
+    """numpy.linalg.svd with signs made canonical: the largest-magnitude entry of each column of U positive."""
+    U, s, Vt = np.linalg.svd(M, full_matrices=False)
+    rows = np.argmax(np.abs(U), axis=0)
+    signs = np.sign(U[rows, np.arange(U.shape[1])])
+    U, Vt = U * signs, Vt * signs[:, None]
+    return {"s": s[:k], "reconstruction": (U[:, :k] * s[:k]) @ Vt[:k]}
 
 
 def _als_by_hand(M, mask, right, reg, sweeps):
@@ -43,64 +142,43 @@ def _als_by_hand(M, mask, right, reg, sweeps):
     return left @ right, np.array(losses)
 
 
-def _compute(case: dict, t: dict) -> dict:
-    """Outputs of one case, computed from its inputs and the manifest's description."""
+def _compute(case: dict, tensors: dict) -> dict:
+    """Outputs of one case, computed in float64 from its inputs and the manifest's description."""
     kind, p = case["kind"], case["params"]
+    t = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in tensors.items()}
     if kind == "linear":
-        y, cache = F.linear(t["x"], t["weight"], t.get("bias"))
-        g = F.linear_backward(t["dy"], cache)
-        out = {"y": y, "dx": g.x, "dweight": g.weight, "dbias": g.bias}
+        y, backward = _lora_by_hand(t["x"], t["weight"], t.get("bias"), np.zeros((1, t["x"].shape[-1])),
+                                    np.zeros((t["weight"].shape[0], 1)), 0.0, None)  # fmt: skip
+        g = backward(t["dy"])
+        out = {"y": y, "dx": g["dx"], "dweight": g["dweight"], "dbias": g["dbias"]}
     elif kind == "lora_linear":
         assert p["scaling"] == _scaling(p)
-        y, cache = F.lora_linear(t["x"], t["weight"], t.get("bias"), t["A"], t["B"], _scaling(p),
-                                 dropout_mask=t.get("dropout_mask"))
-        g = F.lora_linear_backward(t["dy"], cache, base_trainable=True)
-        out = {"y": y, "dx": g.x, "dA": g.A, "dB": g.B, "dweight": g.weight, "dbias": g.bias}
+        y, backward = _lora_by_hand(t["x"], t["weight"], t.get("bias"), t["A"], t["B"], _scaling(p),
+                                    t.get("dropout_mask"))  # fmt: skip
+        out = {"y": y, **backward(t["dy"])}
     elif kind == "lora_merge":
-        W, A, B = (t[k].astype(np.float64) for k in ("weight", "A", "B"))
-        out = {"merged_weight": (W + _scaling(p) * B @ A).astype(t["weight"].dtype)}
+        out = {"merged_weight": t["weight"] + _scaling(p) * t["B"] @ t["A"]}
     elif kind == "dropout":
         out = {"y": t["x"] * t["mask"], "dx": t["dy"] * t["mask"]}
     elif kind in ("relu", "tanh", "sigmoid", "gelu", "gelu_tanh"):
-        fwd = {"relu": F.relu, "tanh": F.tanh, "sigmoid": F.sigmoid, "gelu": F.gelu,
-               "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[kind]
-        bwd = {"relu": F.relu_backward, "tanh": F.tanh_backward, "sigmoid": F.sigmoid_backward}.get(
-            kind, F.gelu_backward)
-        y, cache = fwd(t["x"])
-        out = {"y": y, "dx": bwd(t["dy"], cache)}
+        y, dydx = _activation_by_hand(kind, t["x"])
+        out = {"y": y, "dx": t["dy"] * dydx}
     elif kind in ("mse_loss", "cross_entropy", "binary_cross_entropy_with_logits"):
-        fn = getattr(F, kind)
         pred = t["pred"] if kind == "mse_loss" else t["logits"]
-        loss, grad = fn(pred, t["target"])
-        out = {"loss": np.float64(loss), "dpred" if kind == "mse_loss" else "dlogits": grad}
+        loss, grad = _loss_by_hand(kind, pred, t["target"])
+        out = {"loss": loss, "dpred" if kind == "mse_loss" else "dlogits": grad}
     elif kind == "mlp_lora_adam_step":
-        dtype = t["x"].dtype
-        model = nn.Sequential(nn.Linear(4, 8, dtype=dtype), nn.ReLU(), nn.Linear(8, 3, dtype=dtype))
-        model[0] = nn.LoRALinear(model[0], r=p["r"], alpha=p["alpha"])
-        model[2] = nn.LoRALinear(model[2], r=p["r"], alpha=p["alpha"])
-        model.load_state_dict({k[len("param."):]: v for k, v in t.items() if k.startswith("param.")})
-        pred = model(t["x"])
-        loss, dpred = F.mse_loss(pred, t["target"])
-        model.backward(dpred)
-        out = {"pred": pred, "loss": np.float64(loss)}
-        (b1, b2), lr, eps = p["betas"], p["lr"], p["eps"]
-        for key, param in model.named_parameters():
-            if param.trainable:  # Adam's first step, by hand: m = (1-b1) g, v = (1-b2) g²
-                g = param.grad
-                m_hat, v_hat = (1 - b1) * g / (1 - b1), (1 - b2) * g * g / (1 - b2)
-                out[f"grad.{key}"] = g
-                out[f"updated.{key}"] = (param.data - lr * m_hat / (np.sqrt(v_hat) + eps)).astype(dtype)
+        out = _mlp_adam_by_hand(t, p)
     elif kind == "truncated_svd":
-        U, s, Vt = np.linalg.svd(t["M"].astype(np.float64))
-        k = p["rank"]
-        out = {"s": s[:k], "reconstruction": (U[:, :k] * s[:k]) @ Vt[:k]}
-        out = {name: v.astype(t["M"].dtype) for name, v in out.items()}
+        out = _svd_by_hand(t["M"], p["rank"])
     elif kind == "als":
         product, losses = _als_by_hand(t["M"], t["mask"], t["right_init"], p["reg"], p["sweeps"])
         out = {"product": product, "losses": losses}
     else:
         raise AssertionError(f"unknown kind {kind}")
-    return {k: v for k, v in out.items() if v is not None}
+    dtype = np.dtype(case["dtype"])
+    return {k: np.float64(v) if k in ("loss", "losses") else np.asarray(v).astype(dtype)  # losses stay float64
+            for k, v in out.items() if v is not None}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -260,10 +338,126 @@ def test_corrupt_or_truncated_files_give_one_line_errors(ref, candidate, tmp_pat
     _one_line_error(lambda: check_vectors(ref, tmp_path / "nowhere"), "no such candidate folder")
 
 
-def test_missing_io_extra_names_it(ref, candidate, monkeypatch, tmp_path):
+def test_no_safetensors_package_needed(ref, candidate, monkeypatch, tmp_path):
+    """The files are read and written with NumPy alone; the package would only be an accelerator."""
     monkeypatch.setitem(sys.modules, "safetensors", None)
     monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
-    with pytest.raises(ImportError, match=r"pip install 'lowrank\[io\]'"):
-        write_vectors(tmp_path / "v")
-    with pytest.raises(ImportError, match=r"pip install 'lowrank\[io\]'"):
-        check_vectors(ref, candidate)
+    write_vectors(tmp_path / "v")
+    assert (tmp_path / "v" / "lora_linear_r1_alpha1_f64.safetensors").read_bytes() == (
+        ref / "lora_linear_r1_alpha1_f64.safetensors"
+    ).read_bytes()
+    assert check_vectors(ref, candidate).passed
+
+
+# ---------------------------------------------------------------- the catalogue
+
+
+def test_the_linear_and_lora_files_are_the_catalogue_cases(ref):
+    """Every catalogue case is written in both dtypes with its shapes, scaling and mask, nothing else."""
+    cases = {c["name"]: c for c in read_manifest(ref)["cases"]}
+    written = {n for n, c in cases.items() if c["kind"] in ("linear", "lora_linear")}
+    expected = {f"linear_{c.name}_{sfx}" for c in LINEAR_CASES for sfx in ("f32", "f64")}
+    expected |= {f"lora_linear_{c.name}_{sfx}" for c in LORA_CASES for sfx in ("f32", "f64")}
+    assert written == expected
+    for spec in LORA_CASES:
+        for sfx, dtype in (("f32", np.float32), ("f64", np.float64)):
+            case = cases[f"lora_linear_{spec.name}_{sfx}"]
+            t = load_safetensors(ref / case["file"])
+            assert t["x"].shape == (*spec.batch, spec.in_features) and t["x"].dtype == dtype
+            assert t["A"].shape == (spec.r, spec.in_features) and t["B"].shape == (spec.out_features, spec.r)
+            assert ("bias" in t) == spec.bias
+            # the scaling, from alpha and r by the documented formula
+            r, alpha = case["params"]["r"], case["params"]["alpha"]
+            assert case["params"]["scaling"] == (alpha / math.sqrt(r) if spec.use_rslora else alpha / r)
+            if spec.dropout == "none":
+                assert "dropout_mask" not in t
+            else:  # inverted dropout with p = 1/2: every entry 0 or 2, both present
+                mask = t["dropout_mask"]
+                full = (*spec.batch, spec.in_features)
+                assert mask.shape == (full if spec.dropout == "full" else (spec.in_features,))
+                assert set(np.unique(mask)) == {0.0, 2.0}
+
+
+# ---------------------------------------------------------------- the comparison rule
+
+
+def test_the_rule_scales_the_absolute_floor_by_the_tensor():
+    rtol, atol = TOLERANCES["float64"]["rtol"], TOLERANCES["float64"]["atol"]
+    want = np.array([1000.0, 0.0, -3.0])
+    floor = atol * 1000.0  # atol * max|want|, the allowance of the entry that is 0
+    assert compare(want + np.array([0.0, 0.9 * floor, 0.0]), want, rtol=rtol, atol=atol).ok
+    bad = compare(want + np.array([0.0, 1.1 * floor, 0.0]), want, rtol=rtol, atol=atol)
+    assert not bad.ok and bad.worst_index == (1,) and bad.max_abs == pytest.approx(1.1 * floor)
+    # the same data in other units gets the same verdict (powers of two scale exactly)
+    for k in (2.0**-30, 2.0**30):
+        assert compare(k * (want + np.array([0.0, 0.9 * floor, 0.0])), k * want, rtol=rtol, atol=atol).ok
+        assert not compare(k * (want + np.array([0.0, 1.1 * floor, 0.0])), k * want, rtol=rtol, atol=atol).ok
+    # relative part: 3 * rtol on the entry -3, plus the floor
+    assert compare(want + np.array([0.0, 0.0, 3 * rtol]), want, rtol=rtol, atol=atol).ok
+    assert not compare(want + np.array([0.0, 0.0, 3 * rtol + 2 * floor]), want, rtol=rtol, atol=atol).ok
+
+
+def test_the_rule_integers_exact_nan_fails_shape_and_dtype_noted():
+    ints = np.array([0, 2, 1])
+    assert compare(ints, ints, rtol=1.0, atol=1.0).ok
+    assert not compare(ints + np.array([0, 1, 0]), ints, rtol=1.0, atol=1.0).ok  # tolerances ignored
+    nan = compare(np.array([1.0, np.nan]), np.array([1.0, 2.0]), rtol=1.0, atol=1.0)
+    assert not nan.ok and nan.note == "non-finite values" and np.isnan(nan.max_abs)
+    shape = compare(np.zeros(2), np.zeros(3), rtol=1.0, atol=1.0)
+    assert not shape.ok and shape.note == "shape (2,), expected (3,)"
+    f32 = compare(np.ones(2, np.float32), np.ones(2), rtol=1e-9, atol=0.0)
+    assert f32.ok and f32.note == "dtype float32, expected float64"
+    assert not compare(np.array(["a", "b"]), np.zeros(2), rtol=1.0, atol=1.0).ok
+
+
+def _views(draw, arr):
+    """arr, or a strided or reversed view of a larger array holding the same values."""
+    kind = draw(st.sampled_from(["plain", "strided", "reversed"]))
+    if kind == "strided":
+        big = np.zeros((*arr.shape[:-1], 2 * arr.shape[-1]), arr.dtype)
+        big[..., ::2] = arr
+        return big[..., ::2]
+    if kind == "reversed":
+        return np.ascontiguousarray(arr[..., ::-1])[..., ::-1]
+    return arr
+
+
+@given(data=st.data(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_the_rule_passes_rounding_and_fails_a_tolerance_sized_error(data, dtype):
+    shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=5))
+    want = data.draw(hnp.arrays(np.float64, shape, elements=st.floats(-100, 100, width=64)))
+    got = _views(data.draw, want.astype(dtype).astype(np.float64))  # one rounding to dtype
+    rtol, atol = TOLERANCES[np.dtype(dtype).name].values()
+    assert compare(got, want, rtol=rtol, atol=atol).ok
+    i = data.draw(st.integers(0, want.size - 1))
+    worse = want.copy()
+    worse.flat[i] += 2 * (atol * np.abs(want).max() + rtol * abs(want.flat[i])) + 1e-300
+    assert not compare(_views(data.draw, worse), want, rtol=rtol, atol=atol).ok
+
+
+def test_old_import_paths_reexport_the_table_and_the_statistics():
+    import lowrank.reference.compare as compare_module
+    import lowrank.vectors
+
+    assert lowrank.vectors.TOLERANCES is compare_module.TOLERANCES
+    assert lowrank.vectors.error_stats is compare_module.error_stats
+    diff, max_abs, max_rel = lowrank.vectors.error_stats(np.array([1.0, 2.5, 0.1]), np.array([1.0, 2.0, 0.0]))
+    np.testing.assert_array_equal(diff, [0.0, 0.5, 0.1])
+    assert max_abs == 0.5 and max_rel == 0.25  # over nonzero want only
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_vectors_check_exit_codes(ref, candidate, tmp_path, capsys):
+    assert main(["vectors", "check", str(ref), str(candidate)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("PASSED")
+    bad = _copy(candidate, tmp_path / "bad")
+    (bad / "relu_f64.safetensors").unlink()
+    assert main(["vectors", "check", str(ref), str(bad)]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    for broken in ([str(tmp_path / "nowhere"), str(candidate)], [str(ref), str(tmp_path / "nowhere")]):
+        assert main(["vectors", "check", *broken]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lowrank: error: vectors check could not run:") and err.count("\n") == 1
+        assert "Traceback" not in err

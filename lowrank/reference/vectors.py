@@ -21,7 +21,6 @@ autograd, PEFT). Safetensors needs the ``io`` extra: ``pip install 'lowrank[io]'
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,24 +28,26 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from lowrank.io.files import PathLike, load_json, load_safetensors, save_json, save_safetensors
+from lowrank.reference.cases import LINEAR_CASES, LORA_CASES
+from lowrank.reference.compare import TOLERANCES, compare, error_stats
 from lowrank.utils.validation import RandomState, check_random_state
 
-__all__ = ["MANIFEST_NAME", "TOLERANCES", "CheckReport", "CheckRow", "check_vectors", "read_manifest", "write_vectors"]
+__all__ = [
+    "MANIFEST_NAME",
+    "TOLERANCES",
+    "CheckReport",
+    "CheckRow",
+    "check_vectors",
+    "error_stats",
+    "read_manifest",
+    "write_vectors",
+]
 
 MANIFEST_NAME = "manifest.json"
 _FORMAT = "lowrank-vectors"
 _VERSION = 1
 
-# Elementwise test, as numpy.allclose: |candidate - expected| <= atol + rtol * |expected|.
-# float64: a correct implementation differs from the reference by the rounding of a
-# different summation order, ~1e-15 relative on these small, well-conditioned cases;
-# 1e-9 leaves room for that and still catches any wrong formula or convention.
-# float32: eps = 1.2e-7, products of length <= 16, so 1e-4 relative (1e-5 absolute for
-# entries near 0 after cancellation).
-TOLERANCES = {
-    "float32": {"rtol": 1e-4, "atol": 1e-5},
-    "float64": {"rtol": 1e-9, "atol": 1e-12},
-}
+# TOLERANCES and the comparison rule live in lowrank.reference.compare (re-exported here).
 
 CONVENTIONS = {
     "files": (
@@ -104,8 +105,10 @@ CONVENTIONS = {
         "Compare the product left @ right, which does not depend on sign choices."
     ),
     "comparison": (
-        "An output passes when every element satisfies |candidate - expected| <= atol + rtol * |expected| "
-        "(numpy.allclose), with the case's rtol and atol (defaults per dtype under 'tolerances'). "
+        "An output passes when every element satisfies |candidate - expected| <= atol * max|expected| + "
+        "rtol * |expected|, where max|expected| is the largest magnitude in the whole expected tensor (so the "
+        "absolute floor follows the tensor's scale), with the case's rtol and atol (defaults per dtype under "
+        "'tolerances'). Integer outputs must match exactly; a NaN or infinite candidate value fails. "
         "max_abs is max |candidate - expected|; max_rel is max |candidate - expected| / |expected| over the "
         "elements where expected is not 0."
     ),
@@ -163,19 +166,26 @@ def _normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.
     return rng.standard_normal(shape).astype(dtype)
 
 
+_LINEAR_DOCS = {
+    "x": "input, shape (..., in_features)",
+    "weight": "weight, shape (out_features, in_features)",
+    "bias": "bias, shape (out_features,)",
+    "dy": "upstream gradient, y's shape",
+}
+
+
 def _linear_cases(rng: np.random.Generator) -> list[_Case]:
     from lowrank.nn import functional as F
 
     cases = []
     for dtype in _DTYPES:
-        for batch, bias in (((2, 3), True), ((5,), False)):
-            name = f"linear_{'bias' if bias else 'nobias'}_{_SUFFIX[np.dtype(dtype).name]}"
-            case = _Case(name, "linear", dtype, "A linear layer's forward and backward pass.",
-                         in_features=5, out_features=4)
-            x = case.input("x", _normal(rng, (*batch, 5), dtype), "input, shape (..., in_features)")
-            w = case.input("weight", _normal(rng, (4, 5), dtype), "weight, shape (out_features, in_features)")
-            b = case.input("bias", _normal(rng, (4,), dtype), "bias, shape (out_features,)") if bias else None
-            dy = case.input("dy", _normal(rng, (*batch, 4), dtype), "upstream gradient, y's shape")
+        for spec in LINEAR_CASES:
+            bias = spec.bias
+            case = _Case(f"linear_{spec.name}_{_SUFFIX[np.dtype(dtype).name]}", "linear", dtype,
+                         "A linear layer's forward and backward pass.",
+                         in_features=spec.in_features, out_features=spec.out_features)  # fmt: skip
+            t = {k: case.input(k, v, _LINEAR_DOCS[k]) for k, v in spec.tensors(rng, dtype).items()}
+            x, w, b, dy = t["x"], t["weight"], t.get("bias"), t["dy"]
             y, cache = F.linear(x, w, b)
             g = F.linear_backward(dy, cache)
             case.output("y", y, "output, shape (..., out_features)")
@@ -187,16 +197,18 @@ def _linear_cases(rng: np.random.Generator) -> list[_Case]:
     return cases
 
 
-# (tag, batch shape, in, out, r, alpha, use_rslora, bias, dropout: None, "full" mask or "shared" mask)
-_LORA_CONFIGS = (
-    ("r1_alpha1", (3,), 5, 4, 1, 1.0, False, True, None),
-    ("r2_alpha4_batch", (2, 3), 5, 4, 2, 4.0, False, True, None),
-    ("r4_alpha16_rslora", (3,), 6, 5, 4, 16.0, True, True, None),
-    ("r3_alpha6_nobias", (2, 2), 5, 3, 3, 6.0, False, False, None),
-    ("r2_alpha8_dropout", (2, 3), 5, 4, 2, 8.0, False, True, "full"),
-    ("r2_alpha2_dropout_shared", (4,), 5, 4, 2, 2.0, True, False, "shared"),
-    ("r2_alpha4_largebatch", (12,), 3, 4, 2, 4.0, False, True, None),  # N > in_features
-)
+_LORA_DOCS = {
+    "x": "input, shape (..., in_features)",
+    "weight": "frozen base weight (out, in)",
+    "bias": "frozen base bias (out,)",
+    "A": "LoRA down-projection, shape (r, in)",
+    "B": "LoRA up-projection, shape (out, r)",
+    "dy": "upstream gradient, y's shape",
+}
+_MASK_DOCS = {
+    "full": "inverted-dropout mask (0 or 1/(1-p) = 2), x's shape",
+    "shared": "inverted-dropout mask (0 or 1/(1-p) = 2), shape (in,), broadcast over the batch",
+}
 
 
 def _lora_cases(rng: np.random.Generator) -> list[_Case]:
@@ -204,27 +216,17 @@ def _lora_cases(rng: np.random.Generator) -> list[_Case]:
 
     cases = []
     for dtype in _DTYPES:
-        for tag, batch, n_in, n_out, r, alpha, rslora, bias, dropout in _LORA_CONFIGS:
-            scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        for spec in LORA_CASES:
+            bias, scaling = spec.bias, spec.scaling
             case = _Case(
-                f"lora_linear_{tag}_{_SUFFIX[np.dtype(dtype).name]}", "lora_linear", dtype,
+                f"lora_linear_{spec.name}_{_SUFFIX[np.dtype(dtype).name]}", "lora_linear", dtype,
                 "A LoRA layer's forward and backward pass (B is non-zero, so every gradient is exercised).",
-                in_features=n_in, out_features=n_out, r=r, alpha=alpha, use_rslora=rslora, scaling=scaling,
-                dropout_p=0.5 if dropout else 0.0,
+                in_features=spec.in_features, out_features=spec.out_features, r=spec.r, alpha=spec.alpha,
+                use_rslora=spec.use_rslora, scaling=scaling, dropout_p=spec.dropout_p,
             )  # fmt: skip
-            x = case.input("x", _normal(rng, (*batch, n_in), dtype), "input, shape (..., in_features)")
-            w = case.input("weight", _normal(rng, (n_out, n_in), dtype), "frozen base weight (out, in)")
-            b = case.input("bias", _normal(rng, (n_out,), dtype), "frozen base bias (out,)") if bias else None
-            A = case.input("A", _normal(rng, (r, n_in), dtype), "LoRA down-projection, shape (r, in)")
-            B = case.input("B", _normal(rng, (n_out, r), dtype), "LoRA up-projection, shape (out, r)")
-            mask = None
-            if dropout:
-                shape = x.shape if dropout == "full" else (n_in,)
-                keep = rng.random(shape) >= 0.5
-                doc = "inverted-dropout mask (0 or 1/(1-p) = 2), " + (
-                    "x's shape" if dropout == "full" else "shape (in,), broadcast over the batch")
-                mask = case.input("dropout_mask", (keep / 0.5).astype(dtype), doc)
-            dy = case.input("dy", _normal(rng, (*batch, n_out), dtype), "upstream gradient, y's shape")
+            docs = {**_LORA_DOCS, "dropout_mask": _MASK_DOCS.get(spec.dropout, "")}
+            t = {k: case.input(k, v, docs[k]) for k, v in spec.tensors(rng, dtype).items()}
+            x, w, b, A, B, mask, dy = (t.get(k) for k in ("x", "weight", "bias", "A", "B", "dropout_mask", "dy"))
             y, cache = F.lora_linear(x, w, b, A, B, scaling, dropout_mask=mask)
             g = F.lora_linear_backward(dy, cache, base_trainable=True)
             case.output("y", y, "output, shape (..., out_features)")
@@ -280,7 +282,8 @@ def _activation_cases(rng: np.random.Generator) -> list[_Case]:
             x = np.sign(x) * (0.05 + np.abs(x))  # away from relu's kink
             x = case.input("x", x.astype(dtype), "input, any shape (3, 4 here)")
             if name == "dropout":
-                mask = case.input("mask", ((rng.random(x.shape) >= 0.5) / 0.5).astype(dtype), "mask, x's shape")
+                mask = case.input("mask", F.dropout_mask(x.shape, 0.5, random_state=rng, dtype=dtype),
+                                  "mask, x's shape")
                 y, cache = F.dropout(x, mask)
             else:
                 y, cache = forward(x)
@@ -479,6 +482,7 @@ class CheckReport(NamedTuple):
 
     @property
     def failures(self) -> list[CheckRow]:
+        """The rows that did not pass."""
         return [row for row in self.rows if not row.ok]
 
     def format(self) -> str:
@@ -536,35 +540,9 @@ def read_manifest(directory: PathLike) -> dict[str, Any]:
     return manifest
 
 
-def error_stats(got: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """``|got - want|`` in float64, its maximum, and the largest ``|got - want| / |want|`` over nonzero ``want``.
-
-    The one definition of "max abs" and "max rel" error that ``lowrank vectors
-    check`` and :mod:`lowrank.reference.harness` both report; the shapes must agree.
-    """
-    g, w = got.astype(np.float64), want.astype(np.float64)
-    diff = np.abs(g - w)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    nonzero = w != 0
-    max_rel = float((diff[nonzero] / np.abs(w[nonzero])).max()) if nonzero.any() else 0.0
-    return diff, max_abs, max_rel
-
-
 def _compare(case: str, tensor: str, got: np.ndarray, want: np.ndarray, rtol: float, atol: float) -> CheckRow:
-    nan = float("nan")
-    if got.shape != want.shape:
-        return CheckRow(case, tensor, nan, nan, False, f"shape {got.shape}, expected {want.shape}")
-    if got.dtype.kind not in "biuf":
-        return CheckRow(case, tensor, nan, nan, False, f"dtype {got.dtype} is not numeric")
-    if want.dtype.kind in "biu":  # integer outputs must match exactly
-        rtol = atol = 0.0
-    diff, max_abs, max_rel = error_stats(got, want)
-    finite = bool(np.isfinite(got).all())
-    ok = finite and bool(np.all(diff <= atol + rtol * np.abs(want.astype(np.float64))))
-    note = "" if finite else "non-finite values"
-    if got.dtype != want.dtype:
-        note = f"dtype {got.dtype}, expected {want.dtype}" + (f"; {note}" if note else "")
-    return CheckRow(case, tensor, max_abs if finite else nan, max_rel if finite else nan, ok, note)
+    c = compare(got, want, rtol=rtol, atol=atol)
+    return CheckRow(case, tensor, c.max_abs, c.max_rel, c.ok, c.note)
 
 
 def check_vectors(ref_dir: PathLike, candidate_dir: PathLike) -> CheckReport:
@@ -573,7 +551,8 @@ def check_vectors(ref_dir: PathLike, candidate_dir: PathLike) -> CheckReport:
     For each case of ``ref_dir/manifest.json`` the candidate file
     ``candidate_dir/<case>.safetensors`` must hold every output tensor of
     the case under its name, of the expected shape, within the case's
-    ``rtol``/``atol`` elementwise (``|got - want| <= atol + rtol * |want|``).
+    ``rtol``/``atol`` under :func:`lowrank.reference.compare.compare`'s rule
+    (``|got - want| <= atol * max|want| + rtol * |want|`` elementwise).
     A missing file or tensor is a failed row; extra tensors are ignored.
 
     Parameters

@@ -1,0 +1,152 @@
+"""How a candidate's tensor is compared with the reference: one rule, one tolerance table.
+
+``lowrank vectors check`` (:mod:`lowrank.reference.vectors`) and the
+hypothesis harness (:mod:`lowrank.reference.harness`) both call
+:func:`compare`, so a tensor that passes one passes the other.
+
+The rule, elementwise over a tensor ``want`` of the reference and the
+candidate's ``got`` of the same shape::
+
+    |got - want| <= atol * max|want| + rtol * |want|
+
+``max|want|`` is the largest magnitude in the whole reference tensor (0 for an
+empty one). Why scale the absolute floor by it rather than use ``numpy.allclose``'s
+fixed ``atol``: a correct implementation that sums in another order differs
+from the reference by rounding errors proportional to the size of the terms it
+adds, not to the entry they add up to. An entry near 0 that is the
+cancellation of terms of size ``max|want|`` carries an error of about
+``eps * max|want|``; a fixed ``atol`` would fail a correct candidate on data
+in other units (multiply every input by 1000 and ``y``'s rounding error grows
+by 1000 too) and pass a wrong one on data scaled down. Scaled this way the
+test does not depend on the units of the data. On the unit-scale cases of
+the reference vectors ``max|want|`` is between 1 and 10, so the two rules
+differ by at most that factor on near-zero entries and agree elsewhere.
+
+Integer reference tensors (class indices, counts) must match exactly, and a
+candidate value that is NaN or infinite never matches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = ["TOLERANCES", "Comparison", "compare", "error_stats", "tolerance_for"]
+
+# rtol, and atol as a fraction of max|want| (see the module docstring).
+# float64: a correct implementation differs from the reference by the rounding of
+# another summation order, ~1e-15 relative on these small, well-conditioned
+# cases; 1e-9 leaves room for that and still catches any wrong formula or
+# convention. float32: eps = 1.2e-7 and products of length <= 16, so 1e-4
+# relative, and 1e-5 of the tensor's scale for entries near 0 after cancellation.
+TOLERANCES: dict[str, dict[str, float]] = {
+    "float32": {"rtol": 1e-4, "atol": 1e-5},
+    "float64": {"rtol": 1e-9, "atol": 1e-12},
+}
+
+
+def tolerance_for(dtype: Any) -> tuple[float, float]:
+    """``(rtol, atol)`` of :data:`TOLERANCES` for ``dtype`` (float32 or float64).
+
+    Raises
+    ------
+    TypeError
+        For any other dtype.
+    """
+    name = np.dtype(dtype).name
+    if name not in TOLERANCES:
+        raise TypeError(f"dtype must be float32 or float64 to have a reference tolerance, got {name}")
+    row = TOLERANCES[name]
+    return row["rtol"], row["atol"]
+
+
+def error_stats(got: np.ndarray, want: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """``|got - want|`` in float64, its maximum, and the largest ``|got - want| / |want|`` over nonzero ``want``.
+
+    The one definition of "max abs" and "max rel" error that ``lowrank vectors
+    check`` and the harness both report. The shapes must agree.
+
+    Parameters
+    ----------
+    got, want : ndarray of the same shape
+
+    Returns
+    -------
+    diff : ndarray of float64, want's shape
+    max_abs : float
+        0 for empty tensors.
+    max_rel : float
+        0 when every ``want`` is 0.
+    """
+    g, w = np.asarray(got).astype(np.float64), np.asarray(want).astype(np.float64)
+    diff = np.abs(g - w)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    nonzero = w != 0
+    max_rel = float((diff[nonzero] / np.abs(w[nonzero])).max()) if nonzero.any() else 0.0
+    return diff, max_abs, max_rel
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The outcome of :func:`compare` for one tensor.
+
+    Attributes
+    ----------
+    ok : bool
+    max_abs, max_rel : float
+        As :func:`error_stats`; NaN when nothing could be compared (wrong shape,
+        non-numeric dtype) or the candidate holds a non-finite value.
+    worst_index : tuple of int or None
+        Where ``|got - want|`` is largest, when the tensor fails on its values.
+    note : str
+        Why it failed beyond the error, or what is odd about it: a wrong
+        shape, a non-numeric dtype, non-finite values, another dtype. Empty
+        when there is nothing to say.
+    """
+
+    ok: bool
+    max_abs: float
+    max_rel: float
+    worst_index: tuple[int, ...] | None
+    note: str
+
+
+def compare(got: Any, want: np.ndarray, *, rtol: float, atol: float) -> Comparison:
+    """Compare a candidate tensor with the reference under the module's rule.
+
+    Parameters
+    ----------
+    got : array_like
+        The candidate's tensor (anything ``np.asarray`` accepts).
+    want : ndarray
+        The reference tensor.
+    rtol, atol : float
+        ``|got - want| <= atol * max|want| + rtol * |want|`` elementwise;
+        ignored (exact match) when ``want`` holds integers.
+
+    Returns
+    -------
+    Comparison
+    """
+    nan = float("nan")
+    got, want = np.asarray(got), np.asarray(want)
+    if got.shape != want.shape:
+        return Comparison(False, nan, nan, None, f"shape {got.shape}, expected {want.shape}")
+    if got.dtype.kind not in "biuf":
+        return Comparison(False, nan, nan, None, f"dtype {got.dtype} is not numeric")
+    if want.dtype.kind in "biu":  # integer outputs must match exactly
+        rtol = atol = 0.0
+    diff, max_abs, max_rel = error_stats(got, want)
+    w = np.abs(want.astype(np.float64))
+    scale = float(w.max()) if w.size else 0.0
+    finite = bool(np.isfinite(got).all())
+    ok = finite and bool(np.all(diff <= atol * scale + rtol * w))
+    notes = [] if finite else ["non-finite values"]
+    if got.dtype != want.dtype:
+        notes.insert(0, f"dtype {got.dtype}, expected {want.dtype}")
+    worst = None
+    if not ok and finite and diff.size:
+        worst = tuple(int(i) for i in np.unravel_index(np.argmax(diff), diff.shape))
+    return Comparison(ok, max_abs if finite else nan, max_rel if finite else nan, worst, "; ".join(notes))
