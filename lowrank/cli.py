@@ -158,7 +158,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_gradcheck(args: argparse.Namespace) -> int:
     from lowrank.reference.gradcheck import format_table, run_all
 
-    rows = run_all(random_state=args.seed)
+    # a checking command: 0 all passed, 1 something failed, 2 it could not run
+    try:
+        rows = run_all(random_state=args.seed)
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        print(f"lowrank: error: gradcheck could not run: {exc}", file=sys.stderr)
+        return 2
     print(format_table(rows))
     return 0 if all(row.passed for row in rows) else 1
 
@@ -174,7 +179,12 @@ def _cmd_vectors_write(args: argparse.Namespace) -> int:
 def _cmd_vectors_check(args: argparse.Namespace) -> int:
     from lowrank.reference.vectors import check_vectors
 
-    report = check_vectors(args.reference, args.candidate)
+    # a checking command: 0 all passed, 1 something failed, 2 it could not run
+    try:
+        report = check_vectors(args.reference, args.candidate)
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        print(f"lowrank: error: vectors check could not run: {exc}", file=sys.stderr)
+        return 2
     print(report.format())
     return 0 if report.passed else 1
 

@@ -12,11 +12,14 @@ from hypothesis import strategies as st
 from strategies import SEEDS
 
 import lowrank.reference.gradcheck
+from lowrank import nn
+from lowrank.cli import main
 from lowrank.nn import functional as F
 from lowrank.reference.gradcheck import (
     GradcheckError,
     GradcheckRow,
     check_gradients,
+    check_module_gradients,
     format_table,
     numerical_gradient,
     run_all,
@@ -236,14 +239,22 @@ def test_run_all_is_reproducible():
     assert run_all(random_state=3) == run_all(random_state=3)
 
 
+def _break_dB(monkeypatch):
+    """Make the LoRA backward forget the scaling in dB, in the public kernel and in the core layers call."""
+    for name in ("lora_linear_backward", "lora_linear_backward_core"):
+        if not hasattr(F, name):
+            continue
+        real = getattr(F, name)
+
+        def forgets_the_scaling_in_dB(dy, cache, base_trainable=False, real=real):
+            g = real(dy, cache, base_trainable)
+            return F.LoRAGrads(x=g.x, A=g.A, B=g.B / cache.scaling, weight=g.weight, bias=g.bias)
+
+        monkeypatch.setattr(F, name, forgets_the_scaling_in_dB)
+
+
 def test_run_all_catches_a_broken_backward(monkeypatch):
-    real = F.lora_linear_backward
-
-    def forgets_the_scaling_in_dB(dy, cache, base_trainable=False):
-        g = real(dy, cache, base_trainable)
-        return F.LoRAGrads(x=g.x, A=g.A, B=g.B / cache.scaling, weight=g.weight, bias=g.bias)
-
-    monkeypatch.setattr(F, "lora_linear_backward", forgets_the_scaling_in_dB)
+    _break_dB(monkeypatch)
     rows = run_all()
     failed = {(r.case, r.argument) for r in rows if not r.passed}
     assert ("lora_linear", "B") in failed
@@ -270,3 +281,113 @@ def test_format_table_lays_out_one_line_per_row():
 def test_docstring_example_runs():
     result = doctest.testmod(lowrank.reference.gradcheck, verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ---------------------------------------------------------------- check_module_gradients
+
+
+def _lora_layer(rng, n_in=5, n_out=4, **kwargs):
+    layer = nn.LoRALinear(nn.Linear(n_in, n_out, dtype=np.float64, random_state=rng), random_state=rng, **kwargs)
+    layer.B.data = rng.standard_normal(layer.B.shape)  # B = 0 at init would make dA = 0
+    return layer
+
+
+@given(seed=SEEDS, batch=st.lists(st.integers(1, 3), max_size=2), train_base=st.booleans())
+def test_module_check_passes_a_correct_layer_and_names_every_trainable_parameter(seed, batch, train_base):
+    rng = np.random.default_rng(seed)
+    layer = _lora_layer(rng, r=2, alpha=4)
+    layer.weight.trainable = layer.bias.trainable = train_base
+    x = rng.standard_normal((*batch, 5))
+    report = check_module_gradients(layer, x, random_state=rng)
+    expected = {"x", "lora_A.weight", "lora_B.weight"} | ({"weight", "bias"} if train_base else set())
+    assert report.passed and set(report.arguments) == expected
+    assert all(a.n_checked == a.n_total for a in report.arguments.values())
+
+
+def test_module_check_replays_dropout_masks_in_training_mode():
+    """With p = 0.5 a fresh mask per forward would make every finite difference meaningless."""
+    layer, twin = (_lora_layer(np.random.default_rng(1), r=2, alpha=4, dropout=0.5) for _ in range(2))
+    assert layer.training
+    x = np.random.default_rng(2).standard_normal((3, 5))
+    assert check_module_gradients(layer, x).passed
+    twin(x)  # one forward pass draws one mask
+    assert layer.generator.bit_generator.state == twin.generator.bit_generator.state
+    layer.eval()
+    assert check_module_gradients(layer, x).passed  # and in eval mode, no mask at all
+
+
+def test_module_check_of_a_model_with_a_loss_instead_of_dy():
+    """An MLP with LoRA, cross-entropy on top: the scalar checked is the loss itself."""
+    rng = np.random.default_rng(3)
+    model = nn.Sequential(nn.Linear(5, 6, dtype=np.float64, random_state=rng), nn.Tanh(),
+                          _lora_layer(rng, 6, 3, r=2, alpha=3.0))  # fmt: skip
+    target = rng.integers(0, 3, size=7)
+    report = check_module_gradients(model, rng.standard_normal((7, 5)), loss=lambda y: F.cross_entropy(y, target))
+    assert report.passed
+    assert set(report.arguments) == {"x", "0.weight", "0.bias", "2.lora_A.weight", "2.lora_B.weight"}
+
+
+def test_module_check_leaves_the_module_as_it_found_it():
+    rng = np.random.default_rng(4)
+    layer = _lora_layer(rng, r=2)
+    arrays = {name: p.data for name, p in layer.named_parameters()}
+    values = {name: a.copy() for name, a in arrays.items()}
+    check_module_gradients(layer, rng.standard_normal((2, 5)))
+    for name, p in layer.named_parameters():
+        assert p.data is arrays[name] and np.array_equal(p.data, values[name])
+    assert layer.A.grad is not None and layer.weight.grad is None  # one backward pass; frozen base untouched
+    with pytest.raises(RuntimeError):
+        layer.backward(np.ones((2, 4)))  # no stale forward cache
+
+
+def test_module_check_catches_a_broken_layer_and_names_argument_index_and_values(monkeypatch):
+    _break_dB(monkeypatch)
+    rng = np.random.default_rng(5)
+    layer = _lora_layer(rng, r=2, alpha=4)
+    with pytest.raises(GradcheckError) as info:
+        check_module_gradients(layer, rng.standard_normal((3, 5)))
+    message = str(info.value)
+    assert re.search(r"gradient of 'lora_B.weight' is wrong at index \(\d, \d\): analytic \S+, numeric \S+", message)
+    assert "'lora_A.weight'" not in message and "'x'" not in message
+    report = info.value.report
+    bad = report.arguments["lora_B.weight"]
+    assert bad.worst_analytic == pytest.approx(bad.worst_numeric / layer.scaling, rel=1e-6)  # off by the scaling
+
+
+def test_module_check_with_a_given_dy_and_sampled_coordinates():
+    rng = np.random.default_rng(6)
+    model = nn.Sequential(nn.Linear(8, 20, dtype=np.float64, random_state=rng), nn.GELU())
+    report = check_module_gradients(model, rng.standard_normal((4, 8)), dy=np.ones((4, 20)), max_coords=10)
+    assert report.passed and report.arguments["0.weight"].n_checked == 10
+    assert report.arguments["0.weight"].n_total == 160
+
+
+@pytest.mark.parametrize(("call", "error", "match"), [
+    (lambda m, x: check_module_gradients("layer", x), TypeError, r"module must be a lowrank.nn.Module, got str"),
+    (lambda m, x: check_module_gradients(m, x, dy=np.ones((2, 3)), loss=lambda y: (0.0, y)), TypeError,
+     r"give dy or loss, not both"),
+    (lambda m, x: check_module_gradients(m, x, loss="mse"), TypeError, r"loss must be callable"),
+    (lambda m, x: check_module_gradients(m, x, dy=np.ones((3, 3))), ValueError,
+     r"dy must have the shape of module\(x\), \(2, 3\), got \(3, 3\)"),
+    (lambda m, x: check_module_gradients(nn.Linear(4, 3, random_state=0), x), TypeError,
+     r"needs float64 parameters, got float32 for 'weight'"),
+])  # fmt: skip
+def test_module_check_refuses_bad_input(call, error, match):
+    module, x = nn.Linear(4, 3, dtype=np.float64, random_state=0), np.ones((2, 4))
+    with pytest.raises(error, match=match):
+        call(module, x)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_gradcheck_command_exit_codes(monkeypatch, capsys):
+    assert main(["gradcheck"]) == 0
+    assert "all passed" in capsys.readouterr().out
+    assert main(["gradcheck", "--seed", "-1"]) == 2  # cannot run: one line, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("lowrank: error: gradcheck could not run:") and err.count("\n") == 1
+    assert "random_state must be a non-negative int, got -1" in err
+    _break_dB(monkeypatch)
+    assert main(["gradcheck"]) == 1
+    assert "FAILED" in capsys.readouterr().out

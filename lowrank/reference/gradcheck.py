@@ -10,6 +10,8 @@ rounding (``ε = 2.2e-16``), so ``eps = 1e-6`` gives roughly ten correct digits
 for a function of size 1. :func:`check_gradients` compares it with the
 gradient a backward pass computed (the *analytic* one) coordinate by
 coordinate and fails loudly, naming the argument, the index and both values.
+:func:`check_module_gradients` does the same for a whole layer or model of
+:mod:`lowrank.nn`: its input and every trainable parameter.
 
 Relative error, as used here::
 
@@ -50,6 +52,7 @@ __all__ = [
     "GradcheckReport",
     "GradcheckRow",
     "check_gradients",
+    "check_module_gradients",
     "format_table",
     "numerical_gradient",
     "run_all",
@@ -101,6 +104,7 @@ class ArgumentCheck:
 
     @property
     def passed(self) -> bool:
+        """True when no checked coordinate failed."""
         return self.n_failed == 0
 
 
@@ -115,6 +119,7 @@ class GradcheckReport:
 
     @property
     def passed(self) -> bool:
+        """True when every argument passed."""
         return all(a.passed for a in self.arguments.values())
 
     def __str__(self) -> str:
@@ -321,6 +326,145 @@ def check_gradients(
     return report
 
 
+# ---------------------------------------------------------------- a whole module
+
+
+def check_module_gradients(
+    module: Any,
+    x: Any,
+    dy: Any = None,
+    *,
+    loss: Callable[[np.ndarray], tuple[Any, Any]] | None = None,
+    eps: float = 1e-6,
+    rtol: float = 1e-6,
+    atol: float | None = None,
+    max_coords: int | None = None,
+    random_state: RandomState = 0,
+) -> GradcheckReport:
+    """Check a module's backward pass: ``dx`` and every trainable parameter's ``.grad``.
+
+    Runs ``y = module(x)`` and ``dx = module.backward(dy)`` once (after
+    ``module.zero_grad()``), then compares ``dx`` and the ``.grad`` of every
+    trainable parameter with central differences of the scalar
+    ``sum(module(x) * dy)`` (or of ``loss(module(x))[0]``) through
+    :func:`check_gradients`. Frozen parameters are not checked (they get no
+    gradient). Every generator of the module (its dropout masks,
+    ``module.named_generators()``) is rewound before each forward pass, so a
+    module in training mode draws the same masks every time and its gradient
+    is checked with dropout active.
+
+    Parameters
+    ----------
+    module : lowrank.nn.Module
+        A layer or a model whose parameters are float64 (a float32 gradient
+        cannot meet ``rtol=1e-6``).
+    x : array_like of shape (..., in_features)
+        The input, converted to float64.
+    dy : array_like of module(x)'s shape, optional
+        The upstream gradient. By default standard normal values drawn from
+        ``random_state``.
+    loss : callable, optional
+        Instead of ``dy``: ``loss(y) -> (value, dvalue_dy)``, e.g.
+        ``lambda y: F.cross_entropy(y, target)``; the checked scalar is then
+        the loss and ``dy`` its gradient.
+    eps, rtol, atol, max_coords
+        As :func:`check_gradients`.
+    random_state : None, int or numpy.random.Generator, default 0
+        Draws ``dy`` (when not given) and the sampled coordinates.
+
+    Returns
+    -------
+    GradcheckReport
+        One argument ``"x"``, and one per trainable parameter under its dotted
+        name (``"0.lora_A.weight"``).
+
+    Raises
+    ------
+    GradcheckError
+        If any checked coordinate fails: the message names the argument, the
+        index, and the analytic and numeric values.
+    TypeError
+        If ``module`` is not a module, a parameter is not float64, or both
+        ``dy`` and ``loss`` are given.
+    ValueError
+        If ``dy`` does not have the output's shape, or a trainable parameter is named ``"x"``.
+
+    Notes
+    -----
+    The module is left with its parameters' original arrays, ``.grad`` from the
+    one backward pass, its generators as one forward pass leaves them, and no
+    forward cache (:meth:`lowrank.nn.Module.clear_cache`).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from lowrank import nn
+    >>> layer = nn.LoRALinear(nn.Linear(4, 3, dtype=np.float64, random_state=0), r=2, random_state=0)
+    >>> layer.B.data = np.ones((3, 2))  # B = 0 at init would make dA = 0
+    >>> report = check_module_gradients(layer, np.linspace(-1.0, 1.0, 8).reshape(2, 4))
+    >>> sorted(report.arguments), report.passed
+    (['lora_A.weight', 'lora_B.weight', 'x'], True)
+    """
+    for method in ("named_parameters", "named_generators", "zero_grad", "backward", "clear_cache"):
+        if not callable(getattr(module, method, None)):
+            raise TypeError(f"module must be a lowrank.nn.Module, got {type(module).__name__} (no {method}())")
+    if dy is not None and loss is not None:
+        raise TypeError("give dy or loss, not both: loss(y) returns the dy it checks")
+    if loss is not None and not callable(loss):
+        raise TypeError(f"loss must be callable, got {type(loss).__name__}")
+    for name, p in module.named_parameters():
+        if p.dtype != np.float64:
+            raise TypeError(
+                f"check_module_gradients needs float64 parameters, got {p.dtype} for {name!r}: "
+                f"build the module with dtype=np.float64"
+            )
+    trainable = {name: p for name, p in module.named_parameters() if p.trainable}
+    if "x" in trainable:
+        raise ValueError("a trainable parameter is named 'x', the name of the module's input; rename it")
+    rng = check_random_state(random_state)
+    x = np.array(as_float_array(x, "x", np.float64), dtype=np.float64, copy=True)
+    generators = [g for _, g in module.named_generators()]
+    start = [g.bit_generator.state for g in generators]
+
+    def rewind() -> None:
+        for g, state in zip(generators, start, strict=True):
+            g.bit_generator.state = state
+
+    originals = {name: p.data for name, p in trainable.items()}
+    after_one_forward = start
+    try:
+        module.zero_grad()
+        rewind()
+        y = np.asarray(module(x))
+        after_one_forward = [g.bit_generator.state for g in generators]
+        if loss is not None:
+            _, dy = loss(y)
+        elif dy is None:
+            dy = rng.standard_normal(y.shape)
+        dy = np.asarray(as_float_array(dy, "dy", np.float64))
+        if dy.shape != y.shape:
+            raise ValueError(f"dy must have the shape of module(x), {y.shape}, got {dy.shape}")
+        dx = module.backward(dy)
+        analytic = {"x": dx, **{name: p.grad for name, p in trainable.items()}}
+        inputs = {"x": x, **{name: p.data.copy() for name, p in trainable.items()}}
+
+        def f(x: np.ndarray, **params: np.ndarray) -> Any:  # dotted names arrive through **params
+            for name, value in params.items():
+                trainable[name].data = value
+            rewind()
+            out = module(x)
+            return loss(out)[0] if loss is not None else np.sum(out * dy)
+
+        return check_gradients(f, inputs, analytic, eps=eps, rtol=rtol, atol=atol, max_coords=max_coords,
+                               random_state=rng)  # fmt: skip
+    finally:
+        for name, data in originals.items():
+            trainable[name].data = data
+        for g, state in zip(generators, after_one_forward, strict=True):
+            g.bit_generator.state = state
+        module.clear_cache()
+
+
 # ---------------------------------------------------------------- every kernel and layer
 
 
@@ -337,15 +481,19 @@ class GradcheckRow:
     passed: bool
 
 
+def _report_rows(case: str, report: GradcheckReport) -> list[GradcheckRow]:
+    return [
+        GradcheckRow(case, a.name, a.max_abs_err, a.max_rel_err, a.n_checked, a.n_total, a.passed)
+        for a in report.arguments.values()
+    ]
+
+
 def _rows(case: str, fn: Callable[..., Any], inputs: dict, analytic: dict) -> list[GradcheckRow]:
     try:
         report = check_gradients(fn, inputs, analytic)
     except GradcheckError as err:
         report = err.report
-    return [
-        GradcheckRow(case, a.name, a.max_abs_err, a.max_rel_err, a.n_checked, a.n_total, a.passed)
-        for a in report.arguments.values()
-    ]
+    return _report_rows(case, report)
 
 
 def _away_from_zero(rng: np.random.Generator, shape: tuple[int, ...], gap: float = 0.1) -> np.ndarray:
@@ -452,23 +600,11 @@ def _module_rows(rng: np.random.Generator) -> list[GradcheckRow]:
     from lowrank import nn
 
     def check_module(case: str, module: Any, x: np.ndarray) -> list[GradcheckRow]:
-        trainable = {name: p for name, p in module.named_parameters() if p.trainable}
-        module.zero_grad()
-        dy = rng.standard_normal(module(x).shape)
-        dx = module.backward(dy)
-        analytic = {"x": dx, **{name: p.grad for name, p in trainable.items()}}
-        inputs = {"x": x, **{name: p.data.copy() for name, p in trainable.items()}}
-
-        def f_module(x, **params):
-            for name, value in params.items():  # dotted names such as "2.lora_A.weight"
-                trainable[name].data = value
-            return np.sum(module(x) * dy)
-
-        rows = _rows(case, f_module, inputs, analytic)
-        for name, value in inputs.items():  # leave the module as it was
-            if name != "x":
-                trainable[name].data = value
-        return rows
+        try:
+            report = check_module_gradients(module, x, random_state=rng)
+        except GradcheckError as err:
+            report = err.report
+        return _report_rows(case, report)
 
     def lora(in_features: int, out_features: int, **kwargs: Any) -> Any:
         layer = nn.LoRALinear(
