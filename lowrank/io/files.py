@@ -12,11 +12,13 @@ import json
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from lowrank.io.safetensors import read_safetensors, safetensors_writer
 
 PathLike = str | os.PathLike
 
@@ -88,70 +90,49 @@ def load_npz(path: PathLike) -> dict[str, np.ndarray]:
 
 
 # ---------------------------------------------------------------- safetensors
-# The `io` extra. safetensors is imported inside the functions that need it,
-# so `import lowrank` (and this module) keeps depending on NumPy alone.
-
-_IO_EXTRA = "pip install 'lowrank[io]'"
-
-
-def _safetensors_numpy() -> Any:
-    """``safetensors.numpy``, or an ImportError that names the extra to install."""
-    try:
-        import safetensors.numpy as st_numpy
-    except ImportError:
-        raise ImportError(
-            f"reading and writing .safetensors files needs the safetensors package: {_IO_EXTRA}"
-        ) from None
-    return st_numpy
+# The format itself lives in lowrank.io.safetensors (NumPy alone); here it meets
+# the atomic write.
 
 
 def save_safetensors(
-    path: PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+    path: PathLike,
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    dtypes: str | Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``tensors`` to a ``.safetensors`` file atomically (needs the ``io`` extra).
+    """Write ``tensors`` to a ``.safetensors`` file atomically, with NumPy alone.
 
-    Parameters
-    ----------
-    path : str or os.PathLike
-    tensors : mapping from str to ndarray
-        Numeric or bool arrays (0-d allowed); stored C-contiguous.
-    metadata : mapping from str to str, optional
-        Stored in the file's header (``__metadata__``). With at most one key
-        the same tensors give byte-identical files; safetensors may order
-        several keys differently from run to run.
+    The bytes are the ``safetensors`` package's for the same tensors (several
+    ``__metadata__`` keys are written sorted). Parameters and errors: see
+    :func:`lowrank.io.safetensors.safetensors_writer`; ``dtypes="bfloat16"``
+    stores every float tensor rounded to bfloat16.
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
     """
-    st_numpy = _safetensors_numpy()
-    arrays = {}
-    for name, arr in tensors.items():
-        arr = np.asarray(arr, order="C")  # ascontiguousarray would make 0-d 1-d
-        if arr.dtype.kind not in "biuf":
-            raise TypeError(f"tensors[{name!r}] must be numeric or bool, got dtype {arr.dtype}")
-        arrays[name] = arr
-    data = st_numpy.save(arrays, metadata=None if metadata is None else dict(metadata))
-    return atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, safetensors_writer(tensors, metadata, dtypes=dtypes))
 
 
-def load_safetensors(path: PathLike) -> dict[str, np.ndarray]:
-    """Read every tensor of a ``.safetensors`` file as NumPy arrays (needs the ``io`` extra).
+def load_safetensors(path: PathLike, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Read the tensors of a ``.safetensors`` file as NumPy arrays, with NumPy alone.
+
+    BF16 tensors become float32 exactly; ``names`` reads a subset. See
+    :func:`lowrank.io.safetensors.read_safetensors`, and
+    :func:`lowrank.io.safetensors.read_safetensors_header` for ``__metadata__``.
 
     Raises
     ------
     FileNotFoundError
         If there is no such file.
     ValueError
-        If the file is not a readable safetensors file (corrupt, truncated,
-        or holding a dtype NumPy has no type for, such as bfloat16).
+        If the file is not a readable safetensors file: one line naming the
+        file and the rule it breaks (header length, JSON, dtype, shape,
+        size, offsets, layout, ...).
     """
-    st_numpy = _safetensors_numpy()
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    data = path.read_bytes()
-    try:
-        return dict(st_numpy.load(data))
-    except Exception as exc:  # a foreign parser: whatever it raises, the file is unreadable
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"{path} is not a readable .safetensors file: {reason}") from None
+    return read_safetensors(path, names)
 
 
 def load_json(path: PathLike) -> Any:
