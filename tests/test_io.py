@@ -9,8 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-pytest.importorskip("safetensors")
-
 from lowrank import nn
 from lowrank.io import (
     PEFT_CONFIG_NAME,
@@ -76,19 +74,6 @@ def test_json_round_trip_and_errors(tmp_path):
         load_json(tmp_path / "none.json")
     with pytest.raises(ValueError):
         save_json(tmp_path / "nan.json", {"a": float("nan")})
-
-
-def test_missing_io_extra_names_it(monkeypatch, tmp_path):
-    model = _adapted()
-    save_peft_adapter(model, tmp_path / "ad")
-    monkeypatch.setitem(sys.modules, "safetensors", None)
-    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
-    for call in (lambda: save_safetensors(tmp_path / "x.safetensors", {"a": np.ones(1)}),
-                 lambda: load_safetensors(tmp_path / "ad" / PEFT_WEIGHTS_NAME),
-                 lambda: save_peft_adapter(model, tmp_path / "ad2"),
-                 lambda: load_peft_adapter(_mlp(), tmp_path / "ad")):
-        with pytest.raises(ImportError, match=r"pip install 'lowrank\[io\]'"):
-            call()
 
 
 def test_import_lowrank_io_does_not_import_safetensors():
