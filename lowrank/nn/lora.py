@@ -183,24 +183,26 @@ class LoRALinear(Module):
         return self.lora_B.weight
 
     def forward(self, x: Any) -> np.ndarray:
-        """x : array_like of shape (..., in_features) -> ndarray of shape (..., out_features)"""
+        """Map ``x`` (..., in_features) to ``y`` (..., out_features); checks ``x`` once.
+
+        The parameters are this layer's own, so the kernels' unchecked cores run.
+        """
         x = as_array_of(x, "x", self.weight.dtype)
         check_features(x, self.in_features)
         bias = None if self.bias is None else self.bias.data
+        cache: F.LinearCache | F.LoRACache
         if self.merged:  # the update lives inside W now: the plain linear is the whole layer
-            y, cache = F.linear(x, self.weight.data, bias)
+            y, cache = F.linear_core(x, self.weight.data, bias)
         else:
             mask = None
             if self.training and self.dropout > 0:
                 mask = F.dropout_mask(x.shape, self.dropout, random_state=self.generator, dtype=x.dtype)
-            y, cache = F.lora_linear(
-                x, self.weight.data, bias, self.A.data, self.B.data, self.scaling, dropout_mask=mask
-            )
+            y, cache = F.lora_linear_core(x, self.weight.data, bias, self.A.data, self.B.data, self.scaling, mask)
         self._save_for_backward(cache, y)
         return y
 
     def backward(self, dy: Any) -> np.ndarray:
-        """dy : (..., out_features) -> dx : (..., in_features); adds into A.grad and B.grad.
+        """Map ``dy`` (..., out_features) to ``dx`` (..., in_features); adds into A.grad and B.grad.
 
         Raises RuntimeError while merged: A and B are inside W then, and their
         gradients need the unmerged forward (``unmerge()``, forward again).
@@ -208,8 +210,8 @@ class LoRALinear(Module):
         if self.merged:
             raise RuntimeError("LoRALinear.backward while merged: call unmerge() and run forward again")
         base_trainable = base_is_trainable(self)  # before taking the cache: an error leaves it in place
-        cache, dy = self._take_for_backward(dy)
-        g = F.lora_linear_backward(dy, cache, base_trainable=base_trainable)
+        cache, dy = self._take_for_backward(dy)  # dy checked there, once
+        g = F.lora_linear_backward_core(dy, cache, base_trainable=base_trainable)
         if self.A.trainable:
             accumulate_grad(self.A, g.A)
         if self.B.trainable:

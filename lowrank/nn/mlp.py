@@ -90,6 +90,7 @@ class MLP(Sequential):
         self.activation = activation
 
     def extra_repr(self) -> str:
+        """``sizes=[…], activation='…'``."""
         return f"sizes={list(self.sizes)}, activation={self.activation!r}"
 
 

@@ -3,6 +3,8 @@
 A module owns its parameters and calls the pure kernels of
 :mod:`lowrank.nn.functional`; every formula lives there. What lives here is
 bookkeeping: names, train/eval mode, the forward cache, gradient accumulation.
+A layer checks its input in ``forward`` and ``dy`` in ``_take_for_backward``,
+once, and then calls the kernels' unchecked cores (``F.linear_core``, ...).
 
 Gradients (DESIGN.md)
     ``module.backward(dy)`` returns ``dx`` and *adds* each trainable
@@ -33,11 +35,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from lowrank.nn import functional as F
+from lowrank.nn.functional.activations import GELU_FORMS
 from lowrank.utils.validation import (
     RandomState,
     as_float_array,
@@ -98,37 +101,47 @@ class Parameter:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The shape of ``data``."""
         return self.data.shape
 
     @property
     def dtype(self) -> np.dtype:
+        """The dtype of ``data``, float32 or float64."""
         return self.data.dtype
 
     @property
     def ndim(self) -> int:
+        """The number of dimensions of ``data``."""
         return self.data.ndim
 
     @property
     def size(self) -> int:
+        """The number of entries of ``data``."""
         return self.data.size
 
     def __repr__(self) -> str:
         return f"Parameter(shape={self.shape}, dtype={self.dtype}, trainable={self.trainable})"
 
 
-def accumulate_grad(param: Parameter, grad: np.ndarray) -> None:
-    """``param.grad += grad``, starting from None: a module used twice sums both."""
-    assert grad.shape == param.shape and grad.dtype == param.dtype, (grad.shape, grad.dtype)
+def accumulate_grad(param: Parameter, grad: np.ndarray | None) -> None:
+    """``param.grad += grad``, starting from None: a module used twice sums both.
+
+    ``grad`` is a kernel's gradient for a trainable parameter, so never None
+    here (the type admits None because the kernels' result fields do).
+    """
+    assert grad is not None and grad.shape == param.shape and grad.dtype == param.dtype, grad
     if param.grad is None:
         param.grad = grad  # the kernels return fresh arrays, so the Parameter may own this one
     else:
         param.grad += grad
 
 
-
 def as_array_of(x: Any, name: str, dtype: np.dtype) -> np.ndarray:
-    """``x`` as an array of ``dtype``: integers, bools and Python floats are
-    converted, a float array of the other precision is refused."""
+    """``x`` as an array of a layer's ``dtype``, or a TypeError.
+
+    Integers, bools and Python floats are converted; a float array of the
+    other precision is refused rather than silently rounded.
+    """
     arr = as_float_array(x, name)
     if arr.dtype == dtype:
         return arr
@@ -164,6 +177,9 @@ class Module:
     """
 
     training: bool
+    _param_names: dict[str, None]
+    _module_names: dict[str, None]
+    _pending: tuple[Any, tuple[int, ...], np.dtype] | None
 
     def __init__(self) -> None:
         # names only: the objects themselves are ordinary attributes
@@ -210,11 +226,15 @@ class Module:
         return [(name, getattr(self, name)) for name in self._module_names]
 
     def children(self) -> list[Module]:
+        """The direct sub-modules, in order."""
         return [m for _, m in self.named_children()]
 
     def named_modules(self, prefix: str = "") -> list[tuple[str, Module]]:
-        """This module and every sub-module, depth first, with dotted names
-        (``""`` for this one); a module reachable twice is listed once."""
+        """Every module of the tree, this one first, depth first, with dotted names.
+
+        This module is named ``prefix`` (``""`` by default); a module reachable
+        twice is listed once.
+        """
         out: list[tuple[str, Module]] = []
         seen: set[int] = set()
 
@@ -230,6 +250,7 @@ class Module:
         return out
 
     def modules(self) -> list[Module]:
+        """Every module of the tree, this one first, depth first, each once."""
         return [m for _, m in self.named_modules()]
 
     def named_parameters(self) -> list[tuple[str, Parameter]]:
@@ -364,12 +385,15 @@ class Module:
     # -- forward and backward
 
     def __call__(self, x: Any) -> np.ndarray:
+        """``forward(x)``."""
         return self.forward(x)
 
     def forward(self, x: Any) -> np.ndarray:
+        """The layer's output; saves what ``backward`` needs (subclasses define it)."""
         raise NotImplementedError(f"{type(self).__name__} defines no forward")
 
     def backward(self, dy: Any) -> np.ndarray:
+        """``dx`` from ``dy``; adds into the trainable parameters' ``.grad`` (subclasses define it)."""
         raise NotImplementedError(f"{type(self).__name__} defines no backward")
 
     def _save_for_backward(self, cache: Any, y: np.ndarray) -> None:
@@ -393,6 +417,7 @@ class Module:
     # -- printing
 
     def extra_repr(self) -> str:
+        """The arguments shown inside ``repr``'s parentheses."""
         return ""
 
     def __repr__(self) -> str:
@@ -407,7 +432,14 @@ class Module:
 # ---------------------------------------------------------------- Linear
 
 
-def base_is_trainable(layer: Module) -> bool:
+class LinearLayer(Protocol):
+    """What :func:`base_is_trainable` reads: a ``weight`` Parameter and a ``bias`` Parameter or None."""
+
+    weight: Parameter
+    bias: Parameter | None
+
+
+def base_is_trainable(layer: LinearLayer) -> bool:
     """Whether a linear layer's weight (and bias) gets a gradient.
 
     The kernels compute dW and db together or not at all, so the two must agree.
@@ -423,6 +455,7 @@ def base_is_trainable(layer: Module) -> bool:
 
 
 def check_features(x: np.ndarray, in_features: int) -> None:
+    """Refuse (ValueError) an input whose last dimension is not ``in_features``."""
     if x.ndim == 0 or x.shape[-1] != in_features:
         raise ValueError(f"x must have shape (..., in_features) = (..., {in_features}), got {x.shape}")
 
@@ -466,19 +499,19 @@ class Linear(Module):
         self.bias = Parameter(rng.uniform(-bound, bound, self.out_features).astype(dtype)) if bias else None
 
     def forward(self, x: Any) -> np.ndarray:
-        """x : array_like of shape (..., in_features) -> ndarray of shape (..., out_features)"""
+        """Map ``x`` (..., in_features) to ``y`` (..., out_features); checks ``x`` once."""
         x = as_array_of(x, "x", self.weight.dtype)
         check_features(x, self.in_features)
         bias = None if self.bias is None else self.bias.data
-        y, cache = F.linear(x, self.weight.data, bias)  # (..., out)
+        y, cache = F.linear_core(x, self.weight.data, bias)  # (..., out)
         self._save_for_backward(cache, y)
         return y
 
     def backward(self, dy: Any) -> np.ndarray:
-        """dy : (..., out_features) -> dx : (..., in_features); adds into weight.grad, bias.grad."""
+        """Map ``dy`` (..., out_features) to ``dx`` (..., in_features); adds into weight.grad, bias.grad."""
         trainable = base_is_trainable(self)  # before taking the cache: an error leaves it in place
         cache, dy = self._take_for_backward(dy)
-        g = F.linear_backward(dy, cache, trainable=trainable)
+        g = F.linear_backward_core(dy, cache, trainable=trainable)
         if trainable:
             accumulate_grad(self.weight, g.weight)
             if self.bias is not None:
@@ -486,6 +519,7 @@ class Linear(Module):
         return g.x
 
     def extra_repr(self) -> str:
+        """``in_features=…, out_features=…, bias=…``, as torch prints it."""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
@@ -493,56 +527,56 @@ class Linear(Module):
 
 
 class _Activation(Module):
-    """The bookkeeping shared by the elementwise activations; each names its kernels.
+    """The bookkeeping shared by the elementwise activations; each names its kernel's cores.
 
-    Input keeps its dtype (integer and bool become float64).
+    Input keeps its dtype (integer and bool become float64); it is converted
+    here, ``dy`` is checked by ``_take_for_backward``, and the cores check nothing.
     """
 
     def forward(self, x: Any) -> np.ndarray:
-        x = as_float_array(x, "x")
-        y, cache = self._kernel(x)
+        y, cache = self._core(as_float_array(x, "x"))
         self._save_for_backward(cache, y)
         return y
 
     def backward(self, dy: Any) -> np.ndarray:
         cache, dy = self._take_for_backward(dy)
-        return self._kernel_backward(dy, cache)
+        return self._backward_core(dy, cache)
 
-    def _kernel(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
+    def _core(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
         raise NotImplementedError
 
-    def _kernel_backward(self, dy: np.ndarray, cache: Any) -> np.ndarray:
+    def _backward_core(self, dy: np.ndarray, cache: Any) -> np.ndarray:
         raise NotImplementedError
 
 
 class ReLU(_Activation):
     """``max(x, 0)``, elementwise (:func:`lowrank.nn.functional.relu`)."""
 
-    def _kernel(self, x):
-        return F.relu(x)
+    def _core(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
+        return F.relu_core(x)
 
-    def _kernel_backward(self, dy, cache):
-        return F.relu_backward(dy, cache)
+    def _backward_core(self, dy: np.ndarray, cache: Any) -> np.ndarray:
+        return F.relu_backward_core(dy, cache)
 
 
 class Tanh(_Activation):
     """``tanh(x)``, elementwise (:func:`lowrank.nn.functional.tanh`)."""
 
-    def _kernel(self, x):
-        return F.tanh(x)
+    def _core(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
+        return F.tanh_core(x)
 
-    def _kernel_backward(self, dy, cache):
-        return F.tanh_backward(dy, cache)
+    def _backward_core(self, dy: np.ndarray, cache: Any) -> np.ndarray:
+        return F.tanh_backward_core(dy, cache)
 
 
 class Sigmoid(_Activation):
     """``1 / (1 + exp(-x))``, elementwise (:func:`lowrank.nn.functional.sigmoid`)."""
 
-    def _kernel(self, x):
-        return F.sigmoid(x)
+    def _core(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
+        return F.sigmoid_core(x)
 
-    def _kernel_backward(self, dy, cache):
-        return F.sigmoid_backward(dy, cache)
+    def _backward_core(self, dy: np.ndarray, cache: Any) -> np.ndarray:
+        return F.sigmoid_backward_core(dy, cache)
 
 
 class GELU(_Activation):
@@ -557,15 +591,16 @@ class GELU(_Activation):
 
     def __init__(self, approximate: str = "none") -> None:
         super().__init__()
-        self.approximate = check_choice(approximate, "approximate", ("none", "tanh"))
+        self.approximate = check_choice(approximate, "approximate", GELU_FORMS)
 
-    def _kernel(self, x):
-        return F.gelu(x, approximate=self.approximate)
+    def _core(self, x: np.ndarray) -> tuple[np.ndarray, Any]:
+        return F.gelu_core(x, self.approximate)
 
-    def _kernel_backward(self, dy, cache):
-        return F.gelu_backward(dy, cache)
+    def _backward_core(self, dy: np.ndarray, cache: Any) -> np.ndarray:
+        return F.gelu_backward_core(dy, cache)
 
     def extra_repr(self) -> str:
+        """``approximate='…'``."""
         return f"approximate={self.approximate!r}"
 
 
@@ -614,11 +649,13 @@ class Sequential(Module):
         setattr(self, names[i], module)
 
     def forward(self, x: Any) -> np.ndarray:
+        """Each module's forward, in order."""
         for module in self:
             x = module(x)
         return x
 
     def backward(self, dy: Any) -> np.ndarray:
+        """Each module's backward, in reverse order."""
         for module in reversed(self.children()):
             dy = module.backward(dy)
         return dy

@@ -1,0 +1,131 @@
+"""Forward/backward kernel pairs: linear, LoRA, activations, dropout and losses.
+
+Every forward returns ``(out, cache)``; every backward takes ``(dout, cache)``
+and returns fresh, C-contiguous arrays. A cache is a small frozen dataclass
+holding what the backward pass needs: references to the caller's arrays (not
+copies) and the small intermediates, never a new ``(out, in)``-sized array. Do
+not modify the forward's inputs in place before calling the backward.
+
+``x`` may have any number of leading batch dimensions ``(..., features)``; the
+kernels flatten them to ``N = prod(batch dims)`` rows for the matrix products
+(a reshape, so no copy for contiguous input) and restore them on the way out.
+float32 in gives float32 out and float32 gradients. Parameters must share
+``x``'s dtype; masks, targets and upstream gradients are cast to it.
+
+Checked shell, unchecked core
+    Each public kernel ``name`` checks its arguments once (with the helpers of
+    :mod:`lowrank.nn.functional.checks`) and calls ``name_core``, which does
+    the maths and nothing else: no validation, the caller guarantees shapes
+    and dtypes. ``linear`` calls ``linear_core``, ``lora_linear_backward``
+    calls ``lora_linear_backward_core``, ``gelu`` calls ``gelu_core``, and so
+    on for every kernel and loss. The layers of :mod:`lowrank.nn` validate
+    their input and ``dy`` once and call the cores.
+
+The symbols are those of ``docs/lora.md``: ``x``, ``weight`` (``W``),
+``bias`` (``b``), ``A``, ``B``, ``scaling``, ``mask``, ``xm = x * mask``,
+``xa = xm @ A.T``, the upstream gradient ``dy``, and ``dxa``/``dxm`` for the
+gradients with respect to ``xa``/``xm``.
+
+Files: ``dense`` (linear and LoRA linear), ``activations``, ``regularization``
+(dropout and its mask), ``losses``, ``checks`` (the argument checks).
+"""
+
+from lowrank.nn.functional.activations import (
+    GELUCache,
+    ReLUCache,
+    SigmoidCache,
+    TanhCache,
+    gelu,
+    gelu_backward,
+    gelu_backward_core,
+    gelu_core,
+    relu,
+    relu_backward,
+    relu_backward_core,
+    relu_core,
+    sigmoid,
+    sigmoid_backward,
+    sigmoid_backward_core,
+    sigmoid_core,
+    tanh,
+    tanh_backward,
+    tanh_backward_core,
+    tanh_core,
+)
+from lowrank.nn.functional.dense import (
+    LinearCache,
+    LinearGrads,
+    LoRACache,
+    LoRAGrads,
+    linear,
+    linear_backward,
+    linear_backward_core,
+    linear_core,
+    lora_linear,
+    lora_linear_backward,
+    lora_linear_backward_core,
+    lora_linear_core,
+)
+from lowrank.nn.functional.losses import (
+    binary_cross_entropy_with_logits,
+    binary_cross_entropy_with_logits_core,
+    cross_entropy,
+    cross_entropy_core,
+    mse_loss,
+    mse_loss_core,
+)
+from lowrank.nn.functional.regularization import (
+    DropoutCache,
+    dropout,
+    dropout_backward,
+    dropout_backward_core,
+    dropout_core,
+    dropout_mask,
+)
+
+__all__ = [
+    "DropoutCache",
+    "GELUCache",
+    "LinearCache",
+    "LinearGrads",
+    "LoRACache",
+    "LoRAGrads",
+    "ReLUCache",
+    "SigmoidCache",
+    "TanhCache",
+    "binary_cross_entropy_with_logits",
+    "binary_cross_entropy_with_logits_core",
+    "cross_entropy",
+    "cross_entropy_core",
+    "dropout",
+    "dropout_backward",
+    "dropout_backward_core",
+    "dropout_core",
+    "dropout_mask",
+    "gelu",
+    "gelu_backward",
+    "gelu_backward_core",
+    "gelu_core",
+    "linear",
+    "linear_backward",
+    "linear_backward_core",
+    "linear_core",
+    "lora_linear",
+    "lora_linear_backward",
+    "lora_linear_backward_core",
+    "lora_linear_core",
+    "mse_loss",
+    "mse_loss_core",
+    "relu",
+    "relu_backward",
+    "relu_backward_core",
+    "relu_core",
+    "sigmoid",
+    "sigmoid_backward",
+    "sigmoid_backward_core",
+    "sigmoid_core",
+    "tanh",
+    "tanh_backward",
+    "tanh_backward_core",
+    "tanh_core",
+]
