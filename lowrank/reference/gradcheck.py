@@ -182,7 +182,7 @@ def numerical_gradient(
     if name not in inputs:
         raise ValueError(f"name must be one of the inputs {sorted(inputs)}, got {name!r}")
     eps = check_real(eps, "eps", 0.0, low_open=True)
-    x = np.array(as_float_array(inputs[name], name, np.float64), dtype=np.float64, copy=True)
+    x = np.array(as_float_array(inputs[name], name, np.dtype(np.float64)), dtype=np.float64, copy=True)
     flat = x.reshape(-1)  # a view: x is a fresh contiguous copy
     if indices is None:
         idx = np.arange(flat.size)
@@ -274,7 +274,7 @@ def check_gradients(
             raise ValueError(f"analytic names {name!r}, which is not one of the inputs {sorted(inputs)}")
         if grad is None:
             raise ValueError(f"analytic[{name!r}] is None: pass only the gradients that were computed")
-        args[name] = np.array(as_float_array(inputs[name], name, np.float64), dtype=np.float64, copy=True)
+        args[name] = np.array(as_float_array(inputs[name], name, np.dtype(np.float64)), dtype=np.float64, copy=True)
         grads[name] = np.asarray(as_float_array(grad, f"analytic[{name!r}]"), dtype=np.float64)
         if grads[name].shape != args[name].shape:
             raise ValueError(
@@ -422,7 +422,7 @@ def check_module_gradients(
     if "x" in trainable:
         raise ValueError("a trainable parameter is named 'x', the name of the module's input; rename it")
     rng = check_random_state(random_state)
-    x = np.array(as_float_array(x, "x", np.float64), dtype=np.float64, copy=True)
+    x = np.array(as_float_array(x, "x", np.dtype(np.float64)), dtype=np.float64, copy=True)
     generators = [g for _, g in module.named_generators()]
     start = [g.bit_generator.state for g in generators]
 
@@ -441,7 +441,7 @@ def check_module_gradients(
             _, dy = loss(y)
         elif dy is None:
             dy = rng.standard_normal(y.shape)
-        dy = np.asarray(as_float_array(dy, "dy", np.float64))
+        dy = np.asarray(as_float_array(dy, "dy", np.dtype(np.float64)))
         if dy.shape != y.shape:
             raise ValueError(f"dy must have the shape of module(x), {y.shape}, got {dy.shape}")
         dx = module.backward(dy)

@@ -14,8 +14,11 @@ out). :func:`check_vectors` then compares that folder with the reference, per
 case and tensor. ``docs/verifying.md`` walks through it for PyTorch.
 
 Every expected output here is computed by this package's own kernels and
-modules; the tests recompute them independently (finite differences, torch
-autograd, PEFT). Safetensors needs the ``io`` extra: ``pip install 'lowrank[io]'``.
+modules; ``tests/test_vectors.py`` recomputes every one by hand in float64
+NumPy, and the torch crosscheck the linear and LoRA cases with autograd. The
+linear and LoRA cases are those of :mod:`lowrank.reference.cases`; tensors
+are compared under the rule of :mod:`lowrank.reference.compare`. The files
+are read and written with NumPy alone (:mod:`lowrank.io.files`).
 """
 
 from __future__ import annotations
@@ -425,8 +428,7 @@ def _build_cases(random_state: RandomState) -> list[_Case]:
 def write_vectors(directory: PathLike, *, random_state: RandomState = 0) -> list[str]:
     """Write the reference cases and their manifest into ``directory`` (created if missing).
 
-    The same ``random_state`` (default 0) gives byte-identical files. Needs
-    the ``io`` extra (safetensors).
+    The same ``random_state`` (default 0) gives byte-identical files.
 
     Parameters
     ----------
@@ -572,8 +574,6 @@ def check_vectors(ref_dir: PathLike, candidate_dir: PathLike) -> CheckReport:
         In one line: a missing folder, a missing, corrupt or truncated
         manifest or reference file (each reference file's sha256 is checked
         against the manifest), or a corrupt or truncated candidate file.
-    ImportError
-        Without the ``io`` extra (safetensors).
     """
     ref, cand = Path(ref_dir), Path(candidate_dir)
     manifest = read_manifest(ref)
