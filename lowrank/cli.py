@@ -1,9 +1,10 @@
 """The ``lowrank`` command: ``demo``, ``factorize``, ``params``, ``gradcheck``, ``vectors``.
 
 Every failure the user can cause (a missing file, a bad rank, a flag out of
-range) ends in one line on stderr, ``lowrank: error: …``, and a non-zero
-exit code: 2 for a malformed command line, 1 for everything else. Never a
-traceback.
+range, a malformed command line) ends in one line on stderr, ``lowrank:
+error: …``, and exit code 2: the command could not run. Never a traceback.
+Exit code 1 means only that a checking command (``gradcheck``, ``vectors
+check``) ran and found a failure.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 
 class CLIError(Exception):
-    """A failure to report as one line, with exit code 1."""
+    """A failure to report as one line, with exit code 2 (the command could not run)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +51,31 @@ def _load_matrix(path: str) -> np.ndarray:
         raise CLIError(f"cannot read {path} as a .npy array: {exc}") from None
 
 
+def _power_of_two_scale(M: np.ndarray) -> np.floating:
+    """A power of two near ``max |M|`` (1 for a zero matrix), in M's dtype.
+
+    Dividing by it is exact, and the ratios the report prints (relative
+    errors, energy fractions) do not depend on it; it keeps their sums of
+    squares from overflowing or underflowing for entries near the limits of
+    the dtype.
+    """
+    largest = float(np.max(np.abs(M)))
+    return M.dtype.type(2.0 ** np.floor(np.log2(largest)) if largest > 0 else 1.0)
+
+
+def _relative_errors(M: np.ndarray, lr: Any, s_all: np.ndarray, rank: int) -> tuple[float, float]:
+    """``‖M − L R‖_F / ‖M‖_F`` and the Eckart–Young optimum on the same scale (both 0 for M = 0)."""
+    import lowrank
+
+    c = _power_of_two_scale(M)
+    norm = float(np.linalg.norm(M / c))
+    if norm == 0:
+        return 0.0, 0.0
+    error = lowrank.LowRank(lr.left / c, lr.right).error(M / c)
+    bound = float(lowrank.eckart_young_errors(s_all / c)[rank])
+    return error / norm, bound / norm
+
+
 def _cmd_factorize(args: argparse.Namespace) -> int:
     import lowrank
 
@@ -56,7 +83,10 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
     M = lowrank.utils.validation.check_matrix(M, f"the matrix in {args.file}")
     m, n = M.shape
     s_all = np.linalg.svd(M, compute_uv=False)  # the whole spectrum, for the bound
-    rank = args.rank if args.rank is not None else lowrank.rank_for_energy(s_all, args.energy)
+    if args.rank is None:  # energy fractions do not depend on the scale: measured on s / c, no overflow
+        rank = lowrank.rank_for_energy(s_all / _power_of_two_scale(M), args.energy)
+    else:
+        rank = args.rank
     rank = lowrank.utils.validation.check_rank(rank, M.shape, "--rank")
 
     if args.method == "svd":
@@ -70,21 +100,15 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
         factors = {"left": fit.left, "right": fit.right}
     lr = lowrank.LowRank(factors["left"], factors["right"])
 
-    norm = float(np.linalg.norm(M))
-    bound = float(lowrank.eckart_young_errors(s_all)[rank])
-    error = lr.error(M)
-
-    def rel(e: float) -> float:
-        return e / norm if norm > 0 else 0.0
-
+    error, bound = _relative_errors(M, lr, s_all, rank)
     ratio = f"{error / bound:.6f}" if bound > 0 else ("1 (both 0)" if error == 0 else "inf")
     report = [
         f"input     {args.file}: {m}×{n} {M.dtype}",
         f"method    {args.method}, rank {rank}" + (f" (keeps {args.energy:g} of the energy)" if args.energy else ""),
         f"factors   left {lr.left.shape}, right {lr.right.shape}",
         f"params    dense {lr.dense_params:,} vs low-rank {lr.n_params:,} ({lr.compression_ratio:.2f}× smaller)",
-        f"error     ‖M − L R‖_F / ‖M‖_F = {rel(error):.6e}",
-        f"bound     Eckart–Young optimum at rank {rank}: {rel(bound):.6e} (error / optimum = {ratio})",
+        f"error     ‖M − L R‖_F / ‖M‖_F = {error:.6e}",
+        f"bound     Eckart–Young optimum at rank {rank}: {bound:.6e} (error / optimum = {ratio})",
     ]
     if args.out:  # written before anything is printed, so a failed write prints only its error
         from lowrank.io.files import save_npz
@@ -254,9 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except SystemExit as exc:  # argparse: --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else 1
-    except (CLIError, ValueError, TypeError, OSError, ImportError) as exc:
-        print(f"lowrank: error: {exc}", file=sys.stderr)
-        return 1
+    except (CLIError, ValueError, TypeError, OSError, ImportError, FloatingPointError) as exc:
+        print(f"lowrank: error: {exc}", file=sys.stderr)  # FloatingPointError: a result overflowed
+        return 2
     except KeyboardInterrupt:
         print("lowrank: interrupted", file=sys.stderr)
         return 130

@@ -38,7 +38,7 @@ def nine_by_nine(seed: int = 0) -> dict[str, Any]:
             "relative_error": lr.error(M, relative=True),
             "eckart_young": float(predicted[rank]) / norm,
         })
-    return {"dense_params": 81, "ranks": rows}
+    return {"dense_params": M.size, "ranks": rows}
 
 
 def completion(seed: int = 0, quick: bool = False) -> dict[str, Any]:
@@ -99,12 +99,24 @@ def subspace_similarity(Vi: np.ndarray, Vj: np.ndarray) -> float:
     return float(np.sum((Vi @ Vj.T) ** 2) / min(Vi.shape[0], Vj.shape[0]))
 
 
-def _adapt(task, pretrained: dict[str, np.ndarray], layer_sizes: list[int], epochs: int,
+def linear_layer_names(model: Any) -> list[str]:
+    """The dotted module names of ``model``'s Linear layers, LoRA-wrapped or not, in order.
+
+    For ``MLP([32, 128, 6])``, a Sequential of Linear, activation, Linear:
+    ``["0", "2"]``; ``inject_lora`` keeps the names.
+    """
+    from lowrank.nn import Linear, LoRALinear
+
+    return [name for name, m in model.named_modules() if isinstance(m, (Linear, LoRALinear))]
+
+
+def _adapt(task, pretrained: dict[str, np.ndarray], layer_sizes: list[int], layer: str, epochs: int,
            seed: int) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Fine-tune copies of the pretrained MLP on ``task``: fully, and by LoRA at each rank.
 
-    Returns a row per method and the updates of the first layer: ``"full"``,
-    ``W_finetuned - W_pretrained``, and ``"lora8"``, ``scaling * B @ A`` at r = 8.
+    Returns a row per method and the updates of the Linear layer named
+    ``layer``: ``"full"``, ``W_finetuned - W_pretrained``, and ``"lora8"``,
+    ``scaling * B @ A`` at r = 8.
     """
     from lowrank.nn import MLP, inject_lora
 
@@ -130,11 +142,11 @@ def _adapt(task, pretrained: dict[str, np.ndarray], layer_sizes: list[int], epoc
             "seconds": seconds,
             "val_loss_curve": history["val_loss"],
         })
-        layer = student[0]
+        adapted = dict(student.named_modules())[layer]
         if method == "full":
-            updates["full"] = layer.weight.data.astype(np.float64) - pretrained["0.weight"]  # (hidden, in)
+            updates["full"] = adapted.weight.data.astype(np.float64) - pretrained[f"{layer}.weight"]  # (hidden, in)
         elif method == "lora r=8":
-            updates["lora8"] = layer.scaling * (layer.B.data.astype(np.float64) @ layer.A.data)  # (hidden, in)
+            updates["lora8"] = adapted.scaling * (adapted.B.data.astype(np.float64) @ adapted.A.data)  # (hidden, in)
     return rows, updates
 
 
@@ -169,8 +181,9 @@ def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     pretrained = model.state_dict()
     before = _evaluate_on(model, B)
 
-    rows, updates = _adapt(B, pretrained, layer_sizes, ft_epochs, seed)
-    contrast_rows, contrast_updates = _adapt(C, pretrained, layer_sizes, ft_epochs, seed)
+    first = linear_layer_names(model)[0]  # the layer whose update ΔW is analysed
+    rows, updates = _adapt(B, pretrained, layer_sizes, first, ft_epochs, seed)
+    contrast_rows, contrast_updates = _adapt(C, pretrained, layer_sizes, first, ft_epochs, seed)
 
     delta = updates["full"]  # (hidden, in)
     s = np.linalg.svd(delta, compute_uv=False)
@@ -188,7 +201,7 @@ def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
         "finetune_epochs": ft_epochs,
         "methods": rows,
         "delta_w": {
-            "layer": "0.weight",
+            "layer": f"{first}.weight",
             "singular_values": s.tolist(),
             "energy_top": _energy_top(s),
             "similarity_lora8_vs_full": {f"{i},{j}": subspace_similarity(lora_top[i], full_top[j])
@@ -218,7 +231,7 @@ def run_demo(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     from lowrank.utils.threads import blas_threads
 
     start = time.perf_counter()
-    with blas_threads(1):  # every matrix here is small: a second thread only costs (see _blas)
+    with blas_threads(1):  # every matrix here is small: a second thread only costs (see lowrank.utils.threads)
         results = {
             "seed": seed,
             "quick": quick,

@@ -182,8 +182,10 @@ def test_planted_delta_rank_norm_and_flat_spectrum(shape, data, norm, seed):
     D = planted_delta(shape, rank, norm, random_state=seed)
     assert D.shape == shape and D.dtype == np.float64
     np.testing.assert_allclose(np.linalg.norm(D), norm, rtol=1e-12, atol=1e-12)
-    if norm > 0:
-        s = np.linalg.svd(D, compute_uv=False)
+    s = np.linalg.svd(D, compute_uv=False)
+    if norm == 0:
+        assert not D.any()
+    else:
         assert np.linalg.matrix_rank(D) == rank
         np.testing.assert_allclose(s[:rank], norm / np.sqrt(rank), rtol=1e-10)
     assert planted_delta(shape, rank, norm, random_state=seed).tobytes() == D.tobytes()

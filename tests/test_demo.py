@@ -22,49 +22,85 @@ def demo_json():
     return json.loads(out.getvalue())  # stdout holds the JSON and nothing else
 
 
-def test_demo_json_has_the_documented_fields(demo_json):
-    for key in ("seed", "quick", "nine_by_nine", "completion", "gpt3", "adaptation", "seconds"):
-        assert key in demo_json
-    a = demo_json["adaptation"]
-    for key in ("layer_sizes", "planted_rank", "labels_changed", "pretrain", "before_adaptation",
-                "finetune_epochs", "methods", "delta_w"):
-        assert key in a
-    assert [row["method"] for row in a["methods"]] == ["full", "lora r=1", "lora r=2", "lora r=4", "lora r=8"]
-    for key in ("energy_top", "similarity_lora8_vs_full", "similarity_full_vs_planted", "singular_values"):
-        assert key in a["delta_w"]
-    for key in ("planted_rank", "labels_changed", "before_adaptation", "methods", "energy_top"):
-        assert key in a["contrast"]
-    assert [row["method"] for row in a["contrast"]["methods"]] == [row["method"] for row in a["methods"]]
+SEED = 3  # the demo_json fixture's --seed
 
 
-def test_demo_numbers_follow_from_the_formulas(demo_json):
-    assert demo_json["seed"] == 3 and demo_json["quick"] is True
+def test_nine_by_nine_errors_are_the_eckart_young_tail_sums(demo_json):
+    """The table rebuilt here from the documented recipe, its errors from np.linalg.svd: sqrt(sum s[r:]²) / ‖M‖_F."""
+    rng = np.random.default_rng(SEED)
+    k = np.arange(1.0, 10.0)
+    M = np.outer(k, k) + 0.5 * rng.standard_normal((9, 9))
+    s = np.linalg.svd(M, compute_uv=False)
     nine = demo_json["nine_by_nine"]
-    assert nine["dense_params"] == 81
-    assert [row["params"] for row in nine["ranks"]] == [r * 18 for r in range(1, 10)]
-    assert demo_json["gpt3"]["trainable"] == 2 * 96 * 1 * (12288 + 12288)
-    assert round(demo_json["gpt3"]["trainable_percent"], 4) == 0.0027
+    assert nine["dense_params"] == 9 * 9
+    assert [row["rank"] for row in nine["ranks"]] == list(range(1, 10))
+    for row in nine["ranks"]:
+        r = row["rank"]
+        tail = np.sqrt(np.sum(s[r:] ** 2)) / np.sqrt(np.sum(s**2))
+        assert row["params"] == r * (9 + 9)
+        assert row["eckart_young"] == pytest.approx(tail, rel=1e-9, abs=1e-15)
+        assert row["relative_error"] == pytest.approx(tail, rel=1e-9, abs=1e-13)
 
+
+def test_completion_recovers_the_hidden_entries_of_the_planted_matrix(demo_json):
+    c = demo_json["completion"]
+    m, n, rank = 60, 40, 3  # --quick sizes
+    rng = np.random.default_rng(SEED)
+    rng.standard_normal((m, rank)), rng.standard_normal((rank, n))  # the factors, drawn first
+    mask = rng.random((m, n)) < 0.4
+    assert c["shape"] == [m, n] and c["rank"] == rank
+    assert c["observed_fraction"] == mask.mean()
+    assert c["relative_error_hidden"] < 1e-6 and 1 <= c["sweeps"] <= 300
+
+
+def test_gpt3_budget_follows_the_formula(demo_json):
+    g = demo_json["gpt3"]
+    trainable = 2 * 96 * 1 * (12288 + 12288)  # W_q and W_v, 96 layers, r = 1: r·(d + d) each
+    assert g["trainable"] == trainable == 4_718_592
+    assert g["total"] == 175_255.8e6
+    assert g["trainable_percent"] == pytest.approx(100 * trainable / 175_255.8e6, rel=1e-12)
+    assert round(g["trainable_percent"], 4) == 0.0027
+
+
+def test_adaptation_parameter_counts_follow_r_times_in_plus_out(demo_json):
     a = demo_json["adaptation"]
     d_in, hidden, d_out = a["layer_sizes"]
-    full = hidden * d_in + hidden + d_out * hidden + d_out
-    rows = {row["method"]: row for row in a["methods"]}
-    assert rows["full"]["trainable_params"] == full
-    for r in (1, 2, 4, 8):
-        row = rows[f"lora r={r}"]
-        assert row["trainable_params"] == r * (d_in + hidden) + r * (hidden + d_out)
-        assert row["percent_of_full"] == pytest.approx(100 * row["trainable_params"] / full)
-    for row in a["methods"]:
-        assert 0.0 <= row["val_acc"] <= 1.0 and np.isfinite(row["val_loss"])
-        assert len(row["val_loss_curve"]) == a["finetune_epochs"]
+    assert a["layer_sizes"] == [32, 128, 6]  # the demo's network: n_features -> 128 -> n_classes
+    full = hidden * d_in + hidden + d_out * hidden + d_out  # two Linear layers with bias
+    for rows in (a["methods"], a["contrast"]["methods"]):
+        assert [row["method"] for row in rows] == ["full", "lora r=1", "lora r=2", "lora r=4", "lora r=8"]
+        counts = {row["method"]: row["trainable_params"] for row in rows}
+        assert counts["full"] == full
+        for r in (1, 2, 4, 8):
+            assert counts[f"lora r={r}"] == r * (d_in + hidden) + r * (hidden + d_out)
+        for row in rows:
+            assert row["percent_of_full"] == pytest.approx(100 * row["trainable_params"] / full, rel=1e-12)
+            assert len(row["val_loss_curve"]) == a["finetune_epochs"] == 6  # --quick
+            assert row["val_loss"] == row["val_loss_curve"][-1]
+            assert 0.0 <= row["val_acc"] <= 1.0
+    assert len(a["pretrain"]["val_loss_curve"]) == a["pretrain"]["epochs"] == 4
 
-    energy = [a["delta_w"]["energy_top"][k] for k in ("1", "2", "4", "8")]
-    assert all(0 <= e <= 1 for e in energy) and energy == sorted(energy)
-    s = np.asarray(a["delta_w"]["singular_values"])
-    assert energy[1] == pytest.approx(np.sum(s[:2] ** 2) / np.sum(s**2))
+
+def test_delta_w_analysis_follows_from_its_singular_values(demo_json):
+    a = demo_json["adaptation"]
     d = a["delta_w"]
-    for value in [*d["similarity_lora8_vs_full"].values(), *d["similarity_full_vs_planted"].values()]:
+    assert d["layer"] == "0.weight"  # torch-style name of the MLP's first Linear layer
+    s = np.asarray(d["singular_values"])
+    d_in, hidden, _ = a["layer_sizes"]
+    assert s.shape == (min(d_in, hidden),) and np.all(s >= 0) and np.all(np.diff(s) <= 0)
+    for k in ("1", "2", "4", "8"):  # energy kept by the top k directions: sum(s[:k]²) / sum(s²)
+        assert d["energy_top"][k] == pytest.approx(np.sum(s[: int(k)] ** 2) / np.sum(s**2), rel=1e-9)
+    top = (1, 2, 4, 8)
+    phi = d["similarity_lora8_vs_full"]
+    assert sorted(phi) == sorted(f"{i},{j}" for i in top for j in top)
+    for value in [*phi.values(), *d["similarity_full_vs_planted"].values()]:
         assert -1e-12 <= value <= 1 + 1e-12
+    # the top-k singular directions are nested (top 1 ⊂ top 2 ⊂ …), so the overlap ‖U_iᵀ U_j‖²_F = φ(i, j)·min(i, j)
+    # can only grow with i and with j; the same for the overlap with the planted change (rank a["planted_rank"])
+    overlap = np.array([[phi[f"{i},{j}"] * min(i, j) for j in top] for i in top])
+    assert np.all(np.diff(overlap, axis=0) >= -1e-9) and np.all(np.diff(overlap, axis=1) >= -1e-9)
+    planted = [d["similarity_full_vs_planted"][str(k)] * min(k, a["planted_rank"]) for k in top]
+    assert np.all(np.diff(planted) >= -1e-9)
 
 
 def test_demo_adaptation_tells_the_story(demo_json):
@@ -143,3 +179,13 @@ def test_vectors_commands_write_check_and_fail(capsys, tmp_path):
     assert failing and "ok" not in failing[0].split()
 
     _one_line_error(capsys, main(["vectors", "check", str(ref), str(tmp_path / "missing")]))
+
+
+def test_linear_layer_names_follow_the_torch_style_indices():
+    from lowrank import nn
+    from lowrank.demo import linear_layer_names
+
+    mlp = nn.MLP([4, 8, 8, 2], activation="tanh", random_state=0)  # Linear, Tanh, Linear, Tanh, Linear
+    assert linear_layer_names(mlp) == ["0", "2", "4"]
+    assert linear_layer_names(nn.inject_lora(mlp, r=2, alpha=4, random_state=0)) == ["0", "2", "4"]
+    assert linear_layer_names(nn.Sequential(nn.ReLU(), nn.Linear(3, 3))) == ["1"]
