@@ -1,14 +1,22 @@
 """Every hypothesis strategy of the test suite, in one place.
 
-Shapes and values are bounded so that each example is cheap and no example
-hits overflow; properties are written once and drawn over dtypes and shapes.
-Add new strategies to the section of the part of the package they serve.
+Strategies draw the values themselves (``hypothesis.extra.numpy.arrays`` of
+bounded finite floats), never a seed for ``numpy.random.default_rng``: so a
+failure shrinks to a small, readable array, and the examples are hypothesis's
+own, edge values (0, equal entries, the bounds) included. Arrays come in
+several memory layouts (C, Fortran, every other entry of a bigger array,
+reversed along an axis) so the code under test meets non-contiguous and
+negative-stride views. Shapes and values are bounded so that each example is
+cheap and none overflows. ``SEEDS`` remains, for the ``random_state``
+argument of the functions under test. Add new strategies to the section of
+the part of the package they serve.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 FLOAT_DTYPES = st.sampled_from([np.float32, np.float64])
 SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
@@ -17,6 +25,80 @@ SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
 def rtol_for(dtype) -> float:
     """A comparison tolerance proportionate to the dtype's machine epsilon."""
     return 1e-4 if np.dtype(dtype) == np.float32 else 1e-10
+
+
+# ---------------------------------------------------------------- arrays and their layouts
+
+
+def float_elements(dtype=np.float64, bound: float = 4.0, min_magnitude: float = 0.0):
+    """Finite floats in ``[-bound, bound]`` representable in ``dtype`` (no NaN, inf or subnormal).
+
+    With ``min_magnitude > 0`` every value has at least that magnitude.
+    """
+    width = 32 if np.dtype(dtype) == np.float32 else 64
+    if width == 32:  # hypothesis wants bounds representable at the width: round them inwards
+        bound = float(np.nextafter(np.float32(bound), np.float32(0))) if np.float32(bound) > bound else bound
+        if min_magnitude > 0 and np.float32(min_magnitude) < min_magnitude:
+            min_magnitude = float(np.nextafter(np.float32(min_magnitude), np.float32(np.inf)))
+        bound, min_magnitude = float(np.float32(bound)), float(np.float32(min_magnitude))
+    if min_magnitude > 0:
+        positive = st.floats(min_magnitude, bound, allow_subnormal=False, width=width)
+        return positive | positive.map(lambda v: -v)
+    return st.floats(-bound, bound, allow_nan=False, allow_infinity=False, allow_subnormal=False, width=width)
+
+
+def float_arrays(dtype, shape, bound: float = 4.0, min_magnitude: float = 0.0):
+    """A C-contiguous array of ``shape`` with entries from :func:`float_elements`."""
+    return hnp.arrays(np.dtype(dtype), tuple(shape), elements=float_elements(dtype, bound, min_magnitude))
+
+
+LAYOUTS = ("C", "F", "strided", "reversed")
+
+
+def _elements_for(dtype, elements):
+    if elements is not None:
+        return elements
+    dtype = np.dtype(dtype)
+    if dtype == np.bool_:
+        return st.booleans()
+    if dtype.kind in "iu":
+        return st.integers(0 if dtype.kind == "u" else -5, 5)
+    return float_elements(dtype)
+
+
+@st.composite
+def strided_views(draw, dtype, shape, elements=None):
+    """A non-contiguous view of ``shape``: every other entry, along a drawn axis, of a drawn array
+    twice as long there."""
+    shape = tuple(shape)
+    if not shape:
+        return draw(hnp.arrays(np.dtype(dtype), shape, elements=_elements_for(dtype, elements)))
+    axis = draw(st.integers(0, len(shape) - 1))
+    big = tuple(2 * side if i == axis else side for i, side in enumerate(shape))
+    base = draw(hnp.arrays(np.dtype(dtype), big, elements=_elements_for(dtype, elements)))
+    return base[(slice(None),) * axis + (slice(None, None, 2),)]
+
+
+@st.composite
+def reversed_views(draw, dtype, shape, elements=None):
+    """A negative-stride view of ``shape``: a drawn array reversed (``[::-1]``) along a drawn axis."""
+    arr = draw(hnp.arrays(np.dtype(dtype), tuple(shape), elements=_elements_for(dtype, elements)))
+    if arr.ndim == 0:
+        return arr
+    return np.flip(arr, draw(st.integers(0, arr.ndim - 1)))
+
+
+@st.composite
+def laid_out(draw, dtype, shape, elements=None, layouts=LAYOUTS):
+    """An array of ``shape`` and drawn values in a drawn memory layout: C or Fortran order,
+    a strided view (:func:`strided_views`) or a negative-stride one (:func:`reversed_views`)."""
+    layout = draw(st.sampled_from(layouts))
+    if layout == "strided":
+        return draw(strided_views(dtype, shape, elements))
+    if layout == "reversed":
+        return draw(reversed_views(dtype, shape, elements))
+    arr = draw(hnp.arrays(np.dtype(dtype), tuple(shape), elements=_elements_for(dtype, elements)))
+    return np.asfortranarray(arr) if layout == "F" else arr
 
 
 # ---------------------------------------------------------------- factorization
@@ -32,24 +114,82 @@ def matrix_shapes(draw, min_side: int = 1, max_side: int = 12):
 
 @st.composite
 def matrices(draw, min_side: int = 1, max_side: int = 12, dtype=None):
-    """A dense matrix with entries from a seeded standard normal, and its dtype."""
-    m, n = draw(matrix_shapes(min_side, max_side))
+    """A dense float32 or float64 matrix with drawn entries in [-4, 4], in any layout (:func:`laid_out`)."""
+    shape = draw(matrix_shapes(min_side, max_side))
     dtype = draw(FLOAT_DTYPES) if dtype is None else dtype
-    seed = draw(SEEDS)
-    M = np.random.default_rng(seed).standard_normal((m, n)).astype(dtype)
-    return M
+    return draw(laid_out(dtype, shape))
 
 
 @st.composite
 def matrices_and_ranks(draw, min_side: int = 1, max_side: int = 12, dtype=None):
-    """A dense matrix and a valid rank in [1, min(m, n)]."""
+    """A dense matrix (:func:`matrices`) and a valid rank in [1, min(m, n)]."""
     M = draw(matrices(min_side, max_side, dtype))
     rank = draw(st.integers(1, min(M.shape)))
     return M, rank
 
 
+@st.composite
+def orthonormal_columns(draw, n: int, k: int):
+    """An (n, k) float64 matrix with orthonormal columns, k <= n: the Q of the QR of a drawn matrix.
+
+    Householder QR returns orthonormal columns for any input, a rank-deficient
+    or zero one too (then Q is made of coordinate vectors).
+    """
+    G = draw(float_arrays(np.float64, (n, k), bound=1.0))
+    return np.linalg.qr(G)[0]  # (n, k)
+
+
+@st.composite
+def singular_values(draw, p: int, min_gap: float = 0.1, smallest=(0.5, 1.0), max_gap: float = 1.0):
+    """``p`` singular values, descending, consecutive ones at least ``min_gap`` apart,
+    the smallest in the interval ``smallest``: float64 of shape (p,)."""
+    low = draw(st.floats(*smallest))
+    gaps = np.asarray(draw(st.lists(st.floats(min_gap, max_gap), min_size=p - 1, max_size=p - 1)), np.float64)
+    return low + np.append(np.cumsum(gaps[::-1])[::-1], 0.0)  # (p,)
+
+
+@st.composite
+def planted_matrices(draw, m: int, n: int, s, dtype=np.float64):
+    """``U diag(s) Vᵀ`` with drawn orthonormal ``U (m, k)`` and ``V (n, k)``, k = len(s) <= min(m, n):
+    a matrix whose singular values are exactly ``s`` (and zeros)."""
+    s = np.asarray(s, dtype=np.float64)
+    U = draw(orthonormal_columns(m, s.size))
+    V = draw(orthonormal_columns(n, s.size))
+    return ((U * s) @ V.T).astype(dtype)  # (m, n)
+
+
+@st.composite
+def spectrum_matrices(draw, min_side: int = 1, max_side: int = 12, dtype=None, min_gap: float = 0.1):
+    """(M, s): a matrix built from drawn orthonormal factors and drawn, well-separated singular
+    values ``s`` (all ``min(m, n)`` of them, so M's spectrum is exactly ``s``), in any layout."""
+    m, n = draw(matrix_shapes(min_side, max_side))
+    dtype = draw(FLOAT_DTYPES) if dtype is None else dtype
+    s = draw(singular_values(min(m, n), min_gap=min_gap))
+    M = draw(planted_matrices(m, n, s, dtype))
+    return draw(as_layout(M)), s
+
+
+@st.composite
+def as_layout(draw, arr):
+    """The same values in a drawn memory layout: a C or Fortran copy, a strided view of a bigger
+    array holding them at every other position, or a reversed view of a reversed copy."""
+    layout = draw(st.sampled_from(LAYOUTS))
+    if layout == "F":
+        return np.asfortranarray(arr)
+    if layout == "C" or arr.ndim == 0:
+        return np.ascontiguousarray(arr)
+    axis = draw(st.integers(0, arr.ndim - 1))
+    if layout == "reversed":
+        return np.flip(np.flip(arr, axis).copy(), axis)
+    big = np.zeros(tuple(2 * side if i == axis else side for i, side in enumerate(arr.shape)), arr.dtype)
+    index = (slice(None),) * axis + (slice(None, None, 2),)
+    big[index] = arr
+    return big[index]
+
+
 def planted(m: int, n: int, rank: int, seed: int, dtype=np.float64, decay: float | None = None):
-    """A rank-``rank`` matrix U diag(s) V^T with orthonormal U, V.
+    """A rank-``rank`` matrix U diag(s) V^T with orthonormal U, V, from a seed: for fixed,
+    parametrized cases (hypothesis tests use :func:`planted_matrices`).
 
     ``decay=None`` gives singular values spread in [1, 2]; otherwise
     ``s_i = decay**i``.
@@ -83,19 +223,14 @@ def lapack_tol(dtype, size: int = 1) -> float:
 
 @st.composite
 def any_dtype_matrices(draw, min_side: int = 1, max_side: int = 12):
-    """A dense matrix of any accepted input dtype (floats, integers or bool)."""
-    m, n = draw(matrix_shapes(min_side, max_side))
-    dtype = np.dtype(draw(INPUT_DTYPES))
-    rng = np.random.default_rng(draw(SEEDS))
-    if dtype == np.bool_:
-        return rng.random((m, n)) < 0.5
-    if dtype.kind in "iu":
-        return rng.integers(0 if dtype.kind == "u" else -5, 6, size=(m, n)).astype(dtype)
-    return rng.standard_normal((m, n)).astype(dtype)
+    """A dense matrix of any accepted input dtype (floats, integers in [-5, 5] or bool), any layout."""
+    shape = draw(matrix_shapes(min_side, max_side))
+    return draw(laid_out(draw(INPUT_DTYPES), shape))
 
 
 def with_spectrum(m: int, n: int, s, seed: int, dtype=np.float64) -> np.ndarray:
-    """U diag(s) V^T with random orthonormal U (m, k), V (n, k), k = len(s) <= min(m, n)."""
+    """U diag(s) V^T with random orthonormal U (m, k), V (n, k), k = len(s) <= min(m, n), from a
+    seed: for fixed, parametrized cases (hypothesis tests use :func:`planted_matrices`)."""
     s = np.asarray(s, dtype=np.float64)
     rng = np.random.default_rng(seed)
     U, _ = np.linalg.qr(rng.standard_normal((m, s.size)))
@@ -104,10 +239,19 @@ def with_spectrum(m: int, n: int, s, seed: int, dtype=np.float64) -> np.ndarray:
 
 
 def random_mask(shape, density: float, seed: int) -> np.ndarray:
-    """A boolean mask with each entry observed with probability ``density`` (at least one)."""
+    """A boolean mask with each entry observed with probability ``density`` (at least one), from a
+    seed: for fixed, parametrized cases (hypothesis tests use :func:`masks`)."""
     rng = np.random.default_rng(seed)
     mask = rng.random(shape) < density
     mask.flat[rng.integers(mask.size)] = True
+    return mask
+
+
+@st.composite
+def masks(draw, shape):
+    """A drawn boolean mask of ``shape`` with at least one True entry."""
+    mask = draw(hnp.arrays(np.bool_, tuple(shape), elements=st.booleans()))
+    mask.flat[draw(st.integers(0, mask.size - 1))] = True
     return mask
 
 
@@ -120,20 +264,19 @@ def legacy_global_state() -> bytes:
 def als_problems(draw, min_side: int = 2, max_side: int = 10, max_rank: int = 3):
     """A masked ALS problem: (M, mask, rank, reg, weighted_reg, seed).
 
-    M is float32 or float64 with NaN at every unobserved entry, so any read of one
-    poisons the result; the mask keeps 30-100 % of the entries.
+    M is float32 or float64, drawn entries in [-4, 4] in any layout, with NaN at
+    every unobserved entry, so any read of one poisons the result; the mask is
+    drawn entry by entry (at least one True). ``seed`` is for ``random_state``.
     """
     m, n = draw(matrix_shapes(min_side, max_side))
     dtype = draw(FLOAT_DTYPES)
-    seed = draw(SEEDS)
     rank = draw(st.integers(1, min(max_rank, m, n)))
-    density = draw(st.sampled_from([0.3, 0.6, 1.0]))
-    mask = random_mask((m, n), density, seed)
-    M = np.random.default_rng(seed + 1).standard_normal((m, n)).astype(dtype)
-    M[~mask] = np.nan
+    mask = draw(masks((m, n)))
+    M = draw(laid_out(dtype, (m, n)))
+    M[~mask] = np.nan  # writes through a view into its base: the layout stays
     reg = draw(st.sampled_from([0.0, 1e-3, 0.1, 2.0]))
     weighted_reg = draw(st.booleans())
-    return M, mask, rank, reg, weighted_reg, seed
+    return M, mask, rank, reg, weighted_reg, draw(SEEDS)
 
 
 # ---------------------------------------------------------------- nn
@@ -202,44 +345,54 @@ def adapted_mlp_configs(draw, max_width: int = 6, dtype=None):
 # nn functional kernels and the gradient checker (tests/nn/test_functional.py, tests/test_gradcheck.py)
 
 
+def _nn_array(dtype, shape, views: bool, bound: float = 2.0, min_magnitude: float = 0.0):
+    elements = float_elements(dtype, bound, min_magnitude)
+    if views:
+        return laid_out(dtype, shape, elements)
+    return hnp.arrays(np.dtype(dtype), tuple(shape), elements=elements)
+
+
 @st.composite
-def linear_problems(draw, dtype=np.float64, bias=None):
+def linear_problems(draw, dtype=np.float64, bias=None, views: bool = False):
     """Inputs of ``F.linear`` and an upstream gradient: x (*batch, in), weight (out, in),
-    bias (out,) or None, dy (*batch, out); 0 to 2 leading batch dims."""
+    bias (out,) or None, dy (*batch, out); 0 to 2 leading batch dims; drawn entries in [-2, 2].
+
+    With ``views=True`` each array comes in a drawn memory layout (:func:`laid_out`).
+    """
     batch = draw(batch_shapes(max_dims=2, max_side=4))
     n_in, n_out = draw(st.integers(1, 6)), draw(st.integers(1, 6))
     with_bias = draw(st.booleans()) if bias is None else bias
-    rng = np.random.default_rng(draw(SEEDS))
     return {
-        "x": rng.standard_normal((*batch, n_in)).astype(dtype),
-        "weight": rng.standard_normal((n_out, n_in)).astype(dtype),
-        "bias": rng.standard_normal(n_out).astype(dtype) if with_bias else None,
-        "dy": rng.standard_normal((*batch, n_out)).astype(dtype),
+        "x": draw(_nn_array(dtype, (*batch, n_in), views)),
+        "weight": draw(_nn_array(dtype, (n_out, n_in), views)),
+        "bias": draw(_nn_array(dtype, (n_out,), views)) if with_bias else None,
+        "dy": draw(_nn_array(dtype, (*batch, n_out), views)),
     }
 
 
 @st.composite
-def lora_problems(draw, dtype=np.float64, bias=None, dropout=None):
+def lora_problems(draw, dtype=np.float64, bias=None, dropout=None, views: bool = False):
     """Inputs of ``F.lora_linear`` and an upstream gradient: x, weight, bias (or None), A (r, in),
-    B (out, r) nonzero, scaling (alpha / r or rsLoRA's alpha / sqrt(r)), dropout_mask (or None), dy.
+    B (out, r) with every entry nonzero, scaling (alpha / r or rsLoRA's alpha / sqrt(r)),
+    dropout_mask (or None), dy.
 
     Batches run from 1 row to 16, so both evaluation orders (folded weight or not) are drawn.
+    With ``views=True`` each array comes in a drawn memory layout (:func:`laid_out`).
     """
-    problem = draw(linear_problems(dtype=dtype, bias=bias))
+    problem = draw(linear_problems(dtype=dtype, bias=bias, views=views))
     n_out, n_in = problem["weight"].shape
     r = draw(st.integers(1, 4))
     alpha = draw(st.floats(0.25, 16.0, allow_nan=False, allow_infinity=False))
     scaling = alpha / np.sqrt(r) if draw(st.booleans()) else alpha / r
     with_dropout = draw(st.booleans()) if dropout is None else dropout
     p = draw(st.floats(0.1, 0.7)) if with_dropout else 0.0
-    rng = np.random.default_rng(draw(SEEDS))
     x_shape = problem["x"].shape
     # the mask either has x's shape or broadcasts to it (one mask shared by the batch)
     mask_shape = x_shape if draw(st.booleans()) else x_shape[-1:]
-    keep = rng.random(mask_shape) >= p
+    keep = draw(hnp.arrays(np.bool_, mask_shape, elements=st.booleans())) if with_dropout else None
     problem.update(
-        A=rng.standard_normal((r, n_in)).astype(dtype),
-        B=rng.standard_normal((n_out, r)).astype(dtype),
+        A=draw(_nn_array(dtype, (r, n_in), views)),
+        B=draw(_nn_array(dtype, (n_out, r), views, min_magnitude=0.25)),
         scaling=float(scaling),
         dropout_mask=(keep / (1 - p)).astype(dtype) if with_dropout else None,
     )
@@ -248,14 +401,10 @@ def lora_problems(draw, dtype=np.float64, bias=None, dropout=None):
 
 @st.composite
 def elementwise_inputs(draw, dtype=np.float64, scale: float = 3.0, away_from_zero: float = 0.0):
-    """An array of 0 to 2 batch dims plus a feature axis, entries of size up to ``scale``;
+    """An array of 0 to 2 batch dims plus a feature axis, drawn entries of size up to ``scale``;
     with ``away_from_zero > 0`` every entry has magnitude at least that (relu's kink)."""
     shape = (*draw(batch_shapes(max_dims=2, max_side=4)), draw(st.integers(1, 5)))
-    rng = np.random.default_rng(draw(SEEDS))
-    x = rng.uniform(-scale, scale, shape)
-    if away_from_zero > 0:
-        x = np.sign(x + (x == 0)) * (away_from_zero + np.abs(x))
-    return x.astype(dtype)
+    return draw(float_arrays(dtype, shape, bound=scale, min_magnitude=away_from_zero))
 
 
 # ---------------------------------------------------------------- optim / data
@@ -291,11 +440,12 @@ def adam_hyper(draw):
 def optimizer_problems(draw, n_steps: int = 3, dtype=None):
     """A small parameter value and ``n_steps`` gradients for it: (theta0, [g_1, ...]), one dtype.
 
-    Entries are standard normal, so every update is O(lr) and no example overflows.
+    Entries are drawn in [-3, 3], so every update is O(lr) and no example overflows.
     """
     shape = draw(st.sampled_from([(), (1,), (3,), (2, 3)]))
     dtype = draw(FLOAT_DTYPES) if dtype is None else dtype
-    rng = np.random.default_rng(draw(SEEDS))
-    theta0 = rng.standard_normal(shape).astype(dtype)
-    grads = [rng.standard_normal(shape).astype(dtype) for _ in range(n_steps)]
+    # 0 or at least 1e-4 in magnitude: a clipped or decayed float32 entry never turns subnormal
+    elements = st.just(0.0) | float_elements(dtype, 3.0, min_magnitude=1e-4)
+    theta0 = draw(hnp.arrays(np.dtype(dtype), shape, elements=elements))
+    grads = [draw(hnp.arrays(np.dtype(dtype), shape, elements=elements)) for _ in range(n_steps)]
     return theta0, grads

@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import (
-    FLOAT_DTYPES,
     SEEDS,
     als_problems,
+    as_layout,
     legacy_global_state,
-    matrix_shapes,
+    matrices,
     planted,
+    planted_matrices,
     random_mask,
-    with_spectrum,
 )
 
 import lowrank
@@ -132,30 +132,32 @@ def test_tol_zero_runs_every_sweep_unless_the_fit_is_exact():
 # ---------------------------------------------------------------- Eckart–Young optimum
 
 
+@st.composite
+def gapped_problems(draw):
+    """(M, s, rank): drawn orthonormal factors around s = 3, 2.5, 2 (the first ``rank``), then a
+    tail below 0.5, so the best rank-``rank`` approximation is unique; any layout."""
+    m, n, rank = draw(st.integers(10, 25)), draw(st.integers(10, 25)), draw(st.integers(1, 3))
+    s = np.concatenate([[3.0, 2.5, 2.0][:rank], 0.5 * 0.8 ** np.arange(min(m, n) - rank)])
+    return draw(planted_matrices(m, n, s).flatmap(as_layout)), s, rank
+
+
 @settings(max_examples=10)
-@given(
-    m=st.integers(10, 25),
-    n=st.integers(10, 25),
-    rank=st.integers(1, 3),
-    seed=SEEDS,
-)
-def test_fully_observed_from_random_init_reaches_the_eckart_young_optimum(m, n, rank, seed):
-    p = min(m, n)
-    # a spectral gap after the planted rank: s = 3, 2.5, 2 (first `rank` of them), then < 0.5
-    s = np.concatenate([[3.0, 2.5, 2.0][:rank], 0.5 * 0.8 ** np.arange(p - rank)])
-    M = with_spectrum(m, n, s, seed)
+@given(problem=gapped_problems(), seed=SEEDS)
+def test_fully_observed_from_random_init_reaches_the_eckart_young_optimum(problem, seed):
+    M, s, rank = problem
     fit = als(M, rank, init="random", tol=1e-14, max_iter=500, random_state=seed)
-    optimum = float(np.sum(s[rank:] ** 2))
+    optimum = float(np.sum(s[rank:] ** 2))  # Eckart–Young, from the planted spectrum
     assert (fit.losses[-1] - optimum) / optimum < 1e-6
     assert (objective(M, np.ones_like(M, bool), fit.left, fit.right) - optimum) / optimum < 1e-6
-    best = lowrank.truncated_svd(M, rank)
-    np.testing.assert_allclose(fit.left @ fit.right, (best.U * best.s) @ best.Vt, atol=1e-5)
+    U, sv, Vt = np.linalg.svd(M, full_matrices=False)
+    best = (U[:, :rank] * sv[:rank]) @ Vt[:rank]  # (m, n), numpy's truncation
+    np.testing.assert_allclose(fit.left @ fit.right, best, atol=1e-5)
 
 
-@given(shape=matrix_shapes(2, 12), seed=SEEDS, dtype=FLOAT_DTYPES)
-def test_svd_init_is_optimal_from_the_first_sweep(shape, seed, dtype):
-    m, n = shape
-    M = np.random.default_rng(seed).standard_normal((m, n)).astype(dtype)
+@given(M=matrices(2, 12))
+def test_svd_init_is_optimal_from_the_first_sweep(M):
+    m, n = M.shape
+    dtype = M.dtype
     rank = max(1, min(m, n) // 2)
     fit = als(M, rank, init="svd", max_iter=3, tol=0.0)
     s = np.linalg.svd(M.astype(np.float64), compute_uv=False)
@@ -349,11 +351,12 @@ def test_explicitly_stored_zeros_of_a_sparse_matrix_are_observed():
     np.testing.assert_allclose(a.losses, b.losses, rtol=1e-8)
 
 
-def test_sparse_float32_and_integer_follow_the_dtype_rule():
+@pytest.mark.parametrize("init", ["svd", "random"])
+def test_sparse_float32_and_integer_follow_the_dtype_rule(init):
     mask = random_mask((6, 5), 0.7, 0)
     M = np.random.default_rng(0).integers(-3, 4, (6, 5))
     for dtype, want in ((np.float32, np.float32), (np.int64, np.float64)):
-        fit = als(to_sparse(M.astype(dtype), mask, "csr"), 2, max_iter=3, random_state=0)
+        fit = als(to_sparse(M.astype(dtype), mask, "csr"), 2, init=init, max_iter=3, random_state=0)
         assert fit.left.dtype == want and fit.right.dtype == want
 
 
@@ -363,9 +366,11 @@ def test_sparse_with_a_mask_is_refused():
         als(M, 2, mask=np.ones((6, 5), dtype=bool))
 
 
-def test_sparse_with_a_non_finite_stored_entry_is_refused():
-    M = sparse.coo_matrix(([1.0, np.nan, 2.0], ([0, 1, 2], [0, 1, 2])), shape=(3, 3))
-    with pytest.raises(ValueError, match="M must be finite"):
+def test_sparse_with_a_non_finite_stored_entry_is_refused_naming_row_and_column():
+    # stored out of order: the first non-finite entry in row-major order is (1, 2)
+    M = sparse.coo_matrix(([1.0, np.inf, np.nan, 2.0], ([0, 2, 1, 2], [0, 0, 2, 2])), shape=(3, 3))
+    want = r"^M must be finite at observed entries, got nan at index \(1, 2\) \(2 non-finite entries\)$"
+    with pytest.raises(ValueError, match=want):
         als(M, 1)
 
 
@@ -432,9 +437,10 @@ def test_result_is_frozen_and_converts_to_lowrank():
 def test_dtype_rule(dtype, want):
     M = (np.random.default_rng(0).standard_normal((6, 5)) * 3).astype(dtype)
     for mask in (None, random_mask(M.shape, 0.7, 0)):
-        fit = als(M, 2, mask=mask, max_iter=3, random_state=0)
-        assert fit.left.dtype == want and fit.right.dtype == want
-        assert fit.losses.dtype == np.float64
+        for init in ("svd", "random"):
+            fit = als(M, 2, mask=mask, init=init, max_iter=3, random_state=0)
+            assert fit.left.dtype == want and fit.right.dtype == want, (mask is None, init)
+            assert fit.losses.dtype == np.float64
 
 
 def test_float32_loss_is_the_objective_at_the_returned_factors():
@@ -514,14 +520,26 @@ def test_bad_random_state(random_state):
         als(M, 2, random_state=random_state)
 
 
-def test_entries_too_large_for_the_dtype_are_refused_not_returned_as_nan():
+def test_entries_too_large_for_the_dtype_are_a_floating_point_error_naming_the_magnitude():
     rng = np.random.default_rng(0)
     M = (rng.standard_normal((20, 15)) * 1e19).astype(np.float32)
     mask = rng.random(M.shape) < 0.5
-    with pytest.raises(ValueError, match="too large for ALS in float32"):
+    largest = f"{np.abs(M[mask]).max():.3g}".replace("+", r"\+")
+    with pytest.raises(FloatingPointError, match=rf"largest magnitude {largest}\) are too large for ALS in float32"):
         als(M, 2, mask=mask, random_state=0)
     fit = als(M.astype(np.float64), 2, mask=mask, random_state=0, max_iter=5)
     assert np.all(np.isfinite(fit.losses))
+
+
+@pytest.mark.parametrize("as_sparse", [False, True])
+def test_a_spectral_start_that_overflows_is_a_floating_point_error(as_sparse):
+    M = np.full((6, 5), 3e38, np.float32)  # finite; the zero-filled, rescaled matrix is not
+    mask = np.ones(M.shape, bool)
+    mask[0, 0] = False
+    data = to_sparse(M, mask, "csr") if as_sparse else M
+    want = r"largest magnitude 3e\+38\) are too large for ALS in float32: the spectral start overflowed"
+    with pytest.raises(FloatingPointError, match=want):
+        als(data, 1, mask=None if as_sparse else mask, init="svd", random_state=0)
 
 
 @pytest.mark.parametrize("flag", ["no", 1, None])

@@ -1,4 +1,5 @@
-"""randomized_svd: seeded bits, accuracy against the Eckart–Young optimum, wide input, dtypes, errors."""
+"""randomized_svd and its two stages (randomized_range_finder, svd_in_range): seeded bits, accuracy
+against the Eckart–Young optimum and numpy.linalg.svd's subspaces, wide input, layouts, dtypes, errors."""
 
 from __future__ import annotations
 
@@ -12,16 +13,20 @@ from strategies import (
     FLOAT_DTYPES,
     SEEDS,
     any_dtype_matrices,
+    as_layout,
     expected_float_dtype,
     lapack_tol,
     legacy_global_state,
+    matrices,
     matrices_and_ranks,
-    planted,
+    planted_matrices,
     rtol_for,
+    singular_values,
     with_spectrum,
 )
 
-from lowrank import randomized_svd, truncated_svd
+from lowrank import randomized_svd
+from lowrank.factor import randomized_range_finder, subspace_iteration, svd_in_range
 
 # The factor the randomized_svd docstring documents: at the defaults, on spectra that
 # decay geometrically or faster than 1/i, the Frobenius error is within 1.05 of optimal.
@@ -31,11 +36,6 @@ DOCUMENTED_FACTOR = 1.05
 def frobenius_error(M: np.ndarray, svd) -> float:
     M64 = M.astype(np.float64)
     return float(np.linalg.norm(M64 - (svd.U.astype(np.float64) * svd.s) @ svd.Vt.astype(np.float64)))
-
-
-def optimal_error(M: np.ndarray, rank: int) -> float:
-    s = np.linalg.svd(M.astype(np.float64), compute_uv=False)
-    return float(np.sqrt(np.sum(s[rank:] ** 2)))
 
 
 def assert_sign_rule(U: np.ndarray) -> None:
@@ -54,11 +54,43 @@ def decaying(m: int, n: int, seed: int, kind: str, dtype=np.float64) -> np.ndarr
     return M.astype(dtype)
 
 
-def gapped(m: int, n: int, seed: int, dtype=np.float64) -> np.ndarray:
+SPECTRA = {
+    "geometric": lambda i: 0.9**i,
+    "fast": lambda i: 0.7**i,
+    "power": lambda i: (i + 1.0) ** -2,
+    "harmonic": lambda i: 1.0 / (i + 1.0),
+}
+
+
+def gapped_spectrum(p: int) -> np.ndarray:
     """Top five singular values 10, 9, 8, 7, 6, then a tail below 0.5: a wide spectral gap."""
-    p = min(m, n)
-    s = np.concatenate([[10.0, 9.0, 8.0, 7.0, 6.0], 0.5 * 0.9 ** np.arange(p - 5)])
-    return with_spectrum(m, n, s, seed, dtype=dtype)
+    return np.concatenate([[10.0, 9.0, 8.0, 7.0, 6.0], 0.5 * 0.9 ** np.arange(p - 5)])
+
+
+@st.composite
+def decaying_matrices(draw, min_side: int = 20, max_side: int = 40, dtype=None):
+    """(M, s): drawn orthonormal factors around a decaying spectrum of a drawn kind, any layout."""
+    m, n = draw(st.integers(min_side, max_side)), draw(st.integers(min_side, max_side))
+    s = SPECTRA[draw(st.sampled_from(sorted(SPECTRA)))](np.arange(min(m, n)))
+    dtype = draw(FLOAT_DTYPES) if dtype is None else dtype
+    return draw(planted_matrices(m, n, s, dtype).flatmap(as_layout)), s
+
+
+def canonical(U: np.ndarray, Vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sign rule written out independently: the largest-|.| entry of each column of U positive."""
+    U, Vt = U.copy(), Vt.copy()
+    for j in range(U.shape[1]):
+        i = int(np.argmax(np.abs(U[:, j])))
+        if U[i, j] < 0:
+            U[:, j] *= -1
+            Vt[j] *= -1
+    return U, Vt
+
+
+def subspace_distance(Q: np.ndarray, U: np.ndarray) -> float:
+    """``‖(I − Q Qᵀ) U‖_2``: the sine of the largest angle between span(U) and its projection on span(Q)."""
+    Q, U = Q.astype(np.float64), U.astype(np.float64)
+    return float(np.linalg.norm(U - Q @ (Q.T @ U), 2))
 
 
 # ---------------------------------------------------------------- same seed, same bits
@@ -102,47 +134,38 @@ def test_a_generator_is_used_not_copied():
 
 
 @settings(max_examples=20)
-@given(
-    m=st.integers(20, 60),
-    n=st.integers(20, 60),
-    rank=st.integers(1, 10),
-    kind=st.sampled_from(["geometric", "fast", "power"]),
-    seed=SEEDS,
-    dtype=FLOAT_DTYPES,
-    random_state=SEEDS,
-)
-def test_error_within_the_documented_factor_of_optimal_on_decaying_spectra(
-    m, n, rank, kind, seed, dtype, random_state
-):
-    M = decaying(m, n, seed, kind, dtype)
+@given(Ms=decaying_matrices(), rank=st.integers(1, 10), random_state=SEEDS)
+def test_error_within_the_documented_factor_of_optimal_on_decaying_spectra(Ms, rank, random_state):
+    M, s = Ms
+    dtype = M.dtype
     svd = randomized_svd(M, rank, random_state=random_state)
-    err, best = frobenius_error(M, svd), optimal_error(M, rank)
+    err, best = frobenius_error(M, svd), float(np.sqrt(np.sum(s[rank:] ** 2)))  # Eckart–Young, by hand
     assert best <= err * (1 + rtol_for(dtype))  # nothing beats Eckart–Young
     assert err <= DOCUMENTED_FACTOR * best, f"error {err} vs optimal {best}: ratio {err / best}"
 
 
 @settings(max_examples=10)
-@given(seed=SEEDS, random_state=SEEDS, wide=st.booleans())
-def test_enough_power_iterations_match_the_exact_top_singular_values(seed, random_state, wide):
-    M = gapped(80, 50, seed)
-    M = M.T.copy() if wide else M
+@given(M=planted_matrices(40, 25, gapped_spectrum(25)).flatmap(as_layout), random_state=SEEDS, wide=st.booleans())
+def test_enough_power_iterations_match_the_exact_top_singular_triplets(M, random_state, wide):
+    M = M.T if wide else M
     svd = randomized_svd(M, 5, n_iter=10, random_state=random_state)
-    exact = truncated_svd(M, 5)
-    np.testing.assert_allclose(svd.s, exact.s, rtol=1e-6)
+    U, _, Vt = np.linalg.svd(M, full_matrices=False)
+    U, Vt = canonical(U[:, :5], Vt[:5])
+    np.testing.assert_allclose(svd.s, gapped_spectrum(25)[:5], rtol=1e-10)
     # signs are canonical, so the singular vectors themselves agree, not only the subspaces
-    assert_sign_rule(svd.U)
-    np.testing.assert_allclose(svd.U, exact.U, atol=1e-6)
-    np.testing.assert_allclose(svd.Vt, exact.Vt, atol=1e-6)
+    np.testing.assert_allclose(svd.U, U, atol=1e-8)
+    np.testing.assert_allclose(svd.Vt, Vt, atol=1e-8)
 
 
 @settings(max_examples=10)
-@given(seed=SEEDS, random_state=SEEDS, rank=st.integers(1, 8), dtype=FLOAT_DTYPES)
-def test_wide_input_is_as_accurate_as_tall(seed, random_state, rank, dtype):
-    M = decaying(50, 30, seed, "geometric", dtype)
+@given(Ms=decaying_matrices(), random_state=SEEDS, rank=st.integers(1, 8))
+def test_wide_input_is_as_accurate_as_tall(Ms, random_state, rank):
+    M, s = Ms
+    dtype = M.dtype
     tall = randomized_svd(M, rank, random_state=random_state)
     wide = randomized_svd(M.T, rank, random_state=random_state)
-    assert wide.U.shape == (30, rank) and wide.Vt.shape == (rank, 50)
-    best = optimal_error(M, rank)
+    assert wide.U.shape == (M.shape[1], rank) and wide.Vt.shape == (rank, M.shape[0])
+    best = float(np.sqrt(np.sum(s[rank:] ** 2)))
     assert frobenius_error(M.T, wide) <= DOCUMENTED_FACTOR * best
     assert frobenius_error(M, tall) <= DOCUMENTED_FACTOR * best
     np.testing.assert_allclose(wide.s, tall.s, rtol=100 * rtol_for(dtype))
@@ -164,19 +187,20 @@ def test_exact_when_the_sketch_covers_the_whole_matrix(Mr):
     np.testing.assert_allclose(U.T @ U, np.eye(r), atol=tol)
 
 
+@st.composite
+def planted_low_rank(draw, m: int = 30, n: int = 20, max_rank: int = 5):
+    """(M, true_rank): an exactly low-rank matrix, drawn factors and singular values, any layout."""
+    true_rank = draw(st.integers(1, max_rank))
+    s = draw(singular_values(true_rank, min_gap=0.0))
+    return draw(planted_matrices(m, n, s, draw(FLOAT_DTYPES)).flatmap(as_layout)), true_rank
+
+
 @settings(max_examples=15)
-@given(
-    true_rank=st.integers(1, 5),
-    seed=SEEDS,
-    random_state=SEEDS,
-    dtype=FLOAT_DTYPES,
-    wide=st.booleans(),
-)
-def test_planted_rank_recovered_without_oversampling_or_power_iterations(
-    true_rank, seed, random_state, dtype, wide
-):
-    M = planted(30, 20, true_rank, seed, dtype=dtype)
-    M = M.T.copy() if wide else M
+@given(Mk=planted_low_rank(), random_state=SEEDS, wide=st.booleans())
+def test_planted_rank_recovered_without_oversampling_or_power_iterations(Mk, random_state, wide):
+    M, true_rank = Mk
+    dtype = M.dtype
+    M = M.T if wide else M
     svd = randomized_svd(M, true_rank, oversample=0, n_iter=0, random_state=random_state)
     assert frobenius_error(M, svd) <= 100 * rtol_for(dtype) * np.linalg.norm(M.astype(np.float64))
 
@@ -197,18 +221,16 @@ def test_full_rank_and_sketch_larger_than_the_matrix():
     np.testing.assert_allclose(svd.s, np.linalg.svd(M, compute_uv=False), rtol=1e-12)
 
 
-def test_input_is_not_modified_and_views_work():
-    M = decaying(40, 30, 4, "geometric")
+@given(Ms=decaying_matrices(10, 20, dtype=np.float64), rank=st.integers(1, 5))
+def test_input_is_not_modified_and_any_layout_gives_the_answer_of_a_c_copy(Ms, rank):
+    M, _ = Ms  # C, Fortran, strided or negative-stride
     before = M.copy()
-    svd = randomized_svd(M, 3, random_state=0)
+    a = randomized_svd(M, rank, n_iter=2, random_state=0)
     assert np.array_equal(M, before)
-    # a non-contiguous view gives the same answer as its contiguous copy
-    view = np.asfortranarray(M)[:, ::2]
-    a = randomized_svd(view, 3, random_state=0)
-    b = randomized_svd(np.ascontiguousarray(view), 3, random_state=0)
+    b = randomized_svd(np.ascontiguousarray(M), rank, n_iter=2, random_state=0)
     np.testing.assert_allclose(a.s, b.s, rtol=1e-12)
     np.testing.assert_allclose(a.U, b.U, atol=1e-10)
-    assert svd.s.shape == (3,)
+    np.testing.assert_allclose(a.Vt, b.Vt, atol=1e-10)
 
 
 @pytest.mark.parametrize("shape", [(5000, 20), (20, 5000)])
@@ -235,6 +257,106 @@ def test_dtype_rule(M):
     s_ref = np.linalg.svd(M.astype(np.float64), compute_uv=False)
     np.testing.assert_allclose(svd.s, s_ref[:1], atol=lapack_tol(want, 12) * 10 * max(s_ref[0], 1))
     assert_sign_rule(svd.U)
+
+
+# ---------------------------------------------------------------- the range finder and svd_in_range
+
+
+@settings(max_examples=15)
+@given(M=matrices(2, 12), data=st.data(), n_iter=st.integers(0, 3), random_state=SEEDS)
+def test_range_finder_returns_orthonormal_columns_of_the_dtype(M, data, n_iter, random_state):
+    size = data.draw(st.integers(1, min(M.shape)), label="size")
+    Q = randomized_range_finder(M, size, n_iter=n_iter, random_state=random_state)
+    assert Q.shape == (M.shape[0], size) and Q.dtype == M.dtype
+    tol = 1e-12 if M.dtype == np.float64 else lapack_tol(np.float32, M.shape[0])
+    np.testing.assert_allclose(Q.astype(np.float64).T @ Q.astype(np.float64), np.eye(size), rtol=0, atol=tol)
+
+
+@settings(max_examples=15)
+@given(
+    M=planted_matrices(40, 30, gapped_spectrum(30)).flatmap(as_layout),
+    extra=st.integers(0, 5),
+    random_state=SEEDS,
+    wide=st.booleans(),
+)
+def test_range_finder_spans_the_top_singular_vectors_of_numpy_svd(M, extra, random_state, wide):
+    # top five singular values 10..6, the rest below 0.5: after q power iterations the part of the
+    # top-5 subspace that Q misses shrinks like (0.5 / 6)^(2q+1); at q = 4 that is 1e-10
+    M = M.T if wide else M
+    Q = randomized_range_finder(M, 5 + extra, n_iter=4, random_state=random_state)
+    U = np.linalg.svd(M, full_matrices=False)[0][:, :5]  # (m, 5), the independent reference
+    assert subspace_distance(Q, U) < 1e-6
+    np.testing.assert_allclose(Q.T @ Q, np.eye(5 + extra), rtol=0, atol=1e-12)
+
+
+@given(Mk=planted_low_rank(), extra=st.integers(0, 3), random_state=SEEDS)
+def test_range_finder_captures_an_exactly_low_rank_matrix_without_power_iterations(Mk, extra, random_state):
+    M, true_rank = Mk
+    Q = randomized_range_finder(M, true_rank + extra, n_iter=0, random_state=random_state)
+    M64, Q64 = M.astype(np.float64), Q.astype(np.float64)
+    residual = np.linalg.norm(M64 - Q64 @ (Q64.T @ M64))  # ‖(I − Q Qᵀ) M‖_F
+    assert residual <= 100 * rtol_for(M.dtype) * np.linalg.norm(M64)
+
+
+def test_range_finder_same_seed_same_bits_and_a_generator_advances():
+    M = with_spectrum(30, 20, 0.8 ** np.arange(20), 0)
+    a = randomized_range_finder(M, 6, n_iter=2, random_state=7)
+    b = randomized_range_finder(M, 6, n_iter=2, random_state=np.random.default_rng(7))
+    assert a.tobytes() == b.tobytes()
+    rng = np.random.default_rng(7)
+    randomized_range_finder(M, 6, n_iter=2, random_state=rng)
+    assert randomized_range_finder(M, 6, n_iter=2, random_state=rng).tobytes() != a.tobytes()
+
+
+def test_subspace_iteration_takes_scipy_sparse_input():
+    sparse = pytest.importorskip("scipy.sparse")
+    dense = with_spectrum(40, 30, gapped_spectrum(30), 1)
+    dense[np.abs(dense) < 0.1] = 0.0  # some structural zeros; the spectrum is now whatever it is
+    Q = subspace_iteration(sparse.csr_matrix(dense), 8, 4, np.random.default_rng(0))  # (40, 8)
+    assert isinstance(Q, np.ndarray) and Q.shape == (40, 8)
+    U = np.linalg.svd(dense, full_matrices=False)[0][:, :5]
+    assert subspace_distance(Q, U) < 1e-6
+
+
+@given(Ms=decaying_matrices(10, 20, dtype=np.float64), data=st.data())
+def test_svd_in_range_of_the_exact_singular_vectors_is_the_truncated_svd(Ms, data):
+    M, s = Ms
+    k = data.draw(st.integers(1, min(M.shape)), label="k")
+    rank = data.draw(st.integers(1, k), label="rank")
+    U_ref, _, Vt_ref = np.linalg.svd(M, full_matrices=False)
+    svd = svd_in_range(M, U_ref[:, :k], rank)  # Q Qᵀ M is M's best rank-k approximation
+    U_ref, Vt_ref = canonical(U_ref[:, :rank], Vt_ref[:rank])
+    np.testing.assert_allclose(svd.s, s[:rank], rtol=1e-12)
+    np.testing.assert_allclose(svd.U, U_ref, atol=1e-8)
+    np.testing.assert_allclose(svd.Vt, Vt_ref, atol=1e-8)
+
+
+@pytest.mark.parametrize("size", [0, -1, 6, 100])
+def test_range_finder_size_out_of_range(size):
+    with pytest.raises(ValueError, match=rf"size must be in \[1, min\(m, n\)\] = \[1, 5\], got {size}"):
+        randomized_range_finder(np.ones((6, 5)), size, n_iter=1)
+
+
+@pytest.mark.parametrize("kw", [{"size": 2.0}, {"size": None}, {"n_iter": "auto"}, {"n_iter": 1.5}])
+def test_range_finder_non_integer_size_or_n_iter(kw):
+    args = {"size": 2, "n_iter": 1, **kw}
+    with pytest.raises(TypeError, match=next(iter(kw))):
+        randomized_range_finder(np.ones((6, 5)), args["size"], n_iter=args["n_iter"])
+
+
+def test_range_finder_refuses_bad_matrices_and_negative_n_iter():
+    with pytest.raises(ValueError, match="n_iter must be in"):
+        randomized_range_finder(np.ones((6, 5)), 2, n_iter=-1)
+    bad = np.ones((6, 5))
+    bad[3, 1] = np.inf
+    with pytest.raises(ValueError, match=r"M must be finite, got inf at index \(3, 1\)"):
+        randomized_range_finder(bad, 2, n_iter=1)
+    with pytest.raises(ValueError, match="M must be a 2-D matrix"):
+        randomized_range_finder(np.ones(5), 1, n_iter=1)
+    with pytest.raises(TypeError, match="M"):
+        randomized_range_finder(np.ones((3, 3), np.complex128), 1, n_iter=1)
+    with pytest.raises(TypeError, match="n_iter"):
+        randomized_range_finder(np.ones((3, 3)), 1)  # n_iter is required, keyword-only
 
 
 # ---------------------------------------------------------------- errors (the shared ones are in test_svd.py)

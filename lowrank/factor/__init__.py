@@ -1,4 +1,4 @@
-"""Low-rank factorization: exact and randomized SVD, ALS, and the LowRank matrix.
+"""Low-rank factorization: exact and randomized SVD, its range finder, ALS, and the LowRank matrix.
 
 NumPy only; imports nothing of lowrank but :mod:`lowrank.utils`.
 """
@@ -9,8 +9,11 @@ from lowrank.factor.svd import (
     SVDResult,
     eckart_young_errors,
     energy_kept,
+    randomized_range_finder,
     randomized_svd,
     rank_for_energy,
+    subspace_iteration,
+    svd_in_range,
     truncated_svd,
 )
 
@@ -22,7 +25,10 @@ __all__ = [
     "eckart_young_errors",
     "energy_kept",
     "lora_param_count",
+    "randomized_range_finder",
     "randomized_svd",
     "rank_for_energy",
+    "subspace_iteration",
+    "svd_in_range",
     "truncated_svd",
 ]

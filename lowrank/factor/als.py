@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from lowrank.factor.lowrank_matrix import LowRank
-from lowrank.factor.svd import SVDResult, _subspace_iteration, truncated_svd
+from lowrank.factor.svd import SVDResult, subspace_iteration, svd_in_range, truncated_svd
 from lowrank.utils.validation import (
     RandomState,
     as_float_array,
@@ -35,7 +35,9 @@ from lowrank.utils.validation import (
     check_random_state,
     check_rank,
     check_real,
+    first_non_finite,
     float_dtype_of,
+    non_finite_message,
 )
 
 __all__ = ["ALSResult", "als"]
@@ -135,9 +137,12 @@ def _observe_sparse(M: Any) -> tuple[_Observed, _Observed]:
         raise ValueError(f"M must be a non-empty 2-D matrix, got shape {values.shape}")
     if values.nnz == 0:
         raise ValueError("M must observe at least one entry, got a sparse matrix with no stored entries")
-    if not np.all(np.isfinite(values.data)):
-        bad = int((~np.isfinite(values.data)).sum())
-        raise ValueError(f"M must be finite at observed entries, got {bad} non-finite stored entries")
+    bad = first_non_finite(values.data)
+    if bad is not None:  # name the entry by its (row, column): sum_duplicates sorted CSR into C order
+        k = bad[0]
+        row = int(np.searchsorted(values.indptr, k, side="right")) - 1
+        count = int(np.count_nonzero(~np.isfinite(values.data)))
+        raise ValueError(non_finite_message("M", values.data[k], (row, int(values.indices[k])), count, observed=True))
     pattern = values.copy()
     pattern.data = np.ones_like(values.data)
     full = values.nnz == values.shape[0] * values.shape[1]
@@ -202,16 +207,28 @@ def _spectral_init(rows: _Observed, rank: int, rng: np.random.Generator) -> SVDR
     matrix completion using alternating minimization", STOC 2013): the
     rescaled zero-filled matrix is an unbiased estimate of ``M``, and its
     top singular vectors start ALS inside the basin of the planted solution.
-    Sparse input goes through randomized subspace iteration, never densified.
+    Sparse input goes through randomized subspace iteration with
+    :func:`randomized_svd`'s default oversampling and 7 power iterations,
+    never densified.
     """
     values = rows.values
     m, n = values.shape
     if rows.full:
         return truncated_svd(values if isinstance(values, np.ndarray) else values.toarray(), rank)
-    scaled = values * (m * n / rows.counts.sum())
+    scaled = values * float(m * n / rows.counts.sum())  # a Python float: float32 stays float32
     if isinstance(values, np.ndarray):
         return truncated_svd(scaled, rank)
-    return _subspace_iteration(scaled, rank, oversample=10, n_iter=7, rng=rng)
+    Q = subspace_iteration(scaled, min(rank + 10, m, n), 7, rng)  # (m, k)
+    return svd_in_range(scaled, Q, rank)
+
+
+def _overflowed(rows: _Observed, where: str) -> FloatingPointError:
+    largest = float(np.max(np.abs(_observed_values(rows))))
+    return FloatingPointError(
+        f"M's observed entries (largest magnitude {largest:.3g}) are too large for ALS in "
+        f"{rows.values.dtype}: {where} overflowed; scale M down (the factors scale with sqrt of it) "
+        "or pass float64"
+    )
 
 
 def _loss(
@@ -305,6 +322,21 @@ def als(
         ``r`` observations is under-determined and gets the minimum-norm
         least-squares solution.
 
+    Raises
+    ------
+    TypeError
+        ``M`` is not real (complex, float16, strings, ragged), ``mask`` is
+        not boolean, or an option is of the wrong kind.
+    ValueError
+        ``M`` is not 2-D or is empty, holds NaN or inf at an observed entry
+        (the message names the first one), ``mask`` has the wrong shape or
+        observes nothing, a sparse ``M`` comes with a ``mask`` or stores
+        nothing, or an option is out of range.
+    FloatingPointError
+        ``M`` is finite but the start or the normal equations overflow its
+        dtype (float32 entries near 1e19 and above); the message names the
+        largest observed entry.
+
     Notes
     -----
     Unregularized ALS is a local method: on matrix completion it can stall,
@@ -340,7 +372,13 @@ def als(
     dtype = rows.values.dtype
 
     if init == "svd":
-        svd = _spectral_init(rows, rank, rng)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+            try:
+                svd = _spectral_init(rows, rank, rng)
+            except (np.linalg.LinAlgError, FloatingPointError):  # NaN reached LAPACK, or the SVD overflowed
+                raise _overflowed(rows, "the spectral start") from None
+        if not (np.all(np.isfinite(svd.s)) and np.all(np.isfinite(svd.U))):
+            raise _overflowed(rows, "the spectral start")
         root = np.sqrt(svd.s)
         left, right = svd.U * root, root[:, None] * svd.Vt  # (m, r), (r, n)
     else:
@@ -369,11 +407,7 @@ def als(
             except np.linalg.LinAlgError:  # NaN from an overflow reached LAPACK
                 losses.append(math.nan)
         if not math.isfinite(losses[-1]):
-            raise ValueError(
-                f"M's observed entries (largest magnitude {np.max(np.abs(_observed_values(rows))):.3g}) are too "
-                f"large for ALS in {dtype}: the normal equations overflowed in sweep {len(losses)}; "
-                "scale M down (the factors scale with sqrt of it) or pass float64"
-            )
+            raise _overflowed(rows, f"the normal equations in sweep {len(losses)}")
         if losses[-1] <= floor or (len(losses) > 1 and abs(losses[-2] - losses[-1]) <= tol * losses[-2]):
             converged = True
             break

@@ -62,6 +62,7 @@ class LowRank:
 
     @property
     def dtype(self) -> np.dtype:
+        """The float dtype of both factors."""
         return self.left.dtype
 
     @property

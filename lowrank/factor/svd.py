@@ -27,7 +27,17 @@ from lowrank.utils.validation import (
     check_real,
 )
 
-__all__ = ["SVDResult", "eckart_young_errors", "energy_kept", "randomized_svd", "rank_for_energy", "truncated_svd"]
+__all__ = [
+    "SVDResult",
+    "eckart_young_errors",
+    "energy_kept",
+    "randomized_range_finder",
+    "randomized_svd",
+    "rank_for_energy",
+    "subspace_iteration",
+    "svd_in_range",
+    "truncated_svd",
+]
 
 # Energies are sums of squares, accurate to a few ulps of the total: a rank
 # whose kept energy falls short of the target by less than this still counts.
@@ -59,6 +69,7 @@ class SVDResult:
 
     @property
     def rank(self) -> int:
+        """``r``, the number of singular triplets kept."""
         return self.s.shape[0]
 
     def to_dense(self) -> np.ndarray:
@@ -166,9 +177,9 @@ def rank_for_energy(s: Any, energy: float) -> int:
     return int(np.argmax(kept[1:] >= energy - _ENERGY_RTOL)) + 1
 
 
-def _overflowed(M: np.ndarray) -> ValueError:
-    return ValueError(
-        f"M's entries (largest magnitude {np.max(np.abs(M)):.3g}) are too large for an SVD in {M.dtype}: "
+def _overflowed(M: np.ndarray, what: str = "an SVD") -> FloatingPointError:
+    return FloatingPointError(
+        f"M's entries (largest magnitude {np.max(np.abs(M)):.3g}) are too large for {what} in {M.dtype}: "
         "the computation overflowed; scale M down or pass float64"
     )
 
@@ -205,6 +216,18 @@ def truncated_svd(M: Any, rank: int | None = None, *, energy: float | None = Non
     SVDResult
         ``U (m, r)``, ``s (r,)`` descending, ``Vt (r, n)``, with the largest-
         magnitude entry of each column of ``U`` positive.
+
+    Raises
+    ------
+    TypeError
+        ``M`` is not a real matrix (complex, float16, strings, ragged), or
+        ``rank`` is not an integer.
+    ValueError
+        ``M`` is not 2-D, is empty or holds NaN or inf; ``rank`` or
+        ``energy`` is out of range, or both or neither are given.
+    FloatingPointError
+        ``M`` is finite but its singular values overflow ``M``'s dtype
+        (float32 entries near 1e38); the message names the largest entry.
 
     Examples
     --------
@@ -244,6 +267,134 @@ def _resolve_n_iter(n_iter: Any, rank: int, shape: tuple[int, int]) -> int:
     return check_int(n_iter, "n_iter", 0)
 
 
+def subspace_iteration(A: Any, size: int, n_iter: int, rng: np.random.Generator) -> np.ndarray:
+    """The unchecked core of :func:`randomized_range_finder`: ``Q`` of shape (m, size).
+
+    Validates nothing, for callers that already did (:func:`randomized_svd`,
+    and :func:`~lowrank.factor.als`'s spectral start on scipy.sparse input):
+    ``size`` must lie in ``[1, min(m, n)]`` and ``n_iter`` be ``>= 0``.
+    ``A`` only needs ``shape``, ``dtype``, ``.T`` and products with dense
+    matrices, so a scipy.sparse matrix works too. An overflow is not caught:
+    it surfaces as NaN in ``Q`` or as ``numpy.linalg.LinAlgError``.
+
+    Parameters
+    ----------
+    A : ndarray or scipy.sparse matrix of shape (m, n)
+    size : int
+    n_iter : int
+    rng : numpy.random.Generator
+        Draws the Gaussian test matrix, ``n * size`` normals.
+
+    Returns
+    -------
+    ndarray of shape (m, size)
+        Orthonormal columns, in ``A``'s dtype.
+    """
+    n = A.shape[1]
+    omega = rng.standard_normal((n, size)).astype(A.dtype, copy=False)  # (n, size)
+    Q, _ = np.linalg.qr(np.asarray(A @ omega))  # (m, size)
+    for _ in range(n_iter):
+        # QR after every product, not only at the end: in floating point the
+        # columns of (A Aᵀ)^q A Ω all collapse onto the top singular vector.
+        Z, _ = np.linalg.qr(np.asarray(A.T @ Q))  # (n, size)
+        Q, _ = np.linalg.qr(np.asarray(A @ Z))  # (m, size)
+    return Q
+
+
+def randomized_range_finder(
+    M: Any, size: int, *, n_iter: int, random_state: RandomState = None
+) -> np.ndarray:
+    """An orthonormal basis ``Q`` whose range approximates the range of ``M``.
+
+    Randomized subspace iteration, Algorithm 4.4 of Halko, Martinsson and
+    Tropp, "Finding structure with randomness", SIAM Review 53(2), 2011:
+    ``Q`` spans ``(M Mᵀ)^q M Ω`` for a Gaussian test matrix ``Ω`` of shape
+    (n, size), re-orthonormalized by QR after every product with ``M`` or
+    ``Mᵀ``. Then ``M ≈ Q Qᵀ M``; with ``size`` a few columns above the rank
+    of interest, the error is close to the best of that rank, and each power
+    iteration brings it closer (see :func:`randomized_svd`). The same
+    algorithm as scikit-learn's ``sklearn.utils.extmath.randomized_range_finder``
+    with ``power_iteration_normalizer="QR"``. :func:`randomized_svd` is this
+    followed by :func:`svd_in_range`.
+
+    Parameters
+    ----------
+    M : array_like of shape (m, n)
+        Finite real matrix; dtype rule as in :func:`truncated_svd`.
+    size : int in [1, min(m, n)]
+        Columns of ``Q``: the target rank plus some oversampling.
+    n_iter : int >= 0
+        Power iterations ``q``.
+    random_state : None, int or numpy.random.Generator
+        Seeds ``Ω``: the same seed gives the same bits.
+
+    Returns
+    -------
+    Q : ndarray of shape (m, size)
+        Orthonormal columns (``Qᵀ Q = I`` to rounding), in ``M``'s float dtype.
+
+    Raises
+    ------
+    TypeError
+        ``M`` is not a real matrix, or ``size``, ``n_iter`` or
+        ``random_state`` is of the wrong kind.
+    ValueError
+        ``M`` is not 2-D, is empty or holds NaN or inf; ``size`` or
+        ``n_iter`` is out of range.
+    FloatingPointError
+        ``M`` is finite but its products overflow ``M``'s dtype; the message
+        names the largest entry.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> M = rng.standard_normal((50, 3)) @ rng.standard_normal((3, 40))   # rank 3
+    >>> Q = randomized_range_finder(M, 5, n_iter=2, random_state=0)
+    >>> Q.shape
+    (50, 5)
+    >>> bool(np.allclose(Q.T @ Q, np.eye(5))), bool(np.allclose(Q @ (Q.T @ M), M))
+    (True, True)
+    """
+    M = check_matrix(M, "M")
+    size = check_int(size, "size", 1, min(M.shape), rule="[1, min(m, n)]")
+    n_iter = check_int(n_iter, "n_iter", 0)
+    rng = check_random_state(random_state)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+        try:
+            Q = subspace_iteration(M, size, n_iter, rng)  # (m, size)
+        except np.linalg.LinAlgError:  # NaN from an overflowed product reached LAPACK
+            raise _overflowed(M, "a range finder") from None
+    if not np.all(np.isfinite(Q)):
+        raise _overflowed(M, "a range finder")
+    return Q
+
+
+def svd_in_range(A: Any, Q: np.ndarray, rank: int) -> SVDResult:
+    """The rank-``rank`` SVD of ``Q Qᵀ A``, the part of ``A`` in the range of ``Q``.
+
+    Stage B of Halko, Martinsson and Tropp (2011), Algorithm 5.1: the exact
+    SVD of the small matrix ``B = Qᵀ A = Ub diag(s) Vt`` gives
+    ``Q Qᵀ A = (Q Ub) diag(s) Vt``. With ``Q`` from
+    :func:`randomized_range_finder` this is :func:`randomized_svd`.
+
+    Validates nothing (like :func:`subspace_iteration`): ``A`` of shape
+    (m, n), dense or scipy.sparse; ``Q`` of shape (m, k) with orthonormal
+    columns in ``A``'s dtype; ``rank`` in ``[1, k]``.
+
+    Returns
+    -------
+    SVDResult
+        ``U (m, rank)``, ``s (rank,)``, ``Vt (rank, n)``, with the sign rule
+        of :func:`truncated_svd`.
+    """
+    B = np.asarray(A.T @ Q).T  # (k, n) = Qᵀ A
+    Ub, s, Vt = np.linalg.svd(B, full_matrices=False)  # (k, k), (k,), (k, n)
+    U = Q @ Ub[:, :rank]  # (m, rank)
+    U, Vt = _flip_signs(U, Vt[:rank])
+    return SVDResult(U=U, s=s[:rank].copy(), Vt=Vt)
+
+
 def randomized_svd(
     M: Any,
     rank: int,
@@ -254,14 +405,13 @@ def randomized_svd(
 ) -> SVDResult:
     """An approximate rank-``rank`` SVD by randomized subspace iteration.
 
-    Algorithm 4.4 of Halko, Martinsson and Tropp, "Finding structure with
-    randomness: probabilistic algorithms for constructing approximate matrix
-    decompositions", SIAM Review 53(2), 2011: sketch the range of ``M`` with
-    ``k = rank + oversample`` Gaussian test vectors, sharpen it with
-    ``n_iter`` power iterations ``(M Mᵀ)^q M Ω``, re-orthonormalizing by QR
-    after every product so the columns do not collapse onto the top singular
-    vector in floating point, then take the exact SVD of the small
-    ``(k, n)`` matrix ``Qᵀ M``.
+    Algorithm 4.4 then 5.1 of Halko, Martinsson and Tropp, "Finding structure
+    with randomness: probabilistic algorithms for constructing approximate
+    matrix decompositions", SIAM Review 53(2), 2011: sketch the range of
+    ``M`` with ``k = rank + oversample`` Gaussian test vectors and sharpen it
+    with ``n_iter`` power iterations (:func:`randomized_range_finder`), then
+    take the exact SVD of the small ``(k, n)`` matrix ``Qᵀ M``
+    (:func:`svd_in_range`).
 
     Wide input (``m < n``) is transposed internally, so the sketch lives on
     the longer side; no dense array larger than ``M`` is ever formed.
@@ -293,46 +443,36 @@ def randomized_svd(
     -------
     SVDResult
         Same layout and sign rule as :func:`truncated_svd`.
+
+    Raises
+    ------
+    TypeError
+        ``M`` is not a real matrix, or ``rank``, ``oversample``, ``n_iter``
+        or ``random_state`` is of the wrong kind.
+    ValueError
+        ``M`` is not 2-D, is empty or holds NaN or inf; ``rank``,
+        ``oversample`` or ``n_iter`` is out of range.
+    FloatingPointError
+        ``M`` is finite but the computation overflows ``M``'s dtype
+        (float32 entries near 1e38); the message names the largest entry.
     """
     M = check_matrix(M, "M")
     rank = check_rank(rank, M.shape)
     oversample = check_int(oversample, "oversample", 0)
     n_iter = _resolve_n_iter(n_iter, rank, M.shape)
     rng = check_random_state(random_state)
-    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
-        try:
-            result = _subspace_iteration(M, rank, oversample, n_iter, rng)
-        except np.linalg.LinAlgError:  # NaN from an overflowed product reached LAPACK
-            raise _overflowed(M) from None
-    if not (np.all(np.isfinite(result.s)) and np.all(np.isfinite(result.U))):
-        raise _overflowed(M)
-    return result
-
-
-def _subspace_iteration(
-    M: Any, rank: int, oversample: int, n_iter: int, rng: np.random.Generator
-) -> SVDResult:
-    """The body of :func:`randomized_svd`, on validated arguments.
-
-    ``M`` only needs ``shape``, ``dtype``, ``.T`` and products with dense
-    matrices, so a scipy.sparse matrix works too (ALS's spectral init uses that).
-    """
     transpose = M.shape[0] < M.shape[1]
     A = M.T if transpose else M  # (m, n) with m >= n: a view, not a copy
-    n = A.shape[1]
-    k = min(rank + oversample, n)
-
-    omega = rng.standard_normal((n, k)).astype(A.dtype, copy=False)  # (n, k)
-    Q, _ = np.linalg.qr(np.asarray(A @ omega))  # (m, k)
-    for _ in range(n_iter):
-        Z, _ = np.linalg.qr(np.asarray(A.T @ Q))  # (n, k)
-        Q, _ = np.linalg.qr(np.asarray(A @ Z))  # (m, k)
-
-    B = np.asarray(A.T @ Q).T  # (k, n) = Qᵀ A
-    Ub, s, Vt = np.linalg.svd(B, full_matrices=False)  # (k, k), (k,), (k, n)
-    U = Q @ Ub[:, :rank]  # (m, rank)
-    s, Vt = s[:rank].copy(), Vt[:rank]
-    if transpose:
-        U, Vt = Vt.T, U.T
-    U, Vt = _flip_signs(U, Vt)
-    return SVDResult(U=U, s=s, Vt=Vt)
+    k = min(rank + oversample, A.shape[1])
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+        try:
+            Q = subspace_iteration(A, k, n_iter, rng)  # (m, k)
+            svd = svd_in_range(A, Q, rank)
+        except np.linalg.LinAlgError:  # NaN from an overflowed product reached LAPACK
+            raise _overflowed(M) from None
+    if not (np.all(np.isfinite(svd.s)) and np.all(np.isfinite(svd.U))):
+        raise _overflowed(M)
+    if transpose:  # Mᵀ = U s Vt, so M = Vtᵀ s Uᵀ: swap the factors and put the sign rule on the new U
+        U, Vt = _flip_signs(svd.Vt.T, svd.U.T)
+        svd = SVDResult(U=U, s=svd.s, Vt=Vt)
+    return svd

@@ -6,7 +6,7 @@ message that names the argument, the rule and the value received::
 
     rank must be in [1, min(m, n)] = [1, 9], got 12
 
-The dtype rule (DESIGN.md): float32 and float64 are preserved, integer and
+The dtype rule: float32 and float64 are preserved, integer and
 bool input becomes float64, anything else is a ``TypeError``.
 """
 
@@ -116,9 +116,34 @@ def describe_non_finite(arr: np.ndarray, name: str, where: np.ndarray | None = N
     if index is None:
         return None
     bad = ~np.isfinite(arr) if where is None else ~np.isfinite(arr) & where
-    at = "" if where is None else " at observed entries"
     count = int(np.count_nonzero(bad))
-    return f"{name} must be finite{at}, got {arr[index]} at index {index} ({count} non-finite entries)"
+    return non_finite_message(name, arr[index], index, count, observed=where is not None)
+
+
+def non_finite_message(
+    name: str, value: Any, index: tuple[int, ...], count: int, *, observed: bool = False
+) -> str:
+    """:func:`describe_non_finite`'s wording, for a caller that found the bad entry itself.
+
+    For input not held as a dense array, e.g. the stored entries of a
+    scipy.sparse matrix, whose first non-finite entry is named by its
+    ``(row, column)``.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name.
+    value : float
+        The first non-finite entry (NaN, inf or -inf).
+    index : tuple of int
+        Where it is.
+    count : int
+        How many non-finite entries there are in all.
+    observed : bool, default False
+        Say "at observed entries" (only those were checked).
+    """
+    at = " at observed entries" if observed else ""
+    return f"{name} must be finite{at}, got {value} at index {index} ({count} non-finite entries)"
 
 
 def check_finite(arr: np.ndarray, name: str, where: np.ndarray | None = None) -> np.ndarray:
