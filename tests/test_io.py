@@ -111,6 +111,17 @@ def test_save_then_load_reproduces_the_adapted_model(tmp_path, use_rslora, dtype
     x = np.random.default_rng(1).standard_normal((5, 4)).astype(dtype)
     np.testing.assert_array_equal(fresh(x), model(x))
     assert not fresh[0].weight.trainable and fresh[0].A.trainable
+    # independent: the forward written out, W + alpha / r * B @ A per layer (alpha / sqrt(r) with rsLoRA)
+    scaling = 5.0 / (np.sqrt(2) if use_rslora else 2)
+    h = x.astype(np.float64)
+    for i in (0, 2):
+        W, b = (fresh[i].state_dict()[k].astype(np.float64) for k in ("weight", "bias"))
+        A, B = (load_safetensors(tmp_path / "ad" / PEFT_WEIGHTS_NAME)[f"base_model.model.{i}.lora_{f}.weight"]
+                for f in "AB")
+        h = h @ (W + scaling * B.astype(np.float64) @ A.astype(np.float64)).T + b
+        h = np.maximum(h, 0.0) if i == 0 else h
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(fresh(x), h, rtol=tol, atol=tol)
 
 
 def test_load_replaces_an_existing_lora_layer_and_casts_to_the_layer_dtype(tmp_path):
@@ -144,7 +155,7 @@ def test_save_refuses_what_one_peft_config_cannot_hold(tmp_path):
         save_peft_adapter(model, tmp_path / "b")
     model = _adapted()
     model[0].merge()
-    with pytest.raises(ValueError, match=r"\['0'\] are merged"):
+    with pytest.raises(RuntimeError, match=r"\['0'\] are merged"):
         save_peft_adapter(model, tmp_path / "c")
     with pytest.raises(TypeError, match=re.escape("model must be a lowrank.nn.Module")):
         save_peft_adapter({"0.weight": np.ones(2)}, tmp_path / "d")
@@ -199,18 +210,27 @@ def test_load_accepts_settings_that_do_not_change_the_maths(tmp_path, field, val
 
 @pytest.mark.parametrize(("overrides", "match"), [
     ({"peft_type": "IA3"}, "peft_type must be 'LORA'"),
-    ({"r": 0}, "r must be a positive integer, got 0"),
+    ({"r": 0}, r"adapter_config.json: r must be in \[1, inf\], got 0"),
     ({"r": 3}, r"needs lora_A of shape \(r, in\) = \(3, 4\)"),
-    ({"lora_alpha": -1}, "lora_alpha must be a positive number, got -1"),
-    ({"use_rslora": "yes"}, "use_rslora must be true or false, got 'yes'"),
+    ({"lora_alpha": -1}, r"adapter_config.json: alpha must be in \(0, inf\), got -1.0"),
+    ({"use_rslora": "yes"}, "use_rslora must be True or False, got str 'yes'"),
     ({"target_modules": ["2"]}, "layer '0' does not match target_modules"),
-    ({"target_modules": 3}, "target_modules must be null, a string or a list of strings"),
-    ({"lora_dropout": 1.5}, r"lora_dropout must be a number in \[0, 1\)"),
+    ({"target_modules": 3}, "target_modules must be None, a str or a list of str, got int 3"),
+    ({"target_modules": ["0", 2]}, r"target_modules must hold module names \(str\), got \[2\]"),
+    ({"target_modules": "(0|2"}, r"target_modules must be a valid regular expression, got '\(0\|2': missing \)"),
+    ({"lora_dropout": 1.5}, r"dropout must be in \[0, 1\), got 1.5"),
+    ({"r": 2.0}, "r must be an integer, got float 2.0"),  # a TypeError as an argument, a ValueError in a file
+    ({"lora_alpha": "5"}, "alpha must be a real number, got str '5'"),
+    ({"fan_in_fan_out": 1}, "fan_in_fan_out must be True or False, got int 1"),
 ])  # fmt: skip
 def test_load_refuses_bad_config_values(tmp_path, overrides, match):
+    """Every fault of the file is a ValueError naming it, in check_lora_config's and the matcher's words."""
     folder = _write_adapter(tmp_path / "ad", overrides)
-    with pytest.raises(ValueError, match=match):
-        load_peft_adapter(_mlp(), folder)
+    model = _mlp()
+    with pytest.raises(ValueError, match=match) as info:
+        load_peft_adapter(model, folder)
+    assert str(info.value).startswith(str(folder))  # the file is named first
+    assert not isinstance(model[0], nn.LoRALinear)  # nothing changed
 
 
 def test_load_refuses_bad_weights(tmp_path):
@@ -245,7 +265,7 @@ def test_load_refuses_bad_weights(tmp_path):
         load_peft_adapter(nn.Sequential(nn.Linear(4, 6, dtype=np.float64)), folder)
     merged = _adapted()
     merged[0].merge()
-    with pytest.raises(ValueError, match="merged LoRALinear"):
+    with pytest.raises(RuntimeError, match="merged LoRALinear"):
         load_peft_adapter(merged, folder)
 
 
@@ -314,3 +334,64 @@ def test_loaded_layers_draw_their_own_dropout_masks(tmp_path):
     assert not np.array_equal(masks[0], masks[1])
     again = load_peft_adapter(square(), tmp_path / "a", random_state=7)
     assert np.array_equal(again[0].generator.random(8), masks[0])  # and the same seed gives the same bits
+
+
+def test_loading_is_injection_same_layers_same_draws_same_freezing(tmp_path):
+    """load_peft_adapter builds its layers through inject_lora: the same generator draws,
+    the same settings, the same freezing, then the file's factors."""
+    adapted = _adapted(r=2, alpha=5.0)
+    save_peft_adapter(adapted, tmp_path / "ad")
+    loaded = load_peft_adapter(_mlp(), tmp_path / "ad", random_state=7)
+    injected = nn.inject_lora(_mlp(), r=2, alpha=5.0, random_state=7)
+    for i in (0, 2):
+        a, b = loaded[i], injected[i]
+        assert (a.r, a.alpha, a.scaling, a.dropout, a.use_rslora) == (b.r, b.alpha, b.scaling, b.dropout, b.use_rslora)
+        np.testing.assert_array_equal(a.A.data, adapted[i].A.data)
+        np.testing.assert_array_equal(a.B.data, adapted[i].B.data)
+    assert loaded[0].generator.random(4).tolist() == injected[0].generator.random(4).tolist()
+    flags = [(k, p.trainable) for k, p in loaded.named_parameters()]
+    assert flags == [(k, p.trainable) for k, p in injected.named_parameters()]
+
+
+def test_load_keeps_other_lora_layers_and_each_layers_mode(tmp_path):
+    model = _adapted()
+    model[2] = model[2].base  # the adapter holds layer 0 only
+    save_peft_adapter(model, tmp_path / "ad")
+    target = _mlp().eval()
+    target[2] = nn.LoRALinear(target[2], r=1, alpha=1.0)  # not in the file: kept, and still trainable
+    target[2].train()
+    other_A = target[2].A
+    load_peft_adapter(target, tmp_path / "ad")
+    assert isinstance(target[0], nn.LoRALinear) and not target[0].training  # the mode of the Linear it wraps
+    assert target[2].A is other_A and target[2].training
+    trainable = sorted(k for k, p in target.named_parameters() if p.trainable)
+    assert trainable == ["0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight"]
+
+
+def test_load_into_the_model_itself(tmp_path):
+    """A bare LoRALinear saves under the empty name; loading it into a bare Linear returns the new layer."""
+    rng = np.random.default_rng(0)
+    lin = nn.Linear(4, 3, dtype=np.float64, random_state=1)
+    lora = nn.LoRALinear(lin, r=2, alpha=3.0, random_state=rng)
+    lora.B.data = rng.standard_normal((3, 2))
+    save_peft_adapter(lora, tmp_path / "ad")
+    config = json.loads((tmp_path / "ad" / PEFT_CONFIG_NAME).read_text())
+    assert config["target_modules"] == "^(?:)$"
+    assert set(load_safetensors(tmp_path / "ad" / PEFT_WEIGHTS_NAME)) == {
+        "base_model.model.lora_A.weight", "base_model.model.lora_B.weight"}
+    fresh = nn.Linear(4, 3, dtype=np.float64, random_state=1)
+    loaded = load_peft_adapter(fresh, tmp_path / "ad")
+    assert isinstance(loaded, nn.LoRALinear) and loaded.base is fresh
+    x = rng.standard_normal((5, 4))
+    W = fresh.weight.data + 1.5 * lora.B.data @ lora.A.data  # alpha / r = 3 / 2, by hand
+    np.testing.assert_allclose(loaded(x), x @ W.T + fresh.bias.data, rtol=1e-12, atol=1e-12)
+    again = load_peft_adapter(loaded, tmp_path / "ad")  # an unmerged LoRALinear is swapped for a new one
+    assert isinstance(again, nn.LoRALinear) and again is not loaded and again.base is fresh
+
+
+def test_load_checks_random_state_before_changing_anything(tmp_path):
+    folder = _write_adapter(tmp_path / "ad")
+    model = _mlp()
+    with pytest.raises(TypeError, match=r"random_state must be None, an int or a numpy\.random\.Generator"):
+        load_peft_adapter(model, folder, random_state="seed")
+    assert not isinstance(model[0], nn.LoRALinear)

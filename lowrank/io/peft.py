@@ -7,7 +7,6 @@ given factors, so it swaps layers through the same path as
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -15,9 +14,15 @@ from typing import Any
 import numpy as np
 
 from lowrank.io.files import PathLike, load_json, load_safetensors, save_json, save_safetensors
-from lowrank.nn.lora import LoRALinear, _replace_everywhere
+from lowrank.nn.lora import (
+    LoRALinear,
+    check_lora_config,
+    inject_lora,
+    match_target_modules,
+    replace_modules,
+)
 from lowrank.nn.modules import Linear, Module
-from lowrank.utils.validation import check_random_state
+from lowrank.utils.validation import check_bool, check_random_state
 
 __all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "load_peft_adapter", "save_peft_adapter"]
 
@@ -69,34 +74,18 @@ def _check_peft_config(config: Any, where: Path) -> dict[str, Any]:
             f"{where}: unsupported PEFT setting(s) {', '.join(unsupported)}: each changes what the adapter "
             f"computes and lowrank implements plain (rs)LoRA only; refusing rather than ignoring them"
         )
-    r, alpha = config.get("r"), config.get("lora_alpha")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"{where}: r must be a positive integer, got {r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"{where}: lora_alpha must be a positive number, got {alpha!r}")
-    use_rslora = config.get("use_rslora", False)
-    fan_in_fan_out = config.get("fan_in_fan_out", False)
-    for name, value in (("use_rslora", use_rslora), ("fan_in_fan_out", fan_in_fan_out)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: {name} must be true or false, got {value!r}")
-    targets = config.get("target_modules")
-    if not (targets is None or isinstance(targets, str) or
-            (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
-        raise ValueError(f"{where}: target_modules must be null, a string or a list of strings, got {targets!r}")
-    dropout = config.get("lora_dropout", 0.0)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}")
-    return {"r": r, "alpha": float(alpha), "use_rslora": use_rslora, "targets": targets, "dropout": float(dropout)}
-
-
-def _peft_target_matches(targets: str | list[str] | None, name: str) -> bool:
-    """PEFT's rule: a string is a regex that must match the whole name (``"all-linear"``:
-    every linear layer); a list matches a name equal to an entry or ending in ``"." + entry``."""
-    if targets is None or targets == "all-linear":
-        return True
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith(f".{t}") for t in targets)
+    # The settings follow LoRALinear's rules, in its words (lora_alpha is its alpha, lora_dropout its
+    # dropout), and target_modules PEFT's, checked by the matcher itself; in a file, every fault is a ValueError.
+    try:
+        r, alpha, dropout, use_rslora, _ = check_lora_config(
+            config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0), config.get("use_rslora", False)
+        )
+        check_bool(config.get("fan_in_fan_out", False), "fan_in_fan_out")
+        targets = config.get("target_modules")
+        match_target_modules(targets, "")  # refuses a target_modules of the wrong kind or an invalid regex
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return {"r": r, "alpha": alpha, "use_rslora": use_rslora, "targets": targets, "dropout": dropout}
 
 
 def _peft_key(name: str, factor: str) -> str:
@@ -108,24 +97,29 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
 
     Each layer named in the weights file (``base_model.model.<name>.lora_A.weight``
     and ``.lora_B.weight``) must be a :class:`~lowrank.nn.Linear` or an unmerged
-    :class:`~lowrank.nn.LoRALinear` of ``model``; it is replaced, in its parent,
-    by a ``LoRALinear`` around the same base Linear with the file's ``A`` and
-    ``B`` and the config's ``r``, ``lora_alpha``, ``use_rslora`` and
-    ``lora_dropout``. The factors are cast to the layer's dtype. As PEFT
-    does, every other parameter of ``model`` is frozen (``trainable=False``):
-    afterwards only the loaded LoRA factors train.
+    :class:`~lowrank.nn.LoRALinear` of ``model``. Loading is injection with
+    given factors: a LoRALinear there is first swapped back for its base
+    Linear (:func:`~lowrank.nn.replace_modules`), then
+    :func:`~lowrank.nn.inject_lora` wraps the named layers with the config's
+    ``r``, ``lora_alpha``, ``use_rslora`` and ``lora_dropout`` (so the layers
+    are built, swapped in and frozen exactly as injection does), and the
+    file's ``A`` and ``B``, cast to each layer's dtype, replace the initial
+    factors. As PEFT does, every parameter of ``model`` that is not a LoRA
+    factor is frozen (:func:`~lowrank.nn.mark_only_lora_as_trainable`); the
+    loaded factors train.
 
-    Config fields: ``r``, ``lora_alpha``, ``use_rslora``, ``target_modules``
-    (every adapted layer must match it, by PEFT's rule) and ``fan_in_fan_out``
-    are read. ``fan_in_fan_out`` says the *base* model stored its weights as
+    Config fields: ``r``, ``lora_alpha``, ``use_rslora``, ``lora_dropout``
+    (checked by :func:`~lowrank.nn.check_lora_config`, in its words),
+    ``target_modules`` (every adapted layer must match it, by
+    :func:`~lowrank.nn.match_target_modules`) and ``fan_in_fan_out`` are
+    read. ``fan_in_fan_out`` says the *base* model stored its weights as
     ``(in, out)`` (GPT-2's Conv1D); PEFT's factors are ``(r, in)`` and
     ``(out, r)`` either way, so it changes nothing here: a base state dict
     from such a model must be transposed when it is loaded, not the adapter.
-    Bookkeeping fields, ``lora_dropout`` (training only) and the
-    initialization fields are ignored. Any other field that is switched on
-    (``use_dora``, ``bias`` other than ``"none"``, ``rank_pattern``,
-    ``alpha_pattern``, ``modules_to_save``, ``layers_to_transform``, ...) is
-    refused with a ValueError that names it. An adapter trained from a PiSSA,
+    Bookkeeping fields and the initialization fields are ignored. Any other
+    field that is switched on (``use_dora``, ``bias`` other than ``"none"``,
+    ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``,
+    ``layers_to_transform``, ...) is refused with a ValueError that names it. An adapter trained from a PiSSA,
     OLoRA or CorDA initialization is relative to the *residual* base weights
     that initialization produced; load those into ``model`` first.
 
@@ -136,7 +130,8 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
     path : str or os.PathLike
         The adapter folder.
     random_state : None, int or numpy.random.Generator
-        For the dropout masks of the new layers in training mode.
+        Resolved once and handed to every new layer, as :func:`~lowrank.nn.inject_lora`
+        does: the dropout masks of the new layers in training mode.
 
     Returns
     -------
@@ -150,11 +145,17 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
     ValueError
         A corrupt or truncated file, an unsupported config field, a key that is
         not a LoRA factor, a layer the model does not have, a shape mismatch.
+        Everything is checked before the model is changed.
+    RuntimeError
+        A layer to load into is a merged LoRALinear (``unmerge()`` it first).
+    TypeError
+        ``model`` is not a Module, or ``random_state`` is of the wrong kind.
     ImportError
         Without the ``io`` extra (safetensors).
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
+    rng = check_random_state(random_state)  # once, for every new layer
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such adapter folder: {folder}")
@@ -176,13 +177,14 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
 
     modules = dict(model.named_modules())
     r = config["r"]
-    checked: dict[str, tuple[Any, np.ndarray, np.ndarray]] = {}  # name -> (base Linear, A, B)
+    checked: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (A, B)
+    unwrap: dict[str, Module] = {}  # LoRALinear layers to load into -> their base Linear
     for name, pair in factors.items():
         shown = name or "<the model itself>"
         missing = [f for f in "AB" if f not in pair]
         if missing:
             raise ValueError(f"{weights_path}: layer {shown!r} has no {_peft_key(name, missing[0])!r}")
-        if not _peft_target_matches(config["targets"], name):
+        if not match_target_modules(config["targets"], name):
             raise ValueError(
                 f"{weights_path}: layer {shown!r} does not match target_modules {config['targets']!r} "
                 f"of {config_path.name}"
@@ -190,8 +192,9 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
         layer = modules.get(name)
         if isinstance(layer, LoRALinear):
             if layer.merged:
-                raise ValueError(f"layer {shown!r} is a merged LoRALinear: unmerge() it before loading an adapter")
+                raise RuntimeError(f"layer {shown!r} is a merged LoRALinear: unmerge() it before loading an adapter")
             base = layer.base
+            unwrap[name] = base.train(layer.training)  # the base is not in the tree: its own mode is stale
         elif isinstance(layer, Linear):
             base = layer
         else:
@@ -207,24 +210,24 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
         for factor, arr in (("A", A), ("B", B)):
             if arr.dtype.kind != "f" or not np.isfinite(arr).all():
                 raise ValueError(f"{weights_path}: {_peft_key(name, factor)!r} must hold finite floats")
-        checked[name] = (base, A, B)
+        checked[name] = (A, B)
 
-    # Everything checked, nothing changed yet: build the layers (wrapping a
-    # Linear freezes it), freeze the rest of the model as PEFT does, swap them in.
-    rng = check_random_state(random_state)  # once, so each layer draws its own dropout masks
-    new_layers: dict[str, Module] = {}
-    for name, (base, A, B) in checked.items():
-        new = LoRALinear(base, r=r, alpha=config["alpha"], dropout=config["dropout"],
-                         use_rslora=config["use_rslora"], random_state=rng)
-        new.A.data = np.array(A, dtype=base.weight.dtype, order="C")  # (r, in)
-        new.B.data = np.array(B, dtype=base.weight.dtype, order="C")  # (out, r)
-        new.train(model.training)
-        new_layers[name] = new
-    for param in model.parameters():
-        param.trainable = False
-    if "" in new_layers:  # the model is itself the adapted Linear
-        return new_layers[""]
-    _replace_everywhere(model, {id(modules[name]): new for name, new in new_layers.items()})
+    # Everything checked, nothing changed yet: inject as inject_lora does, then set the file's factors.
+    model = replace_modules(model, unwrap)
+    model = inject_lora(
+        model,
+        r=r,
+        alpha=config["alpha"],
+        targets=list(checked),
+        dropout=config["dropout"],
+        use_rslora=config["use_rslora"],
+        random_state=rng,
+    )
+    layers = dict(model.named_modules())
+    for name, (A, B) in checked.items():
+        layer = layers[name]
+        layer.A.data = np.array(A, dtype=layer.weight.dtype, order="C")  # (r, in)
+        layer.B.data = np.array(B, dtype=layer.weight.dtype, order="C")  # (out, r)
     return model
 
 
@@ -262,13 +265,16 @@ def save_peft_adapter(model: Any, path: PathLike) -> Path:
         raise ValueError("model has no LoRALinear layer: there is no adapter to save")
     merged = [name for name, m in layers if m.merged]
     if merged:
-        raise ValueError(f"LoRALinear layers {merged} are merged: unmerge() them before saving the adapter")
+        raise RuntimeError(f"LoRALinear layers {merged} are merged: unmerge() them before saving the adapter")
     settings = {(m.r, m.alpha, m.use_rslora, m.dropout) for _, m in layers}
     if len(settings) > 1:
         raise ValueError(
             "every LoRALinear must share r, alpha, use_rslora and dropout to be saved as one PEFT config, got "
-            + ", ".join(f"{name or '<model>'}: (r={m.r}, alpha={m.alpha:g}, use_rslora={m.use_rslora}, "
-                        f"dropout={m.dropout:g})" for name, m in layers)
+            + ", ".join(
+                f"{name or '<the model itself>'}: (r={m.r}, alpha={m.alpha:g}, use_rslora={m.use_rslora}, "
+                f"dropout={m.dropout:g})"
+                for name, m in layers
+            )
         )
     r, alpha, use_rslora, dropout = settings.pop()
     names = [name for name, _ in layers]

@@ -5,7 +5,17 @@ formula); the classes here hold parameters and call them.
 """
 
 from lowrank.nn import functional
-from lowrank.nn.lora import LoRALinear, inject_lora, merge_lora, trainable_summary
+from lowrank.nn.lora import (
+    LoRALinear,
+    check_lora_config,
+    check_pissa_rank,
+    inject_lora,
+    mark_only_lora_as_trainable,
+    match_target_modules,
+    merge_lora,
+    replace_modules,
+    trainable_summary,
+)
 from lowrank.nn.mlp import MLP
 from lowrank.nn.modules import (
     GELU,
@@ -29,8 +39,13 @@ __all__ = [
     "Sequential",
     "Sigmoid",
     "Tanh",
+    "check_lora_config",
+    "check_pissa_rank",
     "functional",
     "inject_lora",
+    "mark_only_lora_as_trainable",
+    "match_target_modules",
     "merge_lora",
+    "replace_modules",
     "trainable_summary",
 ]

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,24 +32,117 @@ from lowrank.nn.modules import (
 )
 from lowrank.utils.validation import RandomState, check_bool, check_choice, check_int, check_random_state, check_real
 
-__all__ = ["LORA_INITS", "LoRALinear", "inject_lora", "merge_lora", "trainable_summary"]
+__all__ = [
+    "LORA_INITS",
+    "LoRALinear",
+    "check_lora_config",
+    "check_pissa_rank",
+    "inject_lora",
+    "mark_only_lora_as_trainable",
+    "match_target_modules",
+    "merge_lora",
+    "replace_modules",
+    "trainable_summary",
+]
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
+
+
+# ---------------------------------------------------------------- the LoRA settings, checked once
+
+
+def check_lora_config(
+    r: Any, alpha: Any = 8, dropout: Any = 0.0, use_rslora: Any = False, init: Any = "kaiming"
+) -> tuple[int, float, float, bool, str]:
+    """Check the settings of a LoRA layer; return them normalised.
+
+    The one place these rules live: :class:`LoRALinear` and
+    :func:`inject_lora` (before it changes the model) both call it, so a bad
+    value gets the same message wherever it is passed.
+
+    Parameters
+    ----------
+    r : int
+        The rank, ``>= 1``.
+    alpha : real, default 8
+        ``> 0`` and finite.
+    dropout : real, default 0.0
+        In ``[0, 1)``.
+    use_rslora : bool, default False
+    init : {"kaiming", "gaussian", "pissa"}, default "kaiming"
+
+    Returns
+    -------
+    tuple of (int, float, float, bool, str)
+        ``(r, alpha, dropout, use_rslora, init)`` as Python scalars.
+
+    Raises
+    ------
+    TypeError
+        A value of the wrong kind (``r=2.0``, ``alpha="8"``, ``use_rslora=1``).
+    ValueError
+        A value outside its range, or an unknown ``init``.
+
+    Examples
+    --------
+    >>> check_lora_config(4, 8, 0.1)
+    (4, 8.0, 0.1, False, 'kaiming')
+    """
+    r = check_int(r, "r", low=1)
+    alpha = check_real(alpha, "alpha", 0.0, low_open=True)
+    dropout = check_real(dropout, "dropout", 0.0, 1.0, high_open=True)
+    use_rslora = check_bool(use_rslora, "use_rslora")
+    init = check_choice(init, "init", LORA_INITS)
+    return r, alpha, dropout, use_rslora, init
+
+
+def check_pissa_rank(r: int, weight_shape: tuple[int, int], layer: str | None = None) -> int:
+    """Check PiSSA's rule ``r <= min(in_features, out_features)``; return ``r``.
+
+    PiSSA takes the top ``r`` singular triplets of the weight, and a matrix
+    of shape ``(out, in)`` has ``min(out, in)`` of them.
+
+    Parameters
+    ----------
+    r : int
+        A rank already checked by :func:`check_lora_config`.
+    weight_shape : tuple of (int, int)
+        ``(out_features, in_features)``.
+    layer : str, optional
+        The layer's dotted name, to say which one in a model fails.
+
+    Raises
+    ------
+    ValueError
+        ``r`` is larger than the smaller side of the weight.
+    """
+    out_features, in_features = weight_shape
+    if not 1 <= r <= min(in_features, out_features):
+        where = "" if layer is None else f"layer {layer!r}, "
+        raise ValueError(
+            f"r must be in [1, min(in_features, out_features)] = [1, {min(in_features, out_features)}] "
+            f"for init='pissa' ({where}weight shape {tuple(weight_shape)}), got {r}"
+        )
+    return r
 
 
 # ---------------------------------------------------------------- LoRA
 
 
 class _Factor(Module):
-    """Holds one LoRA factor as ``weight``, so the state-dict keys read
-    ``lora_A.weight`` and ``lora_B.weight``, as in PEFT. Not a layer: it has
-    no forward of its own (LoRALinear's kernel uses both factors at once)."""
+    """One LoRA factor, held as ``weight``.
+
+    So the state-dict keys read ``lora_A.weight`` and ``lora_B.weight``, as in
+    PEFT. Not a layer: it has no forward of its own (LoRALinear's kernel uses
+    both factors at once).
+    """
 
     def __init__(self, data: np.ndarray) -> None:
         super().__init__()
         self.weight = Parameter(data)
 
     def extra_repr(self) -> str:
+        """The factor's shape and dtype, for ``repr``."""
         return f"shape={self.weight.shape}, dtype={self.weight.dtype}"
 
 
@@ -119,17 +213,10 @@ class LoRALinear(Module):
         super().__init__()
         if not isinstance(base, Linear):
             raise TypeError(f"base must be a Linear, got {type(base).__name__}")
-        r = check_int(r, "r", low=1)
-        alpha = check_real(alpha, "alpha", 0.0, low_open=True)
-        dropout = check_real(dropout, "dropout", 0.0, 1.0, high_open=True)
-        use_rslora = check_bool(use_rslora, "use_rslora")
-        init = check_choice(init, "init", LORA_INITS)
+        r, alpha, dropout, use_rslora, init = check_lora_config(r, alpha, dropout, use_rslora, init)
         in_features, out_features = base.in_features, base.out_features
-        if init == "pissa" and r > min(in_features, out_features):
-            raise ValueError(
-                f"r must be in [1, min(in_features, out_features)] = [1, {min(in_features, out_features)}] "
-                f"for init='pissa' (weight shape {base.weight.shape}), got {r}"
-            )
+        if init == "pissa":
+            check_pissa_rank(r, base.weight.shape)
         self._set_generator(random_state)
         object.__setattr__(self, "_base", base)  # held, not registered: its Parameters are, below
         self.weight = base.weight
@@ -233,7 +320,15 @@ class LoRALinear(Module):
 
         Accumulated in float64 and cast to W's dtype once. If the result is not
         finite (overflow in W's dtype, or NaN/inf in A or B) it raises
-        FloatingPointError and leaves every weight bit-identical.
+        FloatingPointError and leaves every weight bit-identical. This is the
+        one fold of the package: :func:`merge_lora` calls it on each layer.
+
+        Raises
+        ------
+        RuntimeError
+            The layer is merged already.
+        FloatingPointError
+            The merged weight would not be finite in W's dtype.
         """
         if self.merged:
             raise RuntimeError("LoRALinear.merge: already merged (call unmerge() first)")
@@ -254,6 +349,7 @@ class LoRALinear(Module):
         self.merged = False
 
     def _add_to_weight(self, sign: float, action: str) -> None:
+        """``W <- W + sign * scaling * B @ A`` in float64, cast once; refused if not finite."""
         dtype = self.weight.dtype
         delta = self.delta_weight()  # (out, in), float64
         with np.errstate(over="ignore", invalid="ignore"):  # checked right below
@@ -269,6 +365,7 @@ class LoRALinear(Module):
         self.weight.data = new
 
     def extra_repr(self) -> str:
+        """The layer's sizes and settings, for ``repr``."""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, r={self.r}, alpha={self.alpha:g}, "
@@ -277,25 +374,196 @@ class LoRALinear(Module):
         )
 
 
-# ---------------------------------------------------------------- LoRA on a model
+# ---------------------------------------------------------------- LoRA on a model: replace, freeze, match
 
 
-def _replace_everywhere(model: Module, replacements: dict[int, Module]) -> None:
-    """Point every reference to a replaced module at its replacement.
+def _module_at(model: Module, name: str) -> Module | None:
+    """The sub-module at dotted ``name`` (``""``: the model), or None; follows every registered name."""
+    module = model
+    for part in name.split(".") if name else ():
+        module = dict(module.named_children()).get(part)
+        if module is None:
+            return None
+    return module
 
-    ``replacements`` maps ``id(old)`` to the new module. Every parent/child
-    edge is visited, so a layer registered under two names (shared) is
-    replaced under both, by the same new module.
+
+def replace_modules(model: Module, replacements: Mapping[str, Module]) -> Module:
+    """Swap sub-modules of ``model`` by dotted name, in place, wherever they are referenced.
+
+    The one replace path of the package: :func:`inject_lora`,
+    :func:`merge_lora` and :func:`lowrank.io.load_peft_adapter` all swap
+    layers through it. Every parent/child edge of the model is visited, so a
+    module registered under two names (shared) is replaced under both, by the
+    same new module, keeping each name and its position (a Sequential's order
+    and state-dict keys stay). Every name is resolved before anything is
+    replaced.
+
+    Parameters
+    ----------
+    model : Module
+    replacements : mapping of str to Module
+        Dotted module name (as :meth:`Module.named_modules` gives it, or any
+        other name a shared module is registered under) to its replacement.
+        ``""`` names the model itself, and must then be the only key.
+
+    Returns
+    -------
+    Module
+        ``model``, or ``replacements[""]`` when the model itself is replaced
+        (a module cannot replace itself in place).
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a Module, ``replacements`` is not a mapping, a key is
+        not a str or a value is not a Module.
+    ValueError
+        A name the model does not have, ``""`` beside other names, or two
+        names of one shared module given different replacements. The model
+        is unchanged then.
+
+    Examples
+    --------
+    >>> from lowrank import nn
+    >>> model = nn.MLP([4, 3, 2], random_state=0)
+    >>> model = replace_modules(model, {"1": nn.Tanh()})
+    >>> type(model[1]).__name__
+    'Tanh'
     """
-    for module in model.modules():
-        for name, child in module.named_children():
-            if id(child) in replacements:
-                setattr(module, name, replacements[id(child)])  # keeps the name and its position
+    if not isinstance(model, Module):
+        raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
+    if not isinstance(replacements, Mapping):
+        raise TypeError(f"replacements must be a mapping of module name to Module, got {type(replacements).__name__}")
+    by_id: dict[int, tuple[str, Module]] = {}  # id(old) -> (its name, new)
+    for name, new in replacements.items():
+        if not isinstance(name, str):
+            raise TypeError(f"replacements keys must be module names (str), got {type(name).__name__} {name!r}")
+        if not isinstance(new, Module):
+            raise TypeError(f"replacements[{name!r}] must be a lowrank.nn.Module, got {type(new).__name__}")
+        old = _module_at(model, name)
+        if old is None:
+            names = [n for n, _ in model.named_modules() if n]
+            raise ValueError(f"replacements names {name!r}, which is not a module of model; its modules are {names}")
+        seen = by_id.get(id(old))
+        if seen is not None and seen[1] is not new:
+            raise ValueError(
+                f"replacements gives {seen[0]!r} and {name!r}, two names of one shared module, different "
+                f"replacements; a shared module is replaced everywhere by one module"
+            )
+        by_id[id(old)] = (name, new)
+    if "" in replacements:
+        if len(replacements) > 1:
+            raise ValueError(
+                f"replacements names the model itself ('') beside {sorted(n for n in replacements if n)}: "
+                f"replacing the model replaces everything in it, so '' must be the only name"
+            )
+        return replacements[""]
+    for module in model.modules():  # listed before any change: the new modules are not visited
+        for child_name, child in module.named_children():
+            if id(child) in by_id:
+                setattr(module, child_name, by_id[id(child)][1])  # keeps the name and its position
+    return model
 
 
-def _lora_factors(model: Module) -> set[int]:
-    """The ids of the A and B Parameters of every LoRA layer in ``model``."""
-    return {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.A, m.B)}
+def mark_only_lora_as_trainable(model: Module) -> Module:
+    """Freeze every parameter of ``model`` except the LoRA factors, in place (loralib's name).
+
+    Every parameter that is not the ``A`` or ``B`` of a :class:`LoRALinear`
+    gets ``trainable=False``; the factors keep their flags (a new layer's are
+    True). :func:`inject_lora` and :func:`lowrank.io.load_peft_adapter` end
+    with it, as PEFT's ``get_peft_model`` and loralib's
+    ``mark_only_lora_as_trainable`` do.
+
+    Parameters
+    ----------
+    model : Module
+
+    Returns
+    -------
+    Module
+        ``model``.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a Module.
+    ValueError
+        ``model`` has no LoRALinear layer (it would freeze every parameter).
+        The model is unchanged then.
+    """
+    if not isinstance(model, Module):
+        raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
+    factors = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.A, m.B)}
+    if not factors:
+        raise ValueError(
+            f"model has no LoRALinear layer ({type(model).__name__}): marking only LoRA factors as "
+            f"trainable would freeze every parameter; inject_lora(model, ...) first"
+        )
+    for p in model.parameters():
+        if id(p) not in factors:
+            p.trainable = False
+    return model
+
+
+def match_target_modules(target_modules: str | Iterable[str] | None, name: str) -> bool:
+    r"""Whether the layer called ``name`` matches PEFT's ``target_modules`` rule.
+
+    The one matcher of the package (PEFT's ``check_target_module_exists``):
+    :func:`lowrank.io.load_peft_adapter` holds every adapted layer against
+    the config with it.
+
+    Parameters
+    ----------
+    target_modules : str, iterable of str, or None
+        A string is a regular expression that must match the whole name,
+        except ``"all-linear"``, which matches every layer (lowrank models
+        have no output layer to exclude). A list (or other iterable) matches
+        a name equal to one of its entries or ending in ``"." + entry``
+        (``"fc"`` matches ``"block.0.fc"``, not ``"block.0.fc2"``). None
+        matches every layer (lowrank has no per-architecture defaults).
+    name : str
+        The layer's dotted name (``""`` for the model itself).
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    TypeError
+        ``target_modules`` is not None, a str or an iterable of str, or
+        ``name`` is not a str.
+    ValueError
+        ``target_modules`` is a string that is not a valid regular expression.
+
+    Examples
+    --------
+    >>> match_target_modules(["q", "v"], "layers.0.attn.q")
+    True
+    >>> match_target_modules(r"layers\.\d+\.attn\.(q|v)", "layers.0.attn.k")
+    False
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a module name (str), got {type(name).__name__} {name!r}")
+    if target_modules is None or target_modules == "all-linear":
+        return True
+    if isinstance(target_modules, str):
+        try:
+            return re.fullmatch(target_modules, name) is not None
+        except re.error as exc:
+            raise ValueError(
+                f"target_modules must be a valid regular expression, got {target_modules!r}: {exc}"
+            ) from None
+    if isinstance(target_modules, bytes) or not isinstance(target_modules, Iterable):
+        raise TypeError(
+            f"target_modules must be None, a str or a list of str, got {type(target_modules).__name__} "
+            f"{target_modules!r}"
+        )
+    entries = list(target_modules)
+    bad = [t for t in entries if not isinstance(t, str)]
+    if bad:
+        raise TypeError(f"target_modules must hold module names (str), got {bad!r}")
+    return any(name == t or name.endswith(f".{t}") for t in entries)
 
 
 def inject_lora(
@@ -332,28 +600,29 @@ def inject_lora(
         ``model`` itself. If ``model`` is a bare Linear it cannot be changed
         in place, and the new LoRALinear wrapping it is returned instead.
 
-    After the call the trainable parameters are exactly the LoRA factors: the
-    new ones, and those of layers adapted earlier (as PEFT's
-    ``mark_only_lora_as_trainable``); every other parameter of the model is frozen.
-
     Raises
     ------
     ValueError
         An unknown target (the message lists the Linear layers there are), a
-        target that is already a LoRA layer, no Linear layer to adapt, or an
-        invalid ``r``/``alpha``/``dropout``/``init``. Everything is checked
-        before the model is changed.
+        target that is already a LoRA layer, no Linear layer to adapt, or a
+        value :func:`check_lora_config` or :func:`check_pissa_rank` refuses.
     TypeError
-        ``model`` is not a Module, or ``targets`` is a string or holds non-strings.
+        ``model`` is not a Module, ``targets`` is a string or holds
+        non-strings, or a setting is of the wrong kind.
+
+    Notes
+    -----
+    Everything is checked before the model is changed. The settings are
+    checked by :func:`check_lora_config`, as :class:`LoRALinear` checks them;
+    the layers are swapped in by :func:`replace_modules` and the model is
+    frozen by :func:`mark_only_lora_as_trainable`, so the trainable
+    parameters afterwards are exactly the LoRA factors (the new ones, and
+    those of layers adapted earlier). Each new layer takes the training mode
+    of the Linear it wraps.
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
-    r = check_int(r, "r", low=1)
-    check_real(alpha, "alpha", 0.0, low_open=True)
-    check_real(dropout, "dropout", 0.0, 1.0, high_open=True)
-    check_bool(use_rslora, "use_rslora")
-    check_choice(init, "init", LORA_INITS)
-
+    r, alpha, dropout, use_rslora, init = check_lora_config(r, alpha, dropout, use_rslora, init)
     modules = model.named_modules()
     linears = {name: m for name, m in modules if isinstance(m, Linear)}
     adapted = [name for name, m in modules if isinstance(m, LoRALinear)]
@@ -370,32 +639,16 @@ def inject_lora(
         chosen = _check_targets(targets, linears, adapted)
     if init == "pissa":
         for name in chosen:
-            layer = linears[name]
-            if r > min(layer.in_features, layer.out_features):
-                raise ValueError(
-                    f"r must be in [1, min(in_features, out_features)] for init='pissa', got {r} for "
-                    f"layer {name!r} of weight shape {layer.weight.shape}"
-                )
-
+            check_pissa_rank(r, linears[name].weight.shape, layer=name)
     rng = check_random_state(random_state)
-    replacements = {
-        id(linears[name]): LoRALinear(
-            linears[name], r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, random_state=rng
-        )
-        for name in chosen  # in model order: the generator's draws follow it
-    }
-    if isinstance(model, Linear):
-        model = replacements[id(model)]
-    else:
-        _replace_everywhere(model, replacements)
 
-    keep = _lora_factors(model)
-    for p in model.parameters():
-        if id(p) not in keep:
-            p.trainable = False
-    for lora in replacements.values():
-        lora.A.trainable = lora.B.trainable = True
-    return model
+    new_layers = {}
+    for name in chosen:  # in model order: the generator's draws follow it
+        base = linears[name]
+        lora = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, random_state=rng)
+        new_layers[name] = lora.train(base.training)
+    model = replace_modules(model, new_layers)
+    return mark_only_lora_as_trainable(model)
 
 
 def _check_targets(targets: Any, linears: dict[str, Linear], adapted: list[str]) -> list[str]:
@@ -457,12 +710,14 @@ def trainable_summary(model: Module, *, quiet: bool = False) -> str:
 def merge_lora(model: Module) -> Module:
     """A new plain model, every LoRA layer folded into a Linear: for deployment.
 
-    Each :class:`LoRALinear` of a deep copy of ``model`` is replaced by its
-    base Linear with ``W + scaling * B @ A`` (accumulated in float64 and cast
-    to W's dtype once; a layer already merged with ``merge()`` holds that
-    weight and is taken as it is). The copy's forward equals the adapted
-    model's in eval mode, up to that one rounding per weight; its state-dict
-    keys are the base model's (``"0.weight"``, no ``lora_`` keys).
+    Each :class:`LoRALinear` of a deep copy of ``model`` is folded by its own
+    :meth:`LoRALinear.merge` (``W + scaling * B @ A``, accumulated in float64
+    and cast to W's dtype once; a layer already merged holds that weight and
+    is taken as it is), then replaced by its base Linear, in the layer's
+    training mode, through :func:`replace_modules`. The copy's forward equals
+    the adapted model's in eval mode, up to that one rounding per weight; its
+    state-dict keys are the base model's (``"0.weight"``, no ``lora_`` keys)
+    and its caches are cleared (:meth:`Module.clear_cache`).
 
     Parameters
     ----------
@@ -478,33 +733,27 @@ def merge_lora(model: Module) -> Module:
 
     Raises
     ------
+    TypeError
+        ``model`` is not a Module.
     FloatingPointError
-        If a merged weight would not be finite in its dtype (the original
-        model is untouched either way).
+        If a merged weight would not be finite in its dtype: the message is
+        :meth:`LoRALinear.merge`'s, after the layer's name. The original
+        model is untouched either way.
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
     plain = copy.deepcopy(model)
-    replacements: dict[int, Module] = {}
+    bases: dict[str, Module] = {}
     for name, lora in plain.named_modules():
         if not isinstance(lora, LoRALinear):
             continue
-        base = lora.base  # shares lora.weight and lora.bias (deepcopy keeps the sharing)
         if not lora.merged:
-            dtype = base.weight.dtype
-            with np.errstate(over="ignore", invalid="ignore"):  # checked right below
-                merged = (base.weight.data.astype(np.float64) + lora.delta_weight()).astype(dtype)  # (out, in)
-            if not np.isfinite(merged).all():
-                raise FloatingPointError(
-                    f"merge_lora: layer {name or '(the model)'!r} would have "
-                    f"{int(np.count_nonzero(~np.isfinite(merged)))} non-finite weights in {dtype}"
-                )
-            base.weight.data = merged
-        replacements[id(lora)] = base
-    if isinstance(plain, LoRALinear):
-        plain = replacements[id(plain)]
-    else:
-        _replace_everywhere(plain, replacements)
+            try:
+                lora.merge()  # writes into lora.base's weight: they share the Parameter (deepcopy keeps that)
+            except FloatingPointError as exc:
+                raise FloatingPointError(f"merge_lora: layer {name or '<the model itself>'!r}: {exc}") from None
+        bases[name] = lora.base.train(lora.training)  # the base is not in the tree: its own mode is stale
+    plain = replace_modules(plain, bases)
     for p in plain.parameters():
         p.trainable = True
         p.grad = None

@@ -1,9 +1,14 @@
-"""Whole models: the MLP builder, inject_lora, trainable_summary, merge_lora.
+"""Whole models: the MLP builder, inject_lora, trainable_summary, merge_lora, and the
+building blocks they share (check_lora_config, check_pissa_rank, replace_modules,
+mark_only_lora_as_trainable, match_target_modules).
 
-Checked against independent computations: forward passes written out here in
-float64 NumPy, parameter counts from the formula ``r * (in + out)``, finite
-differences through ``lowrank.reference.gradcheck`` for the whole model's gradient, and
-PEFT's own ``print_trainable_parameters`` when torch and peft are installed.
+Checked against independent computations: forward passes and merged weights
+written out here in float64 NumPy (``W + alpha / r * B @ A``), parameter counts
+from the formula ``r * (in + out)``, finite differences through
+``lowrank.reference.gradcheck`` for the whole model's gradient, and PEFT's own
+``print_trainable_parameters`` when torch and peft are installed. Inputs and
+factors are drawn by hypothesis (``hypothesis.extra.numpy``), as contiguous
+arrays, strided views and reversed views.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import math
 import numpy as np
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from strategies import ACTIVATION_NAMES, FLOAT_DTYPES, SEEDS, adapted_mlp_configs, mlp_sizes
 
 from lowrank import nn
@@ -47,28 +54,50 @@ def mlp_by_hand(x, weights, activation):
     return h
 
 
+def scaling_by_hand(alpha, r, use_rslora):
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def delta_by_hand(lora):
+    """alpha / r * B @ A (alpha / sqrt(r) with rsLoRA), in float64, from the layer's settings and factors."""
+    s = scaling_by_hand(lora.alpha, lora.r, lora.use_rslora)
+    return s * (lora.B.data.astype(np.float64) @ lora.A.data.astype(np.float64))  # (out, in)
+
+
 def layer_weights(model):
-    """(W, b, scaling * B @ A in float64) for each Linear or LoRALinear of a Sequential, in order."""
+    """(W, b, the LoRA update by hand) for each Linear or LoRALinear of a Sequential, in order."""
     out = []
     for m in model:
         if isinstance(m, nn.LoRALinear):
-            delta = m.scaling * (m.B.data.astype(np.float64) @ m.A.data.astype(np.float64))
-            out.append((m.weight.data, None if m.bias is None else m.bias.data, delta))
+            out.append((m.weight.data, None if m.bias is None else m.bias.data, delta_by_hand(m)))
         elif isinstance(m, nn.Linear):
             out.append((m.weight.data, None if m.bias is None else m.bias.data, 0.0))
     return out
 
 
-def adapted(cfg, init="kaiming", dropout=0.0):
-    """An MLP with LoRA on cfg's targets, every B filled with noise so the adapters matter."""
+@st.composite
+def float_arrays(draw, shape, dtype, bound=2.0):
+    """Values drawn by hypothesis (so failures shrink), bounded by ``bound``, as a C-contiguous
+    array, a strided view (every other column of a wider array) or a reversed (negative-stride) view."""
+    dtype = np.dtype(dtype)
+    elements = st.floats(-bound, bound, allow_nan=False, allow_infinity=False, width=8 * dtype.itemsize)
+    layout = draw(st.sampled_from(["contiguous", "strided", "reversed"]))
+    if layout == "strided":
+        return draw(hnp.arrays(dtype, (*shape[:-1], 2 * shape[-1]), elements=elements))[..., ::2]
+    arr = draw(hnp.arrays(dtype, shape, elements=elements))
+    return arr[..., ::-1] if layout == "reversed" else arr
+
+
+def adapted(cfg, data, init="kaiming", dropout=0.0):
+    """An MLP with LoRA on cfg's targets, every B drawn (nonzero in general) so the adapters matter."""
     rng = np.random.default_rng(cfg["seed"])
     model = nn.MLP(cfg["sizes"], cfg["activation"], dtype=cfg["dtype"], random_state=rng)
     nn.inject_lora(model, r=cfg["r"], alpha=cfg["alpha"], targets=cfg["targets"], dropout=dropout,
                    use_rslora=cfg["use_rslora"], init=init, random_state=rng)
     for m in model:
         if isinstance(m, nn.LoRALinear):
-            m.B.data = rng.standard_normal(m.B.shape).astype(cfg["dtype"])
-    x = rng.standard_normal((4, cfg["sizes"][0])).astype(cfg["dtype"])
+            m.B.data = data.draw(float_arrays(m.B.shape, cfg["dtype"]))
+    x = data.draw(float_arrays((4, cfg["sizes"][0]), cfg["dtype"]))
     return model, x
 
 
@@ -100,8 +129,8 @@ def tol(dtype, depth=3):
 # ---------------------------------------------------------------- MLP
 
 
-@given(sizes=mlp_sizes(), activation=ACTIVATION_NAMES, dtype=FLOAT_DTYPES, seed=SEEDS)
-def test_mlp_is_linear_activation_linear_and_computes_it(sizes, activation, dtype, seed):
+@given(sizes=mlp_sizes(), activation=ACTIVATION_NAMES, dtype=FLOAT_DTYPES, seed=SEEDS, data=st.data())
+def test_mlp_is_linear_activation_linear_and_computes_it(sizes, activation, dtype, seed, data):
     model = nn.MLP(sizes, activation, dtype=dtype, random_state=seed)
     assert isinstance(model, nn.Sequential) and len(model) == 2 * (len(sizes) - 1) - 1
     expected_keys = [f"{2 * i}.{k}" for i in range(len(sizes) - 1) for k in ("weight", "bias")]
@@ -111,7 +140,7 @@ def test_mlp_is_linear_activation_linear_and_computes_it(sizes, activation, dtyp
         assert isinstance(layer, nn.Linear) and layer.weight.shape == (n_out, n_in) and layer.weight.dtype == dtype
     activations = [m for m in model if not isinstance(m, nn.Linear)]
     assert len({id(m) for m in activations}) == len(activations)  # one instance per use
-    x = np.random.default_rng(seed).standard_normal((3, sizes[0])).astype(dtype)
+    x = data.draw(float_arrays((3, sizes[0]), dtype))
     y = model(x)
     assert y.dtype == dtype and y.shape == (3, sizes[-1])
     np.testing.assert_allclose(y, mlp_by_hand(x, layer_weights(model), activation), rtol=tol(dtype), atol=tol(dtype))
@@ -199,11 +228,11 @@ def _from_arg(arg):
 # ---------------------------------------------------------------- inject_lora
 
 
-@given(cfg=adapted_mlp_configs())
-def test_inject_lora_wraps_the_targets_and_freezes_everything_else(cfg):
+@given(cfg=adapted_mlp_configs(), data=st.data())
+def test_inject_lora_wraps_the_targets_and_freezes_everything_else(cfg, data):
     model = nn.MLP(cfg["sizes"], cfg["activation"], dtype=cfg["dtype"], random_state=cfg["seed"])
     before = model.state_dict()
-    x = np.random.default_rng(cfg["seed"]).standard_normal((3, cfg["sizes"][0])).astype(cfg["dtype"])
+    x = data.draw(float_arrays((3, cfg["sizes"][0]), cfg["dtype"]))
     y_before = model(x)
     linear_names = [str(2 * i) for i in range(len(cfg["sizes"]) - 1)]
     targets = linear_names if cfg["targets"] is None else cfg["targets"]
@@ -221,7 +250,7 @@ def test_inject_lora_wraps_the_targets_and_freezes_everything_else(cfg):
         assert np.array_equal(params[k].data, v)
     for t in targets:
         lora = getattr(model, t)
-        scaling = cfg["alpha"] / (math.sqrt(cfg["r"]) if cfg["use_rslora"] else cfg["r"])
+        scaling = scaling_by_hand(cfg["alpha"], cfg["r"], cfg["use_rslora"])
         assert lora.r == cfg["r"] and lora.scaling == pytest.approx(scaling, rel=1e-15)
         assert not lora.B.data.any()  # B = 0: a fresh adapter changes nothing
     np.testing.assert_array_equal(model(x), y_before)
@@ -284,16 +313,10 @@ def test_inject_lora_pissa_keeps_the_output():
         ({"targets": "0"}, TypeError, "targets must be a list of layer names"),
         ({"targets": [0]}, TypeError, r"targets must hold layer names \(str\), got \[0\]"),
         ({"targets": []}, ValueError, "targets must name at least one"),
-        ({"r": 0}, ValueError, r"r must be in \[1, inf\], got 0"),
-        ({"r": 2.0}, TypeError, "r must be an integer"),
-        ({"alpha": 0}, ValueError, "alpha must be in"),
-        ({"dropout": 1.0}, ValueError, "dropout must be in"),
-        ({"use_rslora": "yes"}, TypeError, "use_rslora"),
-        ({"init": "zeros"}, ValueError, "init must be one of"),
-        ({"init": "pissa", "r": 4}, ValueError, r"init='pissa'.*got 4 for layer '2'"),
+        ({"init": "pissa", "r": 4}, ValueError, r"for init='pissa' \(layer '2', weight shape \(3, 4\)\), got 4"),
         ({"random_state": "seed"}, TypeError, "random_state"),
     ],
-)
+)  # fmt: skip  (r, alpha, dropout, use_rslora, init: BAD_SETTINGS below, for the layer and the model alike)
 def test_inject_lora_refuses_bad_arguments_before_changing_anything(kwargs, error, match):
     model = nn.MLP([5, 4, 3], random_state=0)
     before = snapshot(model)
@@ -368,9 +391,9 @@ def test_trainable_summary_matches_peft():
 # ---------------------------------------------------------------- merge_lora
 
 
-@given(cfg=adapted_mlp_configs())
-def test_merge_lora_equals_the_adapted_model_and_leaves_it_untouched(cfg):
-    model, x = adapted(cfg, dropout=0.25)
+@given(cfg=adapted_mlp_configs(), data=st.data())
+def test_merge_lora_equals_the_adapted_model_and_leaves_it_untouched(cfg, data):
+    model, x = adapted(cfg, data, dropout=0.25)
     model.zero_grad()
     model(x)
     model.backward(np.ones((x.shape[0], cfg["sizes"][-1]), cfg["dtype"]))  # gradients to leave alone
@@ -384,12 +407,18 @@ def test_merge_lora_equals_the_adapted_model_and_leaves_it_untouched(cfg):
     assert [k for k, _ in plain.named_parameters()] == base_keys
     assert all(p.trainable and p.grad is None for p in plain.parameters())
     assert all(p.data is not q.data for p, q in zip(plain.parameters(), model.parameters(), strict=False))
-    # independent: W + scaling * B @ A by hand, in float64
-    expected = mlp_by_hand(x, layer_weights(model), cfg["activation"])
+    # independent: each merged weight is W + alpha / r * B @ A by hand, in float64, rounded once
+    params = dict(plain.named_parameters())
+    for name, m in model.named_modules():
+        if isinstance(m, nn.LoRALinear):
+            W = m.weight.data.astype(np.float64) + delta_by_hand(m)  # (out, in)
+            eps = np.finfo(cfg["dtype"]).eps  # one rounding to W's dtype, nothing more
+            got = params[f"{name}.weight"].data
+            assert got.dtype == cfg["dtype"]
+            np.testing.assert_allclose(got, W, rtol=eps, atol=eps * np.abs(W).max())
     plain.eval()
+    expected = mlp_by_hand(x, layer_weights(model), cfg["activation"])
     np.testing.assert_allclose(plain(x), expected, rtol=tol(cfg["dtype"]), atol=tol(cfg["dtype"]))
-    model.eval()
-    np.testing.assert_allclose(plain(x), model(x), rtol=tol(cfg["dtype"]), atol=tol(cfg["dtype"]))
 
 
 def test_merge_lora_merged_layers_and_bare_layers():
@@ -411,8 +440,219 @@ def test_merge_lora_refuses_overflow_and_non_modules():
     lora.B.data = np.full((2, 1), 3e38, np.float32)
     lora.A.data = np.full((1, 2), 10.0, np.float32)
     before = snapshot(lora)
-    with pytest.raises(FloatingPointError, match="non-finite weights in float32"):
+    with pytest.raises(FloatingPointError, match=r"merge_lora: layer '0': LoRALinear.merge refused: .* "
+                                                 r"non-finite entries in float32"):
         nn.merge_lora(nn.Sequential(lora))
     assert_same_snapshot(snapshot(lora), before)
     with pytest.raises(TypeError, match="model must be"):
         nn.merge_lora(None)
+
+
+def test_merge_lora_has_the_layers_own_overflow_message():
+    """One fold, one wording: merge_lora's error is LoRALinear.merge's, after the layer's name."""
+    def poisoned():
+        lora = nn.LoRALinear(nn.Linear(2, 2, random_state=0), r=1, alpha=1, random_state=0)
+        lora.B.data = np.full((2, 1), 3e38, np.float32)
+        lora.A.data = np.full((1, 2), 10.0, np.float32)
+        return lora
+
+    with pytest.raises(FloatingPointError) as own:
+        poisoned().merge()
+    with pytest.raises(FloatingPointError) as whole:
+        nn.merge_lora(nn.Sequential(nn.ReLU(), poisoned()))
+    assert str(whole.value) == f"merge_lora: layer '1': {own.value}"
+    with pytest.raises(FloatingPointError, match=r"^merge_lora: layer '<the model itself>': LoRALinear.merge"):
+        nn.merge_lora(poisoned())
+
+
+def test_merge_lora_keeps_each_layers_mode_and_shared_layers():
+    model = nn.inject_lora(nn.MLP([3, 4, 2], random_state=0), r=1, alpha=1, random_state=0)
+    model.alias = model[0]  # one LoRA layer under two names
+    model[0].eval()
+    plain = nn.merge_lora(model)
+    assert type(plain[0]) is nn.Linear and plain.alias is plain[0]
+    assert not plain[0].training and plain[2].training  # the base takes its layer's mode
+    assert model[0].training is False and isinstance(model[0], nn.LoRALinear)  # the original is untouched
+
+
+# ---------------------------------------------------------------- check_lora_config, check_pissa_rank
+
+
+def test_check_lora_config_returns_python_scalars():
+    got = nn.check_lora_config(np.int64(4), 8, np.float32(0.25), np.bool_(True), "pissa")
+    assert got == (4, 8.0, 0.25, True, "pissa")
+    assert [type(v) for v in got] == [int, float, float, bool, str]
+    assert nn.check_lora_config(1) == (1, 8.0, 0.0, False, "kaiming")  # LoRALinear's defaults
+
+
+BAD_SETTINGS = [
+    ({"r": 0}, ValueError, r"^r must be in \[1, inf\], got 0$"),
+    ({"r": 2.0}, TypeError, r"^r must be an integer, got float 2.0$"),
+    ({"r": True}, TypeError, r"^r must be an integer, got bool True$"),
+    ({"alpha": 0}, ValueError, r"^alpha must be in \(0, inf\), got 0.0$"),
+    ({"alpha": float("inf")}, ValueError, r"^alpha must be in \(0, inf\), got inf$"),
+    ({"alpha": "8"}, TypeError, r"^alpha must be a real number, got str '8'$"),
+    ({"dropout": 1.0}, ValueError, r"^dropout must be in \[0, 1\), got 1.0$"),
+    ({"dropout": -0.5}, ValueError, r"^dropout must be in \[0, 1\), got -0.5$"),
+    ({"use_rslora": 1}, TypeError, r"^use_rslora must be True or False, got int 1$"),
+    ({"init": "zeros"}, ValueError, r"^init must be one of 'kaiming', 'gaussian', 'pissa', got 'zeros'$"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "error", "match"), BAD_SETTINGS)
+def test_check_lora_config_refuses_with_one_wording_everywhere(kwargs, error, match):
+    args = {"r": 1, "alpha": 1.0, "dropout": 0.0, "use_rslora": False, "init": "kaiming", **kwargs}
+    with pytest.raises(error, match=match):
+        nn.check_lora_config(**args)
+    with pytest.raises(error, match=match):  # the layer: the same words
+        nn.LoRALinear(nn.Linear(3, 3), **args)
+    model = nn.MLP([3, 3, 2], random_state=0)
+    before = snapshot(model)
+    with pytest.raises(error, match=match):  # the model: the same words, nothing changed
+        nn.inject_lora(model, **args)
+    assert_same_snapshot(snapshot(model), before)
+
+
+def test_check_pissa_rank_one_rule_one_wording():
+    assert nn.check_pissa_rank(3, (3, 5)) == 3
+    assert nn.check_pissa_rank(1, (1, 1)) == 1
+    rule = r"r must be in \[1, min\(in_features, out_features\)\] = \[1, 3\] for init='pissa' "
+    with pytest.raises(ValueError, match=rule + r"\(weight shape \(3, 5\)\), got 4$"):
+        nn.check_pissa_rank(4, (3, 5))
+    with pytest.raises(ValueError, match=rule + r"\(weight shape \(3, 5\)\), got 4$"):
+        nn.LoRALinear(nn.Linear(5, 3), r=4, init="pissa")
+    with pytest.raises(ValueError, match=rule + r"\(layer 'block.fc', weight shape \(5, 3\)\), got 4$"):
+        nn.check_pissa_rank(4, (5, 3), layer="block.fc")
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 5)))
+    with pytest.raises(ValueError, match=rule + r"\(layer '0.0', weight shape \(5, 3\)\), got 4$"):
+        nn.inject_lora(model, r=4, alpha=1, init="pissa")
+    assert isinstance(model[0][0], nn.Linear)
+
+
+# ---------------------------------------------------------------- replace_modules
+
+
+def test_replace_modules_by_name_nested_and_shared():
+    inner = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(inner, shared, nn.Tanh())
+    model.alias = shared
+    keys = list(model.state_dict())
+    new_shared, new_act = nn.Linear(4, 4), nn.GELU()
+    assert nn.replace_modules(model, {"alias": new_shared, "0.1": new_act}) is model
+    assert model[1] is new_shared and model.alias is new_shared  # every name of the shared layer
+    assert model[0][1] is new_act and model[0][0] is inner[0]
+    assert list(model.state_dict()) == keys  # names and positions kept
+    assert [type(model[i]).__name__ for i in range(3)] == ["Sequential", "Linear", "Tanh"]
+    assert nn.replace_modules(model, {}) is model
+
+
+def test_replace_modules_the_model_itself():
+    lin = nn.Linear(2, 2)
+    lora = nn.LoRALinear(lin, r=1)
+    assert nn.replace_modules(lin, {"": lora}) is lora
+    assert nn.replace_modules(lora, {"": lin}) is lin
+
+
+@pytest.mark.parametrize(
+    ("model", "replacements", "error", "match"),
+    [
+        ("model", {}, TypeError, r"^model must be a lowrank\.nn\.Module, got str$"),
+        (None, [("0", nn.ReLU())], TypeError, r"^replacements must be a mapping of module name to Module, got list$"),
+        (None, {0: nn.ReLU()}, TypeError, r"^replacements keys must be module names \(str\), got int 0$"),
+        (None, {"0": "relu"}, TypeError, r"^replacements\['0'\] must be a lowrank\.nn\.Module, got str$"),
+        (None, {"3": nn.ReLU()}, ValueError,
+         r"^replacements names '3', which is not a module of model; its modules are \['0', '1', '2'\]$"),
+        (None, {"0.weight": nn.ReLU()}, ValueError, r"replacements names '0.weight', which is not a module"),
+        (None, {"": nn.ReLU(), "1": nn.Tanh()}, ValueError,
+         r"^replacements names the model itself \(''\) beside \['1'\]: .* '' must be the only name$"),
+        (None, {"0": nn.ReLU(), "alias": nn.Tanh()}, ValueError,
+         r"^replacements gives '0' and 'alias', two names of one shared module, different replacements"),
+    ],
+)  # fmt: skip
+def test_replace_modules_refuses_and_changes_nothing(model, replacements, error, match):
+    target = nn.MLP([2, 3, 2], random_state=0)
+    target.alias = target[0]
+    before = [id(m) for m in target.modules()]
+    with pytest.raises(error, match=match):
+        nn.replace_modules(target if model is None else model, replacements)
+    assert [id(m) for m in target.modules()] == before
+
+
+# ---------------------------------------------------------------- mark_only_lora_as_trainable
+
+
+def test_mark_only_lora_as_trainable_freezes_the_rest_and_keeps_factor_flags():
+    model = nn.MLP([3, 4, 4, 2], random_state=0)
+    model[0] = nn.LoRALinear(model[0], r=1)
+    model[2] = nn.LoRALinear(model[2], r=1)
+    model[2].B.trainable = False  # a factor the user froze stays frozen
+    model[4].weight.trainable = True
+    assert nn.mark_only_lora_as_trainable(model) is model
+    trainable = [k for k, p in model.named_parameters() if p.trainable]
+    assert trainable == ["0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight"]
+
+
+def test_mark_only_lora_as_trainable_refuses():
+    with pytest.raises(TypeError, match=r"^model must be a lowrank\.nn\.Module, got dict$"):
+        nn.mark_only_lora_as_trainable({})
+    model = nn.MLP([3, 2], random_state=0)
+    with pytest.raises(ValueError, match=r"^model has no LoRALinear layer \(MLP\): .* freeze every parameter"):
+        nn.mark_only_lora_as_trainable(model)
+    assert all(p.trainable for p in model.parameters())
+
+
+# ---------------------------------------------------------------- match_target_modules
+
+
+@pytest.mark.parametrize(
+    ("target_modules", "name", "expected"),
+    [
+        (["q", "v"], "q", True),
+        (["q", "v"], "layers.0.attn.q", True),  # ends in "." + entry
+        (["q", "v"], "layers.0.attn.k", False),
+        (["fc"], "block.fc2", False),  # a suffix must start at a dot
+        (["fc"], "blockfc", False),
+        (["0"], "1.0", True),
+        (("0",), "0", True),  # any iterable of names
+        (["attn.q"], "layers.0.attn.q", True),
+        ([], "q", False),
+        ([""], "", True),
+        (r"layers\.\d+\.attn\.(q|v)", "layers.12.attn.v", True),
+        (r"layers\.\d+\.attn\.(q|v)", "layers.12.attn.v.extra", False),  # the whole name must match
+        (r"attn\.q", "layers.0.attn.q", False),
+        ("q", "q", True),
+        ("all-linear", "anything.at.all", True),
+        (None, "anything", True),
+    ],
+)
+def test_match_target_modules_is_peft_rule(target_modules, name, expected):
+    assert nn.match_target_modules(target_modules, name) is expected
+
+
+@pytest.mark.parametrize(
+    ("target_modules", "name", "error", "match"),
+    [
+        (3, "q", TypeError, r"^target_modules must be None, a str or a list of str, got int 3$"),
+        (b"q", "q", TypeError, r"^target_modules must be None, a str or a list of str, got bytes b'q'$"),
+        (["q", 1], "q", TypeError, r"^target_modules must hold module names \(str\), got \[1\]$"),
+        (["q"], 0, TypeError, r"^name must be a module name \(str\), got int 0$"),
+        ("(q", "q", ValueError, r"^target_modules must be a valid regular expression, got '\(q': missing \)"),
+    ],
+)
+def test_match_target_modules_refuses(target_modules, name, error, match):
+    with pytest.raises(error, match=match):
+        nn.match_target_modules(target_modules, name)
+
+
+# ---------------------------------------------------------------- inject_lora's modes
+
+
+def test_inject_lora_new_layers_take_the_mode_of_the_linear_they_wrap():
+    model = nn.MLP([3, 4, 2], random_state=0).eval()
+    model[2].train()
+    nn.inject_lora(model, r=1, alpha=1, dropout=0.5, random_state=0)
+    assert not model[0].training and not model[0].lora_A.training
+    assert model[2].training
+    x = np.ones((2, 3), np.float32)
+    np.testing.assert_array_equal(model[0](x), model[0](x))  # eval: no dropout mask drawn
