@@ -1,4 +1,6 @@
-"""PEFT interop, in float64: adapters PEFT saved load here, adapters saved here load in PEFT, PiSSA agrees."""
+"""PEFT interop, in float64: adapters PEFT saved load here, adapters saved here load in PEFT, PiSSA agrees,
+merge_lora folds as merge_and_unload does, inject_lora freezes what get_peft_model freezes, and
+match_target_modules is PEFT's own target_modules rule."""
 
 from __future__ import annotations
 
@@ -88,7 +90,7 @@ def test_pissa_init_matches_peft(tmp_path):
     values by ``scaling`` before the square root, A = diag(sqrt(S_r/scaling)) @ Vh_r,
     B = U_r @ diag(sqrt(S_r/scaling)), and the base weight becomes
     W - scaling * B @ A, so the layer's output is unchanged. Ours is the same
-    formula (DESIGN.md), in float64 here: agreement to float32 accuracy.
+    formula (LoRALinear's docstring), in float64 here: agreement to float32 accuracy.
     Singular vectors have a sign freedom, so A and B are compared row/column
     up to sign, and B @ A exactly.
     """
@@ -113,3 +115,59 @@ def test_pissa_init_matches_peft(tmp_path):
     np.testing.assert_allclose(ours.A.data, signs[:, None] * A_t, **tol)
     np.testing.assert_allclose(ours.B.data, B_t * signs, **tol)
     np.testing.assert_allclose(ours.weight.data + ours.scaling * ours.B.data @ ours.A.data, W, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("target_modules", "name"),
+    [
+        (["q", "v"], "q"),
+        (["q", "v"], "layers.0.attn.q"),
+        (["q", "v"], "layers.0.attn.k"),
+        (["fc"], "block.fc2"),
+        (["fc"], "blockfc"),
+        (["0"], "1.0"),
+        (["0", "2"], "2"),
+        (["attn.q"], "layers.0.attn.q"),
+        (["attn.q"], "layers.0.xattn.q"),
+        (r"layers\.\d+\.attn\.(q|v)", "layers.12.attn.v"),
+        (r"layers\.\d+\.attn\.(q|v)", "layers.12.attn.v.extra"),
+        (r"attn\.q", "layers.0.attn.q"),
+        (r".*\.q", "layers.0.attn.q"),
+        ("^(?:0|2)$", "2"),
+        ("^(?:0|2)$", "1.2"),
+    ],
+)
+def test_match_target_modules_agrees_with_peft(target_modules, name):
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = peft.LoraConfig(target_modules=target_modules)
+    assert nn.match_target_modules(target_modules, name) == bool(check_target_module_exists(config, name))
+
+
+def test_merge_lora_folds_as_peft_merge_and_unload():
+    base = _torch_mlp(2)
+    ours = nn.inject_lora(_ours_like(base), r=2, alpha=3, use_rslora=True, random_state=0)
+    rng = np.random.default_rng(4)
+    for i in (0, 2):
+        ours[i].B.data = rng.standard_normal(ours[i].B.shape)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=3, target_modules=["0", "2"], use_rslora=True))
+    with torch.no_grad():
+        for i in (0, 2):
+            layer = pm.base_model.model[i]
+            layer.lora_A["default"].weight.copy_(torch.tensor(ours[i].A.data))
+            layer.lora_B["default"].weight.copy_(torch.tensor(ours[i].B.data))
+    merged_torch = pm.merge_and_unload().state_dict()
+    plain = nn.merge_lora(ours)
+    assert plain.state_dict().keys() == merged_torch.keys()
+    for key, value in plain.state_dict().items():
+        np.testing.assert_allclose(value, merged_torch[key].numpy(), rtol=1e-12, atol=1e-12, err_msg=key)
+
+
+def test_inject_lora_freezes_what_get_peft_model_freezes():
+    base = _torch_mlp(3)
+    ours = nn.inject_lora(_ours_like(base), r=2, alpha=2, targets=["2"], random_state=0)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["2"]))
+    theirs = sorted(n.replace("base_model.model.", "").replace(".default", "")
+                    for n, p in pm.named_parameters() if p.requires_grad)  # fmt: skip
+    assert sorted(k for k, p in ours.named_parameters() if p.trainable) == theirs
+    assert len(theirs) == 2
