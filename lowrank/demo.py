@@ -185,11 +185,6 @@ def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     rows, updates = _adapt(B, pretrained, layer_sizes, first, ft_epochs, seed)
     contrast_rows, contrast_updates = _adapt(C, pretrained, layer_sizes, first, ft_epochs, seed)
 
-    delta = updates["full"]  # (hidden, in)
-    s = np.linalg.svd(delta, compute_uv=False)
-    planted = _top_right_vectors(tasks.delta_low, B.delta_rank)
-    full_top = {k: _top_right_vectors(delta, k) for k in _TOP}
-    lora_top = {k: _top_right_vectors(updates["lora8"], k) for k in _TOP}
     return {
         "layer_sizes": layer_sizes,
         "planted_rank": B.delta_rank,
@@ -200,14 +195,7 @@ def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
         "before_adaptation": before,
         "finetune_epochs": ft_epochs,
         "methods": rows,
-        "delta_w": {
-            "layer": f"{first}.weight",
-            "singular_values": s.tolist(),
-            "energy_top": _energy_top(s),
-            "similarity_lora8_vs_full": {f"{i},{j}": subspace_similarity(lora_top[i], full_top[j])
-                                         for i in _TOP for j in _TOP},
-            "similarity_full_vs_planted": {str(k): subspace_similarity(full_top[k], planted) for k in _TOP},
-        },
+        "delta_w": _delta_w_analysis(updates, tasks.delta_low, B.delta_rank, f"{first}.weight"),
         "contrast": {
             "planted_rank": C.delta_rank,
             "labels_changed": C.label_change,
@@ -215,6 +203,24 @@ def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
             "methods": contrast_rows,
             "energy_top": _energy_top(np.linalg.svd(contrast_updates["full"], compute_uv=False)),
         },
+    }
+
+
+def _delta_w_analysis(updates: dict[str, np.ndarray], planted_delta: np.ndarray, planted_rank: int,
+                      layer: str) -> dict[str, Any]:
+    """The full fine-tuning update's spectrum and energy; its subspaces next to LoRA's and the planted one's."""
+    delta = updates["full"]  # (hidden, in)
+    s = np.linalg.svd(delta, compute_uv=False)
+    planted = _top_right_vectors(planted_delta, planted_rank)
+    full_top = {k: _top_right_vectors(delta, k) for k in _TOP}
+    lora_top = {k: _top_right_vectors(updates["lora8"], k) for k in _TOP}
+    return {
+        "layer": layer,
+        "singular_values": s.tolist(),
+        "energy_top": _energy_top(s),
+        "similarity_lora8_vs_full": {f"{i},{j}": subspace_similarity(lora_top[i], full_top[j])
+                                     for i in _TOP for j in _TOP},
+        "similarity_full_vs_planted": {str(k): subspace_similarity(full_top[k], planted) for k in _TOP},
     }
 
 

@@ -233,7 +233,6 @@ class Optimizer:
         on a buffer whose dtype differs from its parameter's (as
         ``Module.load_state_dict``: a dtype mismatch is never silently cast).
         """
-        params = dict(self.named_params)
         expected = {"step", *self.hyper}
         missing = sorted(expected - set(state_dict))
         if missing:
@@ -245,10 +244,18 @@ class Optimizer:
         hyper = self._check_hyper(**hyper)
         step_count = check_int(_scalar(state_dict, "step"), "state_dict['step']", 0)
 
+        new_state = self._checked_buffers(state_dict, expected)
+        self.hyper = hyper
+        self.step_count = step_count
+        self.state = new_state
+
+    def _checked_buffers(self, state_dict: Mapping[str, Any], skip: set[str]) -> dict[str, dict[str, Any]]:
+        """The per-parameter state of ``state_dict`` (keys ``"state.<name>.<buffer>"``), checked and copied."""
+        params = dict(self.named_params)
         new_state: dict[str, dict[str, Any]] = {key: {} for key in params}
         allowed = ("step", *self._buffers) if self._counts_steps else self._buffers
         for full_key, value in state_dict.items():
-            if full_key in expected:
+            if full_key in skip:
                 continue
             if not full_key.startswith("state.") or full_key.count(".") < 2:
                 raise ValueError(
@@ -275,9 +282,7 @@ class Optimizer:
                 raise TypeError(f"state_dict[{full_key!r}] must have its parameter's dtype "
                                 f"{data.dtype}, got dtype {value.dtype}")
             new_state[key][buf] = value.copy()
-        self.hyper = hyper
-        self.step_count = step_count
-        self.state = new_state
+        return new_state
 
 
 class SGD(Optimizer):

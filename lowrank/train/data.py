@@ -368,38 +368,54 @@ def make_tasks(
     )
 
     teacher = make_teacher(d, h, c, random_state=s_teacher)
-    direction_low = planted_delta((h, d), k, 1.0, random_state=s_low)  # ‖·‖_F = 1
-    direction_full = planted_delta((h, d), min(h, d), 1.0, random_state=s_full)
-    probe = s_probe.standard_normal((_N_PROBE, d))
-    norm = _calibrate_norm(teacher, direction_low, probe, target)
-    if contrast_match == "labels":
-        norm_full = _calibrate_norm(teacher, direction_full, probe, target)
-    else:
-        norm_full = norm
-    delta_low, delta_full = norm * direction_low, norm_full * direction_full
-
-    def draw(stream: np.random.Generator, n: int) -> np.ndarray:
-        # float32 first, then labelled: the labels are exactly those of the stored inputs
-        return stream.standard_normal((n, d)).astype(np.float32)  # (n, d)
-
-    X_pre, X_pre_val = draw(s_pre, n_pre), draw(s_pre_val, n_v)
-    X_down, X_down_val = draw(s_down, n_down), draw(s_down_val, n_v)
+    delta_low, delta_full = _planted_changes(teacher, k, target, contrast_match, s_low, s_full, s_probe)
+    X_pre, X_pre_val = _inputs(s_pre, n_pre, d), _inputs(s_pre_val, n_v, d)
+    X_down, X_down_val = _inputs(s_down, n_down, d), _inputs(s_down_val, n_v, d)
     y_a_val = teacher.labels(X_down_val)  # what task A says of the downstream inputs
-
-    def dataset(name: str, t: Teacher, X: np.ndarray, X_val: np.ndarray, rank: int) -> Dataset:
-        y_val = t.labels(X_val)
-        moved = 0.0 if rank == 0 else float(np.mean(y_val != y_a_val))
-        return Dataset(X, t.labels(X), X_val, y_val, c, name, rank, moved)
-
     return Tasks(
-        pretrain=dataset("pretrain", teacher, X_pre, X_pre_val, 0),
-        downstream=dataset("downstream", teacher.with_delta(delta_low), X_down, X_down_val, k),
-        contrast=dataset("contrast", teacher.with_delta(delta_full), X_down, X_down_val,
-                         min(h, d)),
+        pretrain=_dataset("pretrain", teacher, X_pre, X_pre_val, 0, y_a_val),
+        downstream=_dataset("downstream", teacher.with_delta(delta_low), X_down, X_down_val, k, y_a_val),
+        contrast=_dataset("contrast", teacher.with_delta(delta_full), X_down, X_down_val, min(h, d), y_a_val),
         teacher=teacher,
         delta_low=delta_low,
         delta_full=delta_full,
     )
+
+
+def _planted_changes(teacher: Teacher, rank: int, label_change: float, contrast_match: str,
+                     s_low: np.random.Generator, s_full: np.random.Generator,
+                     s_probe: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The low-rank and the full-rank change ``(h, d)``, each calibrated on one probe set.
+
+    The low-rank change's norm moves ``label_change`` of the probe labels; the
+    full-rank one's does too (``contrast_match="labels"``) or equals it (``"norm"``).
+    """
+    h, d = teacher.W1.shape
+    direction_low = planted_delta((h, d), rank, 1.0, random_state=s_low)  # ‖·‖_F = 1
+    direction_full = planted_delta((h, d), min(h, d), 1.0, random_state=s_full)
+    probe = s_probe.standard_normal((_N_PROBE, d))
+    norm = _calibrate_norm(teacher, direction_low, probe, label_change)
+    if contrast_match == "labels":
+        norm_full = _calibrate_norm(teacher, direction_full, probe, label_change)
+    else:
+        norm_full = norm
+    return norm * direction_low, norm_full * direction_full
+
+
+def _inputs(stream: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """``n`` inputs ``x ~ N(0, I_d)`` in float32, shape (n, d).
+
+    float32 first, then labelled: the labels are exactly those of the stored inputs.
+    """
+    return stream.standard_normal((n, d)).astype(np.float32)  # (n, d)
+
+
+def _dataset(name: str, teacher: Teacher, X: np.ndarray, X_val: np.ndarray, rank: int,
+             y_a_val: np.ndarray) -> Dataset:
+    """Label ``X`` and ``X_val`` by ``teacher``; ``y_a_val`` (task A's labels of ``X_val``) measures the change."""
+    y_val = teacher.labels(X_val)
+    moved = 0.0 if rank == 0 else float(np.mean(y_val != y_a_val))
+    return Dataset(X, teacher.labels(X), X_val, y_val, teacher.W2.shape[0], name, rank, moved)
 
 
 def make_task(name: str, *, random_state: RandomState = 0, **kwargs: Any) -> Dataset:
