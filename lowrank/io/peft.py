@@ -285,7 +285,7 @@ def save_peft_adapter(model: Any, path: PathLike) -> Path:
     targets: str | list[str] = (
         "^(?:" + "|".join(re.escape(n) for n in names) + ")$" if ambiguous or "" in names else names
     )
-    config = {
+    config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": None,

@@ -96,7 +96,7 @@ def check_lora_config(
     return r, alpha, dropout, use_rslora, init
 
 
-def check_pissa_rank(r: int, weight_shape: tuple[int, int], layer: str | None = None) -> int:
+def check_pissa_rank(r: int, weight_shape: tuple[int, ...], layer: str | None = None) -> int:
     """Check PiSSA's rule ``r <= min(in_features, out_features)``; return ``r``.
 
     PiSSA takes the top ``r`` singular triplets of the weight, and a matrix
@@ -107,7 +107,7 @@ def check_pissa_rank(r: int, weight_shape: tuple[int, int], layer: str | None = 
     r : int
         A rank already checked by :func:`check_lora_config`.
     weight_shape : tuple of (int, int)
-        ``(out_features, in_features)``.
+        ``(out_features, in_features)``: a Linear's ``weight.shape``.
     layer : str, optional
         The layer's dotted name, to say which one in a model fails.
 
@@ -200,6 +200,8 @@ class LoRALinear(Module):
     computed only if its Parameters are trainable.
     """
 
+    _base: Linear  # held, not registered as a sub-module: its Parameters are, as weight and bias
+
     def __init__(
         self,
         base: Linear,
@@ -235,12 +237,14 @@ class LoRALinear(Module):
     def _initial_factors(self) -> tuple[np.ndarray, np.ndarray]:
         """A (r, in) and B (out, r) in the weight's dtype; PiSSA also rewrites W."""
         r, n_in, n_out, dtype = self.r, self.in_features, self.out_features, self.weight.dtype
+        rng = self.generator
+        assert rng is not None  # set in __init__, before this runs
         if self.init == "kaiming":
             bound = 1.0 / math.sqrt(n_in)
-            A = self.generator.uniform(-bound, bound, (r, n_in))
+            A = rng.uniform(-bound, bound, (r, n_in))
             return A.astype(dtype), np.zeros((n_out, r), dtype)
         if self.init == "gaussian":
-            A = self.generator.normal(0.0, 1.0 / r, (r, n_in))
+            A = rng.normal(0.0, 1.0 / r, (r, n_in))
             return A.astype(dtype), np.zeros((n_out, r), dtype)
         from lowrank.factor.svd import truncated_svd  # lazily: svd is not needed otherwise
 
@@ -381,9 +385,10 @@ def _module_at(model: Module, name: str) -> Module | None:
     """The sub-module at dotted ``name`` (``""``: the model), or None; follows every registered name."""
     module = model
     for part in name.split(".") if name else ():
-        module = dict(module.named_children()).get(part)
-        if module is None:
+        child = dict(module.named_children()).get(part)
+        if child is None:
             return None
+        module = child
     return module
 
 

@@ -428,7 +428,7 @@ def test_merge_lora_merged_layers_and_bare_layers():
     x = rng.standard_normal((5, 4))
     plain = nn.merge_lora(lora)
     assert type(plain) is nn.Linear
-    W = lora.weight.data + lora.scaling * lora.B.data @ lora.A.data
+    W = lora.weight.data + 1.0 * lora.B.data @ lora.A.data  # alpha / r = 2 / 2, by hand
     np.testing.assert_allclose(plain(x), x @ W.T + lora.bias.data, rtol=1e-13)
     lora.merge()  # already merged: its weight is W + scaling * B @ A, taken as it is
     np.testing.assert_array_equal(nn.merge_lora(lora).weight.data, lora.weight.data)
