@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 import tracemalloc
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import FLOAT_DTYPES, SEEDS, expected_float_dtype, matrix_shapes, rtol_for
+from strategies import FLOAT_DTYPES, expected_float_dtype, laid_out, matrix_shapes, rtol_for
 
 import lowrank
 from lowrank import LowRank, lora_param_count
@@ -17,13 +16,12 @@ from lowrank import LowRank, lora_param_count
 
 @st.composite
 def lowranks(draw, dtype=None):
-    """A LowRank with seeded normal factors: (lr, left, right)."""
+    """A LowRank of drawn factors, each in any layout (strided and reversed views too): (lr, left, right)."""
     m, n = draw(matrix_shapes(1, 12))
     r = draw(st.integers(1, 6))
     dtype = draw(FLOAT_DTYPES) if dtype is None else dtype
-    rng = np.random.default_rng(draw(SEEDS))
-    left = rng.standard_normal((m, r)).astype(dtype)
-    right = rng.standard_normal((r, n)).astype(dtype)
+    left = draw(laid_out(dtype, (m, r)))
+    right = draw(laid_out(dtype, (r, n)))
     return LowRank(left, right), left, right
 
 
@@ -70,15 +68,14 @@ def test_to_dense_is_the_product_of_the_factors(case):
     close(dense, left.astype(np.float64) @ right.astype(np.float64), left.dtype)
 
 
-@given(case=lowranks(), k=st.integers(1, 4), seed=SEEDS)
-def test_products_on_both_sides_equal_the_dense_products(case, k, seed):
+@given(case=lowranks(), k=st.integers(1, 4), data=st.data())
+def test_products_on_both_sides_equal_the_dense_products(case, k, data):
     lr, left, right = case
     m, n = lr.shape
     dtype = left.dtype
     dense = left.astype(np.float64) @ right.astype(np.float64)  # (m, n), independent
-    rng = np.random.default_rng(seed)
-    x, X = rng.standard_normal(n).astype(dtype), rng.standard_normal((n, k)).astype(dtype)
-    y, Y = rng.standard_normal(m).astype(dtype), rng.standard_normal((k, m)).astype(dtype)
+    x, X = data.draw(laid_out(dtype, (n,)), label="x"), data.draw(laid_out(dtype, (n, k)), label="X")
+    y, Y = data.draw(laid_out(dtype, (m,)), label="y"), data.draw(laid_out(dtype, (k, m)), label="Y")
 
     out = lr @ x
     assert out.shape == (m,)
@@ -104,14 +101,11 @@ def test_products_never_form_the_dense_matrix(side):
     x = rng.standard_normal(n if side == "right" else m)
     tracemalloc.start()
     try:
-        start = time.perf_counter()
         out = lr @ x if side == "right" else x @ lr
-        elapsed = time.perf_counter() - start
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert peak < 20e6, f"peak {peak / 1e6:.1f} MB"
-    assert elapsed < 5.0  # a guard against a pathological path, not a timing test
     want = left @ (right @ x) if side == "right" else (x @ left) @ right
     np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-9)
     assert lr.dense_params == 10**10 and lr.n_params == 400_000
@@ -134,13 +128,17 @@ def test_left_products_with_the_wrong_shape_are_refused(shape):
 # ---------------------------------------------------------------- error
 
 
-@given(case=lowranks(np.float64), seed=SEEDS)
-def test_error_against_numpy(case, seed):
+@given(case=lowranks(np.float64), data=st.data())
+def test_error_against_numpy(case, data):
     lr, left, right = case
-    M = np.random.default_rng(seed).standard_normal(lr.shape)
-    want = np.linalg.norm(M - left @ right)
-    assert lr.error(M) == pytest.approx(want, rel=1e-12)
-    assert lr.error(M, relative=True) == pytest.approx(want / np.linalg.norm(M), rel=1e-12)
+    M = data.draw(laid_out(np.float64, lr.shape), label="M")
+    want = np.sqrt(sum(float(v) ** 2 for v in (M - left @ right).ravel()))  # by hand
+    norm = np.sqrt(sum(float(v) ** 2 for v in M.ravel()))
+    assert lr.error(M) == pytest.approx(want, rel=1e-12, abs=1e-300)
+    if norm > 0:
+        assert lr.error(M, relative=True) == pytest.approx(want / norm, rel=1e-12, abs=1e-300)
+    else:  # ‖M‖ = 0: 0 if the factorization is 0 too, else inf
+        assert lr.error(M, relative=True) == (0.0 if want == 0 else np.inf)
     assert lr.error(left @ right) == pytest.approx(0.0, abs=1e-12 * np.abs(left @ right).sum())
 
 

@@ -20,17 +20,18 @@ def torch_lora_linear(x, weight, bias, A, B, scaling, dropout_mask=None):
     return y + scaling * torch.nn.functional.linear(torch.nn.functional.linear(xm, A), B)
 
 
-@given(lora_problems(dtype=np.float64))
+@given(lora_problems(dtype=np.float64, views=True))  # strided and negative-stride inputs too
 def test_lora_linear_and_backward_match_torch_autograd(p):
     y, cache = F.lora_linear(p["x"], p["weight"], p["bias"], p["A"], p["B"], p["scaling"],
                              dropout_mask=p["dropout_mask"])
     g = F.lora_linear_backward(p["dy"], cache, base_trainable=True)
 
     names = ["x", "weight", "bias", "A", "B"]
-    t = {k: torch.tensor(p[k], requires_grad=True) for k in names if p[k] is not None}
+    # torch refuses negative strides: it gets copies, lowrank the views themselves
+    t = {k: torch.tensor(p[k].copy(), requires_grad=True) for k in names if p[k] is not None}
     mask = None if p["dropout_mask"] is None else torch.tensor(p["dropout_mask"])
     ty = torch_lora_linear(t["x"], t["weight"], t.get("bias"), t["A"], t["B"], p["scaling"], mask)
-    ty.backward(torch.tensor(p["dy"]))
+    ty.backward(torch.tensor(p["dy"].copy()))
 
     tol = {"rtol": 1e-12, "atol": 1e-12}
     np.testing.assert_allclose(y, ty.detach().numpy(), **tol)
