@@ -162,8 +162,9 @@ def test_the_objective_of_a_known_case():
 # ---------------------------------------------------------------- monotone, CG, seeds
 
 
-@given(interactions(), st.sampled_from(["dense", "csr"]))
-def test_loss_never_increases_with_exact_solves(problem, fmt):
+@given(interactions(), st.sampled_from(["dense", "csr"]), st.sampled_from([None, 1, 2]))
+def test_loss_never_increases(problem, fmt, cg_steps):
+    # exact half-steps minimize; CG steps from the warm start only ever lower each row's quadratic
     R, rank, alpha, reg, weighted_reg, seed = problem
     fit = implicit_als(
         as_format(R, fmt),
@@ -171,6 +172,7 @@ def test_loss_never_increases_with_exact_solves(problem, fmt):
         alpha=alpha,
         reg=reg,
         weighted_reg=weighted_reg,
+        cg_steps=cg_steps,
         max_iter=12,
         tol=0.0,
         random_state=seed,

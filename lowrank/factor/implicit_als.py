@@ -503,10 +503,10 @@ def implicit_als(
     increases.
 
     The normal equations are formed and solved in float64 for float32
-    input too, and the factors rounded to float32 after each half-step: on
-    the 6000 × 4000 benchmark a sweep costs the same either way (scipy's
-    sparse product is bound by reading the matrix, not by the arithmetic),
-    and the loss stays exact at the returned factors. Memory:
+    input too, and the factors rounded to float32 after each half-step, so
+    the loss is exact at the returned factors; forming them in float32
+    would save about a fifth of the sparse product (measured 23 ms against
+    28 ms a half-step on the 6000 × 4000 benchmark). Memory:
     O(nnz + (m + n) r²) for sparse input; dense input is read in blocks.
     """
     alpha, reg, weighted_reg = _check_hyperparameters(alpha, reg, weighted_reg)
