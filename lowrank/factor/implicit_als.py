@@ -170,6 +170,8 @@ _Side = _DenseSide | _SparseSide
 
 def _interactions(R: Any, alpha: float) -> tuple[_Side, _Side, float, np.dtype]:
     """Validate ``R``; return its row side, its column side, ``Σ_observed c_ui`` (float64) and its float dtype."""
+    rows: _Side
+    cols: _Side
     if type(R).__module__.startswith("scipy.sparse"):
         csr = R.tocsr().astype(float_dtype_of(np.asarray(R.data), "R"), copy=True)  # R is never modified
         csr.sum_duplicates()  # a COO matrix's repeated (u, i) pairs add up, as scipy's own conversion does
@@ -260,8 +262,9 @@ def _cholesky_solve(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Solve ``A_u x_u = b_u`` for a stack of positive definite ``A`` (k, r, r), ``b`` (k, r).
 
     The batched Cholesky factorization, then forward and back substitution
-    one column at a time over all rows: on the 6000 × 4000 benchmark (rank 10)
-    this takes 3 ms a half-step against 13 ms for ``np.linalg.solve``'s LU.
+    one column at a time over all rows: for 6000 systems of size 10 (the
+    benchmark's half-step) it takes half the time of ``np.linalg.solve``'s
+    batched LU (measured 12 ms against 25 ms, one thread, same answers to 4e-15).
     """
     L = np.linalg.cholesky(A)  # (k, r, r), lower
     r = b.shape[1]
