@@ -15,7 +15,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -27,7 +27,7 @@ class CLIError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line, not usage text plus a line."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"lowrank: error: {message} (see '{self.prog} --help')\n")
         raise SystemExit(2)
 

@@ -73,7 +73,7 @@ _RANKS = (1, 2, 4, 8)
 _TOP = (1, 2, 4, 8)
 
 
-def _train(model, task, lr: float, epochs: int, seed: int) -> tuple[dict[str, Any], float]:
+def _train(model: Any, task: Any, lr: float, epochs: int, seed: int) -> tuple[dict[str, Any], float]:
     from lowrank.nn.optim import Adam
     from lowrank.train.fit import fit
 
@@ -110,7 +110,7 @@ def linear_layer_names(model: Any) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, (Linear, LoRALinear))]
 
 
-def _adapt(task, pretrained: dict[str, np.ndarray], layer_sizes: list[int], layer: str, epochs: int,
+def _adapt(task: Any, pretrained: dict[str, np.ndarray], layer_sizes: list[int], layer: str, epochs: int,
            seed: int) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
     """Fine-tune copies of the pretrained MLP on ``task``: fully, and by LoRA at each rank.
 
@@ -142,7 +142,7 @@ def _adapt(task, pretrained: dict[str, np.ndarray], layer_sizes: list[int], laye
             "seconds": seconds,
             "val_loss_curve": history["val_loss"],
         })
-        adapted = dict(student.named_modules())[layer]
+        adapted: Any = dict(student.named_modules())[layer]  # a Linear, or a LoRALinear
         if method == "full":
             updates["full"] = adapted.weight.data.astype(np.float64) - pretrained[f"{layer}.weight"]  # (hidden, in)
         elif method == "lora r=8":
@@ -170,7 +170,7 @@ def adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     from lowrank.nn import MLP
     from lowrank.train.data import make_tasks
 
-    sizes = dict(n_pretrain=4_000, n_downstream=1_000, n_val=1_000) if quick else {}
+    sizes: dict[str, Any] = dict(n_pretrain=4_000, n_downstream=1_000, n_val=1_000) if quick else {}
     pre_epochs, ft_epochs = (4, 6) if quick else (12, 15)
     tasks = make_tasks(random_state=seed, **sizes)
     A, B, C = tasks.pretrain, tasks.downstream, tasks.contrast
@@ -224,7 +224,7 @@ def _delta_w_analysis(updates: dict[str, np.ndarray], planted_delta: np.ndarray,
     }
 
 
-def _evaluate_on(model, task) -> dict[str, float]:
+def _evaluate_on(model: Any, task: Any) -> dict[str, float | None]:
     from lowrank.train.fit import evaluate
 
     loss, acc = evaluate(model, task.X_val, task.y_val)

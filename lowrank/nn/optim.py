@@ -330,8 +330,10 @@ class SGD(Optimizer):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
                          nesterov=nesterov, weight_decay=weight_decay)
 
-    @staticmethod
-    def _check_hyper(lr, momentum, dampening, nesterov, weight_decay) -> dict[str, Any]:
+    @staticmethod  # named arguments, where the base takes any: each optimizer has its own
+    def _check_hyper(  # type: ignore[override]
+        lr: Any, momentum: Any, dampening: Any, nesterov: Any, weight_decay: Any
+    ) -> dict[str, Any]:
         hyper = {
             "lr": check_real(lr, "lr", 0.0),
             "momentum": check_real(momentum, "momentum", 0.0),
@@ -400,8 +402,8 @@ class Adam(Optimizer):
         super().__init__(params, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                          weight_decay=weight_decay)
 
-    @staticmethod
-    def _check_hyper(lr, beta1, beta2, eps, weight_decay) -> dict[str, Any]:
+    @staticmethod  # named arguments, where the base takes any: each optimizer has its own
+    def _check_hyper(lr: Any, beta1: Any, beta2: Any, eps: Any, weight_decay: Any) -> dict[str, Any]:  # type: ignore[override]
         return {
             "lr": check_real(lr, "lr", 0.0),
             "beta1": check_real(beta1, "betas[0]", 0.0, 1.0, high_open=True),

@@ -87,8 +87,9 @@ class History:
 
     @classmethod
     def _from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> History:
-        lists = {k: arrays[k].tolist() for k in cls._LISTS}
-        ints = {k: (None if int(arrays[k]) < 0 else int(arrays[k])) for k in ("best_epoch", "stopped_epoch")}
+        lists: dict[str, Any] = {k: arrays[k].tolist() for k in cls._LISTS}
+        ints: dict[str, Any] = {k: (None if int(arrays[k]) < 0 else int(arrays[k]))
+                                for k in ("best_epoch", "stopped_epoch")}
         return cls(**lists, **ints)
 
 

@@ -98,9 +98,10 @@ class FitConfig:
         > 0.
     early_stopping : int or None, default None
         Patience, >= 1; needs ``has_val``.
-    checkpoint : str or None, default None
-        A path whose folder exists.
-    resume : str or None, default None
+    checkpoint : str, path-like or None, default None
+        A path whose folder exists; kept as a str.
+    resume : str, path-like or None, default None
+        Kept as a str.
     verbose : bool or str, default True
         One of :data:`VERBOSE`.
     """
@@ -113,8 +114,8 @@ class FitConfig:
     has_val: bool = False
     clip_grad_norm: float | None = None
     early_stopping: int | None = None
-    checkpoint: str | None = None
-    resume: str | None = None
+    checkpoint: str | os.PathLike[str] | None = None  # stored as str
+    resume: str | os.PathLike[str] | None = None  # stored as str
     verbose: bool | str = True
 
     # the settings a resumed run must share with the run that wrote the checkpoint:
@@ -122,7 +123,7 @@ class FitConfig:
     RESUME_FIELDS = ("n_samples", "batch_size", "shuffle", "loss", "early_stopping")
 
     def __post_init__(self) -> None:
-        checked = {
+        checked: dict[str, Any] = {
             "n_samples": check_int(self.n_samples, "n_samples", low=1),
             "epochs": check_int(self.epochs, "epochs", low=1),
             "batch_size": check_int(self.batch_size, "batch_size", low=1),

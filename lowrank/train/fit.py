@@ -337,7 +337,7 @@ def _check_val(val: Any) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     if not isinstance(val, (tuple, list)) or len(val) != 2:
         raise TypeError(f"val must be a pair (X_val, y_val), got {type(val).__name__}")
-    return _check_data(*val, name_x="val[0]", name_y="val[1]")
+    return _check_data(val[0], val[1], name_x="val[0]", name_y="val[1]")
 
 
 def _trainable(model: Module) -> list[tuple[str, Parameter]]:
