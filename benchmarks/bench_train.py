@@ -267,6 +267,23 @@ def profile_step(xb, yb, lora: bool, steps: int, top: int = 18) -> None:
         print(f"  {1e6 * tottime / steps:12.1f} {1e6 * cumtime / steps:12.1f} {ncalls / steps:10.1f}  {where}")
 
 
+def print_header(args: argparse.Namespace, torch, settings: list, torch_default: int) -> None:
+    """What is measured, on which machine and libraries, and the load before."""
+    print(f"Training-step benchmark: MLP({SIZES}, 'tanh'), float32, batch {BATCH}, Adam(lr={LR}); "
+          f"LoRA r={R}, alpha={ALPHA} on both layers")
+    print(f"NumPy {np.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs; "
+          f"{args.reps} interleaved reps x {args.steps} steps each, medians")
+    if torch is None:
+        print("torch not importable: skipped the PyTorch comparison (pip install torch)")
+    else:
+        foreach = torch.optim.Adam([torch.zeros(1, requires_grad=True)]).defaults["foreach"]
+        print(f"torch {torch.__version__} eager, default torch.optim.Adam (foreach={foreach}); "
+              f"start-up torch.get_num_threads() = {torch_default}")
+    if settings == [None]:
+        print("threadpoolctl not installed: only the default thread setting is measured (pip install threadpoolctl)")
+    print(f"before: {load()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=21, help="interleaved repetitions of each step case (default 21)")
@@ -290,19 +307,7 @@ def main() -> None:
     tasks = make_tasks(random_state=0)
     task = tasks.pretrain
     xb, yb = task.X_train[:BATCH], task.y_train[:BATCH]
-    print(f"Training-step benchmark: MLP({SIZES}, 'tanh'), float32, batch {BATCH}, Adam(lr={LR}); "
-          f"LoRA r={R}, alpha={ALPHA} on both layers")
-    print(f"NumPy {np.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs; "
-          f"{args.reps} interleaved reps x {args.steps} steps each, medians")
-    if torch is None:
-        print("torch not importable: skipped the PyTorch comparison (pip install torch)")
-    else:
-        foreach = torch.optim.Adam([torch.zeros(1, requires_grad=True)]).defaults["foreach"]
-        print(f"torch {torch.__version__} eager, default torch.optim.Adam (foreach={foreach}); "
-              f"start-up torch.get_num_threads() = {torch_default}")
-    if settings == [None]:
-        print("threadpoolctl not installed: only the default thread setting is measured (pip install threadpoolctl)")
-    print(f"before: {load()}")
+    print_header(args, torch, settings, torch_default)
 
     all_ratios = {}
     for threads in settings:
