@@ -1,4 +1,10 @@
-"""Truncated and randomized SVD, and the spectrum helpers built on Eckart–Young.
+"""Truncated and randomized SVD, the randomized range finder, and the spectrum helpers built on Eckart–Young.
+
+The randomized SVD comes in its two stages (Halko, Martinsson and Tropp, 2011),
+each public: :func:`randomized_range_finder` (validated; its core
+:func:`subspace_iteration` for callers that already validated, such as ALS's
+spectral start on scipy.sparse input) finds ``Q`` with ``M ≈ Q Qᵀ M``, and
+:func:`svd_in_range` takes the SVD of ``Q Qᵀ M``.
 
 Eckart–Young–Mirsky: among all matrices of rank at most ``k``, the truncated
 SVD ``U[:, :k] @ diag(s[:k]) @ Vt[:k]`` is closest to ``M`` in both the
