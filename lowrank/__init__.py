@@ -41,7 +41,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    """The eager names and the lazy subpackages, for ``dir(lowrank)`` and tab completion."""
+    """List the eager names and the lazy subpackages, for ``dir(lowrank)`` and tab completion."""
     return sorted(set(globals()) | _SUBMODULES)
 
 
