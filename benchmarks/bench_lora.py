@@ -21,7 +21,7 @@ alike; the minimums are printed too, and the load average before and after,
 because on a busy machine multi-threaded BLAS calls suffer most. Then tracemalloc
 (which NumPy reports its allocations to) measures the peak extra memory of one
 LoRA step, and the script asserts that no (out, in)-sized array outlives the
-step or sits in the forward cache.
+step or sits in the forward cache, and that y and dx are C-contiguous arrays.
 """
 
 from __future__ import annotations
@@ -166,6 +166,7 @@ def memory_report(lora: nn.LoRALinear, x: np.ndarray, dy: np.ndarray) -> list[st
         tracemalloc.stop()
     grads = lora.A.grad.nbytes + lora.B.grad.nbytes
     assert not big_in_cache, f"(out, in)-sized arrays in the cache: {big_in_cache}"
+    assert y.flags.c_contiguous and dx.flags.c_contiguous, "y and dx must be ordinary C-contiguous arrays"
     assert after_forward < w_bytes, f"{after_forward} bytes held after forward besides y"
     assert left < w_bytes, f"{left} bytes outlive the step besides y, dx and the gradients"
     mb = 2**20

@@ -42,8 +42,7 @@ def as_param(value: Any, name: str, dtype: np.dtype) -> np.ndarray:
     arr = as_float_array(value, name)
     if arr.dtype != dtype:
         raise TypeError(
-            f"{name} must have the same dtype as x, got {name} {arr.dtype} and x {dtype}; "
-            f"cast one of them with .astype"
+            f"{name} must have the same dtype as x, got {name} {arr.dtype} and x {dtype}; cast one of them with .astype"
         )
     return arr
 
@@ -71,9 +70,7 @@ def as_grad(dy: Any, shape: tuple[int, ...], dtype: np.dtype, what: str, name: s
 def check_cache(cache: Any, cls: type, forward: str) -> None:
     """Refuse (TypeError) a cache that is not the ``cls`` returned by the forward kernel ``forward``."""
     if not isinstance(cache, cls):
-        raise TypeError(
-            f"cache must be the {cls.__name__} returned by {forward}(), got {type(cache).__name__}"
-        )
+        raise TypeError(f"cache must be the {cls.__name__} returned by {forward}(), got {type(cache).__name__}")
 
 
 def check_weight(weight: Any, dtype: np.dtype) -> np.ndarray:
@@ -81,8 +78,7 @@ def check_weight(weight: Any, dtype: np.dtype) -> np.ndarray:
     weight = as_param(weight, "weight", dtype)
     if weight.ndim != 2 or weight.size == 0:
         raise ValueError(
-            f"weight must be a non-empty 2-D array of shape (out_features, in_features), "
-            f"got shape {weight.shape}"
+            f"weight must be a non-empty 2-D array of shape (out_features, in_features), got shape {weight.shape}"
         )
     return weight
 

@@ -388,6 +388,13 @@ def lora_linear_folded(
     y : ndarray of shape (N, out_features), C-contiguous, without the bias
     xa : ndarray of shape (N, r), C-contiguous
     """
+    # Stacking A under the folded weight (one product x @ [W + sBA ; A].T) reads x once
+    # instead of twice, but then y is a strided view of an (N, out + r) array. Measured
+    # (N = 8192, in = out = 1024, r = 8, float32, 2 BLAS threads, a busy machine, interleaved
+    # medians of the whole step over bare x @ W.T + dy @ W): stacked views 1.06-1.23x,
+    # these separate products 1.18-1.33x, stacked plus a copy of y and dx 1.39-1.47x. Each
+    # thin product or (N, out) copy costs about 12 ms; the separate products are the fastest
+    # way found that returns C-contiguous arrays.
     y = x @ folded_weight(weight, A, B, scaling).T  # (N, out)
     xa = x @ A.T  # (N, r)
     return y, xa
@@ -414,6 +421,6 @@ def lora_linear_backward_folded(
     dx : ndarray of shape (N, in_features), C-contiguous
     dxa : ndarray of shape (N, r), C-contiguous
     """
-    dx = dy @ folded_weight(weight, A, B, scaling)  # (N, in)
+    dx = dy @ folded_weight(weight, A, B, scaling)  # (N, in); C-contiguous: see lora_linear_folded
     dxa = dy @ (scaling * B)  # (N, r)
     return dx, dxa

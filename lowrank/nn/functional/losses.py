@@ -91,8 +91,7 @@ def cross_entropy(logits: Any, target: Any) -> tuple[float, np.ndarray]:
     if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(
-            f"target must hold class indices in [0, C-1] = [0, {n_classes - 1}], "
-            f"got {target[index]} at index {index}"
+            f"target must hold class indices in [0, C-1] = [0, {n_classes - 1}], got {target[index]} at index {index}"
         )
     check_finite(logits, "logits")
     return cross_entropy_core(logits, target)
