@@ -17,11 +17,13 @@ from typing import Any
 import lowrank.als  # noqa: F401  (the old module path, loaded first so the name below rebinds to the function)
 from lowrank._version import __version__
 from lowrank.factor.als import ALSResult, als
+from lowrank.factor.implicit_als import ImplicitALSResult, implicit_als
 from lowrank.factor.lowrank_matrix import LowRank, lora_param_count
 from lowrank.factor.svd import (
     SVDResult,
     eckart_young_errors,
     energy_kept,
+    randomized_range_finder,
     randomized_svd,
     rank_for_energy,
     truncated_svd,
@@ -47,13 +49,16 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "ALSResult",
+    "ImplicitALSResult",
     "LowRank",
     "SVDResult",
     "__version__",
     "als",
     "eckart_young_errors",
     "energy_kept",
+    "implicit_als",
     "lora_param_count",
+    "randomized_range_finder",
     "randomized_svd",
     "rank_for_energy",
     "truncated_svd",
