@@ -3,8 +3,9 @@
 Both sides write the same tensors (a few float32 matrices, 1 GiB in all by
 default) and read the same file. Time is measured in this process, the two
 sides taking turns repetition by repetition, with ``os.sync()`` before each
-timed call so that no side pays for the other's dirty pages; reads find the
-file in the page cache (warm). Peak memory is measured in a fresh
+timed call so that no side pays for the other's dirty pages, and each write
+to a path that does not exist yet (deleted untimed); reads find the file in
+the page cache (warm). Peak memory is measured in a fresh
 subprocess per case with ``resource.getrusage(...).ru_maxrss``, since the
 package allocates outside Python where tracemalloc cannot see.
 
@@ -70,8 +71,11 @@ def package_read(path):
 # ---------------------------------------------------------------- time
 
 
-def timed(fn) -> float:
-    os.sync()  # flush earlier writes outside the timed region
+def timed(fn, remove: Path | None = None) -> float:
+    """Seconds ``fn()`` takes, after deleting ``remove`` and flushing earlier writes, untimed."""
+    if remove is not None:
+        remove.unlink(missing_ok=True)
+    os.sync()
     t0 = time.perf_counter()
     result = fn()
     elapsed = time.perf_counter() - t0
@@ -80,20 +84,23 @@ def timed(fn) -> float:
 
 
 def bench_time(tensors, folder: Path, reps: int) -> dict[str, list[float]]:
-    ours, theirs = folder / "lowrank.safetensors", folder / "package.safetensors"
+    # Each write goes to a path that does not exist: replacing or truncating a 1 GiB file
+    # frees its blocks and cached pages (0.2 s here), a cost of the old file, not of writing.
+    target, read_me = folder / "written.safetensors", folder / "read.safetensors"
+    save_safetensors(read_me, tensors)
     cases = {
-        "write lowrank": lambda: save_safetensors(ours, tensors),
-        "write package": lambda: package_write(tensors, theirs),
-        "write package+fsync": lambda: package_write(tensors, theirs, fsync=True),
-        "read lowrank": lambda: load_safetensors(ours),
-        "read package": lambda: package_read(ours),
+        "write lowrank": (lambda: save_safetensors(target, tensors), target),
+        "write package": (lambda: package_write(tensors, target), target),
+        "write package+fsync": (lambda: package_write(tensors, target, fsync=True), target),
+        "read lowrank": (lambda: load_safetensors(read_me), None),
+        "read package": (lambda: package_read(read_me), None),
     }
-    for fn in cases.values():  # warm-up: imports, page cache, file creation
-        timed(fn)
+    for fn, remove in cases.values():  # warm-up: imports, page cache
+        timed(fn, remove)
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(reps):
-        for name, fn in cases.items():
-            times[name].append(timed(fn))
+        for name, (fn, remove) in cases.items():
+            times[name].append(timed(fn, remove))
     return times
 
 
@@ -132,6 +139,23 @@ def bench_memory(case: str, path: Path, size_mib: int) -> tuple[float, float]:
     return peak, peak - base
 
 
+def hugepages() -> str:
+    """The transparent-huge-page setting, which decides how fast fresh arrays fill.
+
+    NumPy asks for huge pages on large arrays (madvise). Reading into them is
+    4x faster when the kernel has huge pages at hand (0.16 s per GiB here) and
+    several times slower when it must find fresh ones, which on this VM varied
+    from run to run (0.2 to 3 s per GiB); with NUMPY_MADVISE_HUGEPAGE=0 the
+    reader's times are steady and equal the package's, which does not madvise.
+    """
+    try:
+        enabled = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        enabled = "unknown"
+    madvise = os.environ.get("NUMPY_MADVISE_HUGEPAGE", "default (on for Linux >= 4.6)")
+    return f"transparent huge pages: {enabled}; NUMPY_MADVISE_HUGEPAGE: {madvise}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024, help="total tensor size (default 1024 MiB)")
@@ -153,6 +177,7 @@ def main() -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="bench_io.", dir=args.dir))
     try:
+        print(hugepages())
         print(
             f"{N_TENSORS} float32 tensors, {size:,} MiB in all; safetensors {version}, NumPy {np.__version__}; "
             f"files in {folder}; load average {os.getloadavg()[0]:.2f}"
