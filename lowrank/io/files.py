@@ -59,11 +59,36 @@ def save_npz(path: PathLike, arrays: Mapping[str, np.ndarray]) -> Path:
     """Write ``arrays`` to an uncompressed ``.npz`` file atomically.
 
     Object arrays are refused, since reading them back would need pickle.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    arrays : mapping of str to ndarray
+        Each array, of any shape, is stored as the member ``<name>.npy``.
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
+
+    Raises
+    ------
+    TypeError
+        If an array has dtype object.
     """
     for name, arr in arrays.items():
         if np.asarray(arr).dtype == object:
             raise TypeError(f"arrays[{name!r}] has dtype object, which .npz can only store by pickling")
-    return atomic_write(path, lambda f: np.savez(f, **arrays))
+
+    def write(f: IO[bytes]) -> None:
+        # np.savez's own loop, with the same bytes: np.savez(f, **arrays) would take
+        # an array named "file" or "allow_pickle" for its own argument of that name.
+        with zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, arr in arrays.items():
+                with archive.open(name + ".npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(arr), allow_pickle=False)
+
+    return atomic_write(path, write)
 
 
 def load_npz(path: PathLike) -> dict[str, np.ndarray]:
@@ -79,7 +104,7 @@ def load_npz(path: PathLike) -> dict[str, np.ndarray]:
     """
     try:
         data = np.load(path, allow_pickle=False)
-        if not isinstance(data, Mapping):  # a .npy file holds one bare array
+        if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy file holds one bare array
             raise ValueError("it holds a single .npy array, not an .npz archive")
         with data:
             return {name: data[name] for name in data.files}
@@ -149,4 +174,8 @@ def load_json(path: PathLike) -> Any:
 def save_json(path: PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented, key-sorted JSON, atomically (the same object gives the same bytes)."""
     text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+    def write(f: IO[bytes]) -> None:
+        f.write(text.encode("utf-8"))
+
+    return atomic_write(path, write)

@@ -488,7 +488,9 @@ def _report_rows(case: str, report: GradcheckReport) -> list[GradcheckRow]:
     ]
 
 
-def _rows(case: str, fn: Callable[..., Any], inputs: dict, analytic: dict) -> list[GradcheckRow]:
+def _rows(
+    case: str, fn: Callable[..., Any], inputs: Mapping[str, Any], analytic: Mapping[str, Any]
+) -> list[GradcheckRow]:
     try:
         report = check_gradients(fn, inputs, analytic)
     except GradcheckError as err:
@@ -499,6 +501,13 @@ def _rows(case: str, fn: Callable[..., Any], inputs: dict, analytic: dict) -> li
 def _away_from_zero(rng: np.random.Generator, shape: tuple[int, ...], gap: float = 0.1) -> np.ndarray:
     """Values in ±[gap, gap + 2): no central difference of relu steps across its kink."""
     return rng.choice([-1.0, 1.0], size=shape) * (gap + rng.uniform(0.0, 2.0, shape))
+
+
+# The kernels' signatures as _kernel_rows tabulates them; each kernel's cache is of
+# a class of its own, hence Any.
+_Forward = Callable[[np.ndarray], tuple[np.ndarray, Any]]  # x -> (y, cache)
+_Backward = Callable[[np.ndarray, Any], np.ndarray]  # (dy, cache) -> dx
+_Loss = Callable[[np.ndarray, np.ndarray], tuple[float, np.ndarray]]  # (pred, target) -> (loss, dpred)
 
 
 def _kernel_rows(rng: np.random.Generator) -> list[GradcheckRow]:
@@ -519,13 +528,13 @@ def _kernel_rows(rng: np.random.Generator) -> list[GradcheckRow]:
         _, cache = F.linear(x, W, b)
         g = F.linear_backward(dy, cache, trainable=trainable)
         inputs: dict[str, Any] = {"x": x, "weight": W, "bias": b}
-        analytic = {"x": g.x}
+        analytic: dict[str, np.ndarray | None] = {"x": g.x}
         if trainable:
             analytic["weight"] = g.weight
             if with_bias:
                 analytic["bias"] = g.bias
 
-        def f_linear(x, weight, bias, dy=dy):
+        def f_linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, dy: np.ndarray = dy) -> float:
             return np.sum(F.linear(x, weight, bias)[0] * dy)
 
         rows += _rows(case, f_linear, inputs, analytic)
@@ -544,22 +553,31 @@ def _kernel_rows(rng: np.random.Generator) -> list[GradcheckRow]:
         A, B = normal((r, 5)), normal((4, r))
         mask = F.dropout_mask(x_shape, p, random_state=rng) if p > 0 else None
         dy = normal((*x_shape[:-1], 4))
-        _, cache = F.lora_linear(x, W, b, A, B, scaling, mask)
-        g = F.lora_linear_backward(dy, cache, base_trainable=base_trainable)
+        _, lora_cache = F.lora_linear(x, W, b, A, B, scaling, mask)
+        lora_g = F.lora_linear_backward(dy, lora_cache, base_trainable=base_trainable)
         inputs = {"x": x, "weight": W, "bias": b, "A": A, "B": B}
-        analytic = {"x": g.x, "A": g.A, "B": g.B}
+        analytic = {"x": lora_g.x, "A": lora_g.A, "B": lora_g.B}
         if base_trainable:
-            analytic["weight"] = g.weight
+            analytic["weight"] = lora_g.weight
             if with_bias:
-                analytic["bias"] = g.bias
+                analytic["bias"] = lora_g.bias
 
-        def f_lora(x, weight, bias, A, B, dy=dy, scaling=scaling, mask=mask):
+        def f_lora(
+            x: np.ndarray,
+            weight: np.ndarray,
+            bias: np.ndarray | None,
+            A: np.ndarray,
+            B: np.ndarray,
+            dy: np.ndarray = dy,
+            scaling: float = scaling,
+            mask: np.ndarray | None = mask,
+        ) -> float:
             return np.sum(F.lora_linear(x, weight, bias, A, B, scaling, mask)[0] * dy)
 
         rows += _rows(case, f_lora, inputs, analytic)
 
     # activations (relu's inputs kept away from its kink), gelu in both forms, dropout
-    elementwise = [
+    elementwise: list[tuple[str, _Forward, _Backward, np.ndarray]] = [
         ("relu", F.relu, F.relu_backward, _away_from_zero(rng, (3, 4))),
         ("tanh", F.tanh, F.tanh_backward, normal((3, 4))),
         ("sigmoid", F.sigmoid, F.sigmoid_backward, 3 * normal((3, 4))),
@@ -572,14 +590,14 @@ def _kernel_rows(rng: np.random.Generator) -> list[GradcheckRow]:
         dy = normal(x.shape)
         _, cache = forward(x)
 
-        def f_elementwise(x, forward=forward, dy=dy):
+        def f_elementwise(x: np.ndarray, forward: _Forward = forward, dy: np.ndarray = dy) -> float:
             return np.sum(forward(x)[0] * dy)
 
         rows += _rows(case, f_elementwise, {"x": x}, {"x": backward(dy, cache)})
 
     # losses: the loss is the scalar, the returned gradient the analytic one
     target_class = rng.integers(0, 5, size=(2, 3))
-    losses = [
+    losses: list[tuple[str, _Loss, np.ndarray, np.ndarray]] = [
         ("mse_loss", F.mse_loss, normal((4, 3)), normal((4, 3))),
         ("cross_entropy, batch dims (2, 3)", F.cross_entropy, 3 * normal((2, 3, 5)), target_class),
         ("binary_cross_entropy_with_logits", F.binary_cross_entropy_with_logits,
@@ -588,7 +606,7 @@ def _kernel_rows(rng: np.random.Generator) -> list[GradcheckRow]:
     for case, loss_fn, pred, target in losses:
         _, grad = loss_fn(pred, target)
 
-        def f_loss(pred, loss_fn=loss_fn, target=target):
+        def f_loss(pred: np.ndarray, loss_fn: _Loss = loss_fn, target: np.ndarray = target) -> float:
             return loss_fn(pred, target)[0]
 
         rows += _rows(case, f_loss, {"pred": pred}, {"pred": grad})

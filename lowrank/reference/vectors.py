@@ -266,7 +266,8 @@ def _merge_cases(rng: np.random.Generator) -> list[_Case]:
 def _activation_cases(rng: np.random.Generator) -> list[_Case]:
     from lowrank.nn import functional as F
 
-    kernels: dict[str, tuple[str, Callable, Callable]] = {
+    # name: (formula, forward or None, backward); dropout's forward takes the mask as well
+    kernels: dict[str, tuple[str, Callable[..., Any] | None, Callable[..., Any]]] = {
         "relu": ("max(x, 0); its derivative at 0 is 0 (no input is exactly 0 here)", F.relu, F.relu_backward),
         "tanh": ("tanh(x)", F.tanh, F.tanh_backward),
         "sigmoid": ("1 / (1 + exp(-x))", F.sigmoid, F.sigmoid_backward),
@@ -284,7 +285,7 @@ def _activation_cases(rng: np.random.Generator) -> list[_Case]:
             x = rng.uniform(-4, 4, (3, 4))
             x = np.sign(x) * (0.05 + np.abs(x))  # away from relu's kink
             x = case.input("x", x.astype(dtype), "input, any shape (3, 4 here)")
-            if name == "dropout":
+            if forward is None:  # dropout: the mask is an input of its own
                 mask = case.input("mask", F.dropout_mask(x.shape, 0.5, random_state=rng, dtype=dtype),
                                   "mask, x's shape")
                 y, cache = F.dropout(x, mask)
@@ -353,15 +354,17 @@ def _training_cases(rng: np.random.Generator) -> list[_Case]:
             r=r, alpha=alpha, use_rslora=False, scaling=alpha / r, lr=lr, betas=list(betas), eps=eps,
             weight_decay=0.0,
         )  # fmt: skip
-        model = nn.Sequential(nn.Linear(4, 8, dtype=dtype, random_state=rng), nn.ReLU(),
-                              nn.Linear(8, 3, dtype=dtype, random_state=rng))
-        model[0] = nn.LoRALinear(model[0], r=r, alpha=alpha, random_state=rng)
-        model[2] = nn.LoRALinear(model[2], r=r, alpha=alpha, random_state=rng)
-        for layer in (model[0], model[2]):
+        first = nn.Linear(4, 8, dtype=dtype, random_state=rng)
+        second = nn.Linear(8, 3, dtype=dtype, random_state=rng)
+        model = nn.Sequential(first, nn.ReLU(), second)
+        lora_first = nn.LoRALinear(first, r=r, alpha=alpha, random_state=rng)
+        lora_second = nn.LoRALinear(second, r=r, alpha=alpha, random_state=rng)
+        model[0], model[2] = lora_first, lora_second
+        for layer in (lora_first, lora_second):
             layer.B.data = (0.5 * _normal(rng, layer.B.shape, dtype)).astype(dtype)  # non-zero: dA flows
         for key, p in model.named_parameters():
-            trainable = "trainable (LoRA factor)" if p.trainable else "frozen"
-            case.input(f"param.{key}", p.data.copy(), f"parameter {key!r}, {trainable}")
+            role = "trainable (LoRA factor)" if p.trainable else "frozen"
+            case.input(f"param.{key}", p.data.copy(), f"parameter {key!r}, {role}")
         x = case.input("x", _normal(rng, (6, 4), dtype), "input batch, shape (6, 4)")
         target = case.input("target", _normal(rng, (6, 3), dtype), "regression target, shape (6, 3)")
         pred = model(x)
