@@ -76,7 +76,7 @@ class ALSResult:
     def __repr__(self) -> str:
         m, n = self.left.shape[0], self.right.shape[1]
         return (
-            f"ALSResult(shape=({m}, {n}), rank={self.left.shape[1]}, n_iter={self.n_iter}, "
+            f"{type(self).__name__}(shape=({m}, {n}), rank={self.left.shape[1]}, n_iter={self.n_iter}, "
             f"converged={self.converged}, loss={self.losses[-1]:.6g})"
         )
 

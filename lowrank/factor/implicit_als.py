@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from lowrank.factor.lowrank_matrix import LowRank
+from lowrank.factor.als import ALSResult
 from lowrank.utils.validation import (
     RandomState,
     check_bool,
@@ -50,9 +50,8 @@ __all__ = ["ImplicitALSResult", "implicit_als", "implicit_als_objective"]
 _CHUNK = 1 << 16
 
 
-@dataclass(frozen=True, repr=False)
-class ImplicitALSResult:
-    """The outcome of :func:`implicit_als`.
+class ImplicitALSResult(ALSResult):
+    """The outcome of :func:`implicit_als`: :class:`ALSResult`'s fields, ``.to_lowrank()`` scoring every pair.
 
     Attributes
     ----------
@@ -67,23 +66,6 @@ class ImplicitALSResult:
     n_iter : int
         Sweeps run; a sweep updates ``left`` and then ``right``.
     """
-
-    left: np.ndarray
-    right: np.ndarray
-    losses: np.ndarray
-    converged: bool
-    n_iter: int
-
-    def to_lowrank(self) -> LowRank:
-        """The factorization as ``LowRank(left, right)``: its product scores every (user, item) pair."""
-        return LowRank(self.left, self.right)
-
-    def __repr__(self) -> str:
-        m, n = self.left.shape[0], self.right.shape[1]
-        return (
-            f"ImplicitALSResult(shape=({m}, {n}), rank={self.left.shape[1]}, n_iter={self.n_iter}, "
-            f"converged={self.converged}, loss={self.losses[-1]:.6g})"
-        )
 
 
 # ---------------------------------------------------------------- the interactions, from one side
