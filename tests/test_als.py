@@ -69,7 +69,8 @@ def test_loss_never_increases(problem, init):
     # Near an exact fit the loss sits on the solver's rounding floor: the normal
     # equations square the condition number, so in float32 the loss of an exact
     # fit wanders around eps * ||M_obs||^2 rather than decreasing to 0.
-    floor = float(np.finfo(M.dtype).eps) * float(np.sum((M if mask is None else np.where(mask, M, 0)).astype(np.float64) ** 2))
+    observed = (M if mask is None else np.where(mask, M, 0)).astype(np.float64)
+    floor = float(np.finfo(M.dtype).eps) * float(np.sum(observed**2))
     tiny = max(1e-12 * max(losses[0], 1.0), floor if M.dtype == np.float32 else 0.0)
     slack = loss_tol(M.dtype)
     for k in range(len(losses) - 1):
