@@ -217,6 +217,15 @@ def _cmd_vectors_check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``lowrank`` command line: one subcommand each for demo, factorize, params, gradcheck, vectors.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        A usage error prints one line and exits with code 2. The namespace
+        it parses holds ``run``, the chosen subcommand's function, which
+        takes that namespace and returns the exit code (see :func:`main`).
+    """
     parser = _Parser(prog="lowrank", description="Low-rank factorization and LoRA, by hand in NumPy.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
@@ -251,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     grad.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     grad.set_defaults(run=_cmd_gradcheck)
 
-    vec = sub.add_parser("vectors", help="reference test vectors for other implementations (needs safetensors)")
+    vec = sub.add_parser("vectors", help="reference test vectors for other implementations")
     vec_sub = vec.add_subparsers(dest="action", required=True, parser_class=_Parser, metavar="ACTION")
     write = vec_sub.add_parser("write", help="write the reference cases and their manifest to DIR")
     write.add_argument("directory", metavar="DIR")

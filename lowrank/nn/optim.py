@@ -599,6 +599,7 @@ class ConstantLR(LRSchedule):
     """``lr_at(t) = base_lr`` for every t."""
 
     def lr_at(self, step: int) -> float:
+        """``base_lr``, whatever ``step`` (an int >= 0, still checked)."""
         self._t(step)
         return self.base_lr
 
@@ -622,6 +623,7 @@ class LinearWarmup(LRSchedule):
         self.warmup_steps = check_int(self.warmup_steps, "warmup_steps", 1)
 
     def lr_at(self, step: int) -> float:
+        """``base_lr · min(1, (step + 1) / warmup_steps)``; ``step`` an int >= 0."""
         t = self._t(step)
         return self.base_lr * min(1.0, (t + 1) / self.warmup_steps)
 
@@ -655,6 +657,7 @@ class CosineAnnealing(LRSchedule):
         self.eta_min = check_real(self.eta_min, "eta_min", 0.0)
 
     def lr_at(self, step: int) -> float:
+        """The cosine of the class docstring at ``t = step`` (an int >= 0); ``eta_min`` from ``total_steps`` on."""
         t = min(self._t(step), self.total_steps)
         cos = (1 + math.cos(math.pi * t / self.total_steps)) / 2
         return self.eta_min + (self.base_lr - self.eta_min) * cos
@@ -683,6 +686,7 @@ class WarmupCosine(LRSchedule):
         self.eta_min = check_real(self.eta_min, "eta_min", 0.0)
 
     def lr_at(self, step: int) -> float:
+        """The warm-up line for ``step < warmup_steps``, the cosine after it; ``step`` an int >= 0."""
         t = self._t(step)
         if t < self.warmup_steps:
             return self.base_lr * (t + 1) / self.warmup_steps

@@ -115,6 +115,7 @@ class Dataset:
 
     @property
     def n_features(self) -> int:
+        """The number of input features, ``X_train.shape[1]``."""
         return self.X_train.shape[1]
 
     def __repr__(self) -> str:
