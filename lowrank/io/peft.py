@@ -150,8 +150,6 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
         A layer to load into is a merged LoRALinear (``unmerge()`` it first).
     TypeError
         ``model`` is not a Module, or ``random_state`` is of the wrong kind.
-    ImportError
-        Without the ``io`` extra (safetensors).
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")

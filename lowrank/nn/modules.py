@@ -6,7 +6,7 @@ bookkeeping: names, train/eval mode, the forward cache, gradient accumulation.
 A layer checks its input in ``forward`` and ``dy`` in ``_take_for_backward``,
 once, and then calls the kernels' unchecked cores (``F.linear_core``, ...).
 
-Gradients (DESIGN.md)
+Gradients
     ``module.backward(dy)`` returns ``dx`` and *adds* each trainable
     parameter's gradient into ``Parameter.grad`` (None until the first
     backward pass), so two backward passes before ``zero_grad()`` sum their
