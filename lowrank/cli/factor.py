@@ -1,38 +1,15 @@
-"""The ``lowrank`` command: ``demo``, ``factorize``, ``params``, ``gradcheck``, ``vectors``.
-
-Every failure the user can cause (a missing file, a bad rank, a flag out of
-range, a malformed command line) ends in one line on stderr, ``lowrank:
-error: …``, and exit code 2: the command could not run. Never a traceback.
-Exit code 1 means only that a checking command (``gradcheck``, ``vectors
-check``) ran and found a failure.
-"""
+"""``lowrank factorize`` and ``lowrank params``: a matrix from a ``.npy`` file, and parameter arithmetic."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
-
-class CLIError(Exception):
-    """A failure to report as one line, with exit code 2 (the command could not run)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line, not usage text plus a line."""
-
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"lowrank: error: {message} (see '{self.prog} --help')\n")
-        raise SystemExit(2)
-
-
-# ---------------------------------------------------------------- factorize
+from lowrank.cli.common import CLIError
 
 
 def _load_matrix(path: str) -> np.ndarray:
@@ -119,9 +96,6 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- params
-
-
 def _parse_shape(text: str) -> tuple[int, int]:
     parts = text.lower().replace("×", "x").split("x")
     try:
@@ -159,84 +133,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- demo, gradcheck
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from lowrank.demo import check_plot_path, format_report, plot, run_demo
-
-    if args.plot:
-        check_plot_path(args.plot)
-    results = run_demo(seed=args.seed, quick=args.quick)
-    if args.plot:
-        plot(results, args.plot)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(format_report(results))
-        if args.plot:
-            print(f"plot written to {args.plot}")
-    return 0
-
-
-def _cmd_gradcheck(args: argparse.Namespace) -> int:
-    from lowrank.reference.gradcheck import format_table, run_all
-
-    # a checking command: 0 all passed, 1 something failed, 2 it could not run
-    try:
-        rows = run_all(random_state=args.seed)
-    except (ValueError, TypeError, OSError, ImportError) as exc:
-        print(f"lowrank: error: gradcheck could not run: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(rows))
-    return 0 if all(row.passed for row in rows) else 1
-
-
-def _cmd_vectors_write(args: argparse.Namespace) -> int:
-    from lowrank.reference.vectors import write_vectors
-
-    cases = write_vectors(args.directory, random_state=args.seed)
-    print(f"wrote {len(cases)} reference cases and manifest.json to {args.directory}")
-    return 0
-
-
-def _cmd_vectors_check(args: argparse.Namespace) -> int:
-    from lowrank.reference.vectors import check_vectors
-
-    # a checking command: 0 all passed, 1 something failed, 2 it could not run
-    try:
-        report = check_vectors(args.reference, args.candidate)
-    except (ValueError, TypeError, OSError, ImportError) as exc:
-        print(f"lowrank: error: vectors check could not run: {exc}", file=sys.stderr)
-        return 2
-    print(report.format())
-    return 0 if report.passed else 1
-
-
-# ---------------------------------------------------------------- wiring
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``lowrank`` command line: one subcommand each for demo, factorize, params, gradcheck, vectors.
-
-    Returns
-    -------
-    argparse.ArgumentParser
-        A usage error prints one line and exits with code 2. The namespace
-        it parses holds ``run``, the chosen subcommand's function, which
-        takes that namespace and returns the exit code (see :func:`main`).
-    """
-    parser = _Parser(prog="lowrank", description="Low-rank factorization and LoRA, by hand in NumPy.")
-    parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
-
-    demo = sub.add_parser("demo", help="the whole story: low-rank approximation, then LoRA")
-    demo.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
-    demo.add_argument("--quick", action="store_true", help="smaller sizes, a few seconds")
-    demo.add_argument("--json", action="store_true", help="print the results as JSON on stdout, nothing else")
-    demo.add_argument("--plot", metavar="FILE.png", help="draw ΔW's spectrum and the loss curves (needs matplotlib)")
-    demo.set_defaults(run=_cmd_demo)
-
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``factorize`` and ``params`` to the ``lowrank`` command line."""
     fac = sub.add_parser("factorize", help="factorize a matrix stored with numpy.save")
     fac.add_argument("file", help="a .npy file holding a 2-D numeric array")
     how = fac.add_mutually_exclusive_group(required=True)
@@ -256,44 +154,3 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--total", type=float, help="the model's total parameter count, for the percentage")
     par.set_defaults(run=_cmd_params)
 
-    grad = sub.add_parser("gradcheck", help="check every backward pass against finite differences")
-    grad.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    grad.set_defaults(run=_cmd_gradcheck)
-
-    vec = sub.add_parser("vectors", help="reference test vectors for other implementations")
-    vec_sub = vec.add_subparsers(dest="action", required=True, parser_class=_Parser, metavar="ACTION")
-    write = vec_sub.add_parser("write", help="write the reference cases and their manifest to DIR")
-    write.add_argument("directory", metavar="DIR")
-    write.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
-    write.set_defaults(run=_cmd_vectors_write)
-    check = vec_sub.add_parser("check", help="compare a candidate's outputs with the reference")
-    check.add_argument("reference", metavar="REF", help="a folder written by 'lowrank vectors write'")
-    check.add_argument("candidate", metavar="CANDIDATE", help="the candidate's outputs, same layout and names")
-    check.set_defaults(run=_cmd_vectors_check)
-    return parser
-
-
-def _version() -> str:
-    from lowrank import __version__
-
-    return f"lowrank {__version__}"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``lowrank`` command line; returns the exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        return args.run(args)
-    except SystemExit as exc:  # argparse: --help, --version, usage errors
-        return exc.code if isinstance(exc.code, int) else 1
-    except (CLIError, ValueError, TypeError, OSError, ImportError, FloatingPointError) as exc:
-        print(f"lowrank: error: {exc}", file=sys.stderr)  # FloatingPointError: a result overflowed
-        return 2
-    except KeyboardInterrupt:
-        print("lowrank: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

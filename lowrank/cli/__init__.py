@@ -1,0 +1,65 @@
+"""The ``lowrank`` command: ``demo``, ``factorize``, ``params``, ``gradcheck``, ``vectors``.
+
+Every failure the user can cause (a missing file, a bad rank, a flag out of
+range, a malformed command line) ends in one line on stderr, ``lowrank:
+error: …``, and exit code 2: the command could not run. Never a traceback.
+Exit code 1 means only that a checking command (``gradcheck``, ``vectors
+check``) ran and found a failure.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from lowrank.cli import demo, factor, reference
+from lowrank.cli.common import CLIError, Parser
+
+__all__ = ["CLIError", "build_parser", "main"]
+
+# Each module adds its commands; a new command group is a new module here.
+COMMAND_GROUPS = (demo, factor, reference)
+
+
+def build_parser() -> Parser:
+    """The ``lowrank`` command line: one subcommand each for demo, factorize, params, gradcheck, vectors.
+
+    Returns
+    -------
+    Parser
+        A usage error prints one line and exits with code 2. The namespace
+        it parses holds ``run``, the chosen subcommand's function, which
+        takes that namespace and returns the exit code (see :func:`main`).
+    """
+    parser = Parser(prog="lowrank", description="Low-rank factorization and LoRA, by hand in NumPy.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
+    for group in COMMAND_GROUPS:
+        group.add_commands(sub)
+    return parser
+
+
+def _version() -> str:
+    from lowrank import __version__
+
+    return f"lowrank {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lowrank`` command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return args.run(args)
+    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else 1
+    except (CLIError, ValueError, TypeError, OSError, ImportError, FloatingPointError) as exc:
+        print(f"lowrank: error: {exc}", file=sys.stderr)  # FloatingPointError: a result overflowed
+        return 2
+    except KeyboardInterrupt:
+        print("lowrank: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
