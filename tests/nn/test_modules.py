@@ -19,7 +19,7 @@ from strategies import FLOAT_DTYPES, SEEDS, batch_shapes, lora_layer_configs, rt
 
 from lowrank import nn
 from lowrank.nn import functional as F
-from lowrank.reference.gradcheck import check_gradients
+from lowrank.reference.gradcheck import check_module_gradients
 
 # ---------------------------------------------------------------- helpers
 
@@ -624,34 +624,18 @@ def test_pissa_is_the_best_rank_r_approximation_plus_residual(cfg):
 # ---------------------------------------------------------------- finite differences
 
 
-def check_module_gradients(module, x, rng, before_forward=lambda: None):
-    """Every trainable parameter's .grad and dx against central differences of sum(module(x) * dy)."""
-    trainable = {name: p for name, p in module.named_parameters() if p.trainable}
-    module.zero_grad()
-    before_forward()
-    dy = rng.standard_normal(module(x).shape)
-    dx = module.backward(dy)
-    analytic = {"x": dx, **{name: p.grad for name, p in trainable.items()}}
-    inputs = {"x": x, **{name: p.data.copy() for name, p in trainable.items()}}
-
-    def f(x, **params):  # dotted names such as "0.lora_A.weight" pass through **params
-        for name, value in params.items():
-            trainable[name].data = value
-        before_forward()
-        return np.sum(module(x) * dy)
-
-    report = check_gradients(f, inputs, analytic)
-    assert set(report.arguments) == set(analytic)
-
-
 @given(cfg=lora_layer_configs(dtype=np.float64), train_base=st.booleans(), p=st.sampled_from([0.0, 0.5]))
 def test_lora_layer_gradients_against_finite_differences(cfg, train_base, p):
     lora, x, rng = make_lora(cfg, dropout=p)
     for param in (lora.weight, lora.bias):
         if param is not None:
             param.trainable = train_base
-    state = rng.bit_generator.state  # rng is the layer's own Generator: replay its dropout mask each forward
-    check_module_gradients(lora, x, rng, lambda: setattr(rng.bit_generator, "state", state))
+    # rng is also the layer's own Generator: the checker rewinds it, so every forward draws the same mask
+    report = check_module_gradients(lora, x, random_state=rng)
+    want = {"x", "lora_A.weight", "lora_B.weight"}
+    if train_base:
+        want |= {"weight"} | ({"bias"} if cfg["bias"] else set())
+    assert set(report.arguments) == want
 
 
 @given(seed=SEEDS, batch=batch_shapes())
@@ -665,7 +649,9 @@ def test_sequential_gradients_against_finite_differences(seed, batch):
         nn.Linear(4, 3, bias=False, dtype=np.float64, random_state=rng),
     )  # fmt: skip
     model[4].weight.trainable = model[4].bias.trainable = False  # a frozen layer still passes dx through
-    check_module_gradients(model, rng.standard_normal((*batch, 5)), rng)
+    x = rng.standard_normal((*batch, 5))
+    report = check_module_gradients(model, x, random_state=rng)
+    assert set(report.arguments) == {"x", "0.weight", "0.bias", "2.lora_A.weight", "2.lora_B.weight", "6.weight"}
     assert model[4].weight.grad is None
 
 
