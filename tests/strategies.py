@@ -55,6 +55,11 @@ def float_arrays(dtype, shape, bound: float = 4.0, min_magnitude: float = 0.0):
 LAYOUTS = ("C", "F", "strided", "reversed")
 
 
+def float_views(dtype, shape, bound: float = 4.0, min_magnitude: float = 0.0, layouts=LAYOUTS):
+    """Entries from :func:`float_elements` in a drawn memory layout (:func:`laid_out`)."""
+    return laid_out(dtype, shape, float_elements(dtype, bound, min_magnitude), layouts)
+
+
 def _elements_for(dtype, elements):
     if elements is not None:
         return elements
@@ -187,6 +192,50 @@ def as_layout(draw, arr):
     return big[index]
 
 
+@st.composite
+def gapped_problems(draw, min_side: int = 10, max_side: int = 25):
+    """(M, s, rank): drawn orthonormal factors around s = 3, 2.5, 2 (the first ``rank``), then a
+    tail below 0.5, so the best rank-``rank`` approximation is unique; any layout."""
+    m, n, rank = draw(st.integers(min_side, max_side)), draw(st.integers(min_side, max_side)), draw(st.integers(1, 3))
+    s = np.concatenate([[3.0, 2.5, 2.0][:rank], 0.5 * 0.8 ** np.arange(min(m, n) - rank)])  # (min(m, n),)
+    return draw(planted_matrices(m, n, s).flatmap(as_layout)), s, rank
+
+
+# decaying spectra, singular value i (from 0) as a function of i
+SPECTRA = {
+    "geometric": lambda i: 0.9**i,
+    "fast": lambda i: 0.7**i,
+    "power": lambda i: (i + 1.0) ** -2,
+    "harmonic": lambda i: 1.0 / (i + 1.0),
+}
+
+
+@st.composite
+def decaying_matrices(draw, min_side: int = 20, max_side: int = 40, dtype=None):
+    """(M, s): drawn orthonormal factors around a decaying spectrum of a drawn kind (:data:`SPECTRA`), any layout."""
+    m, n = draw(st.integers(min_side, max_side)), draw(st.integers(min_side, max_side))
+    s = SPECTRA[draw(st.sampled_from(sorted(SPECTRA)))](np.arange(min(m, n)))  # (min(m, n),)
+    dtype = draw(FLOAT_DTYPES) if dtype is None else dtype
+    return draw(planted_matrices(m, n, s, dtype).flatmap(as_layout)), s
+
+
+@st.composite
+def planted_low_rank(draw, m: int = 30, n: int = 20, max_rank: int = 5):
+    """(M, true_rank): an exactly low-rank matrix, drawn factors and singular values, any layout."""
+    true_rank = draw(st.integers(1, max_rank))
+    s = draw(singular_values(true_rank, min_gap=0.0))
+    return draw(planted_matrices(m, n, s, draw(FLOAT_DTYPES)).flatmap(as_layout)), true_rank
+
+
+@st.composite
+def lowrank_factors(draw, dtype=None, max_side: int = 12, max_rank: int = 6):
+    """(left, right): factors of drawn values, left (m, r) and right (r, n), each in any layout."""
+    m, n = draw(matrix_shapes(1, max_side))
+    r = draw(st.integers(1, max_rank))
+    dtype = draw(FLOAT_DTYPES) if dtype is None else dtype
+    return draw(laid_out(dtype, (m, r))), draw(laid_out(dtype, (r, n)))
+
+
 def planted(m: int, n: int, rank: int, seed: int, dtype=np.float64, decay: float | None = None):
     """A rank-``rank`` matrix U diag(s) V^T with orthonormal U, V, from a seed: for fixed,
     parametrized cases (hypothesis tests use :func:`planted_matrices`).
@@ -248,10 +297,11 @@ def random_mask(shape, density: float, seed: int) -> np.ndarray:
 
 
 @st.composite
-def masks(draw, shape):
-    """A drawn boolean mask of ``shape`` with at least one True entry."""
+def masks(draw, shape, at_least_one: bool = True):
+    """A drawn boolean mask of ``shape``, with at least one True entry unless ``at_least_one=False``."""
     mask = draw(hnp.arrays(np.bool_, tuple(shape), elements=st.booleans()))
-    mask.flat[draw(st.integers(0, mask.size - 1))] = True
+    if at_least_one:
+        mask.flat[draw(st.integers(0, mask.size - 1))] = True
     return mask
 
 
@@ -277,6 +327,34 @@ def als_problems(draw, min_side: int = 2, max_side: int = 10, max_rank: int = 3)
     reg = draw(st.sampled_from([0.0, 1e-3, 0.1, 2.0]))
     weighted_reg = draw(st.booleans())
     return M, mask, rank, reg, weighted_reg, draw(SEEDS)
+
+
+@st.composite
+def interactions(draw, min_side: int = 2, max_side: int = 8, max_rank: int = 3, dtypes=FLOAT_DTYPES):
+    """An implicit-feedback problem: (R, rank, alpha, reg, weighted_reg, seed).
+
+    R is dense and non-negative, in any memory layout: strengths drawn in
+    [0, 5], then a drawn sparsity pattern zeroes entries out (one drawn entry
+    stays positive), so rows and columns with no interaction occur.
+    """
+    m, n = draw(matrix_shapes(min_side, max_side))
+    dtype = draw(dtypes)
+    R = draw(laid_out(dtype, (m, n), elements=st.floats(0.0, 5.0, width=32)))
+    keep = draw(masks((m, n), at_least_one=False))
+    R[~keep] = 0  # writes through a view into its base: the layout stays
+    R[draw(st.integers(0, m - 1)), draw(st.integers(0, n - 1))] = draw(st.floats(0.5, 5.0, width=32))
+    rank = draw(st.integers(1, min(max_rank, m, n)))
+    alpha = draw(st.sampled_from([0.0, 0.5, 2.0, 10.0]))
+    reg = draw(st.sampled_from([0.0, 1e-3, 0.1, 1.0]))
+    return R, rank, alpha, reg, draw(st.booleans()), draw(SEEDS)
+
+
+# ---------------------------------------------------------------- validation (tests/test_checks.py)
+
+# arrays of 1 to 3 dims holding NaN and inf among finite floats, in any layout
+arrays_with_non_finite = hnp.array_shapes(min_dims=1, max_dims=3, max_side=4).flatmap(
+    lambda shape: laid_out(np.float64, shape, st.floats(-4.0, 4.0) | st.sampled_from([np.nan, np.inf, -np.inf]))
+)
 
 
 # ---------------------------------------------------------------- nn
@@ -346,10 +424,9 @@ def adapted_mlp_configs(draw, max_width: int = 6, dtype=None):
 
 
 def _nn_array(dtype, shape, views: bool, bound: float = 2.0, min_magnitude: float = 0.0):
-    elements = float_elements(dtype, bound, min_magnitude)
     if views:
-        return laid_out(dtype, shape, elements)
-    return hnp.arrays(np.dtype(dtype), tuple(shape), elements=elements)
+        return float_views(dtype, shape, bound, min_magnitude)
+    return float_arrays(dtype, shape, bound, min_magnitude)
 
 
 @st.composite
@@ -389,7 +466,7 @@ def lora_problems(draw, dtype=np.float64, bias=None, dropout=None, views: bool =
     x_shape = problem["x"].shape
     # the mask either has x's shape or broadcasts to it (one mask shared by the batch)
     mask_shape = x_shape if draw(st.booleans()) else x_shape[-1:]
-    keep = draw(hnp.arrays(np.bool_, mask_shape, elements=st.booleans())) if with_dropout else None
+    keep = draw(masks(mask_shape, at_least_one=False)) if with_dropout else None
     problem.update(
         A=draw(_nn_array(dtype, (r, n_in), views)),
         B=draw(_nn_array(dtype, (n_out, r), views, min_magnitude=0.25)),
@@ -400,11 +477,92 @@ def lora_problems(draw, dtype=np.float64, bias=None, dropout=None, views: bool =
 
 
 @st.composite
-def elementwise_inputs(draw, dtype=np.float64, scale: float = 3.0, away_from_zero: float = 0.0):
+def elementwise_inputs(draw, dtype=np.float64, scale: float = 3.0, away_from_zero: float = 0.0, views: bool = False):
     """An array of 0 to 2 batch dims plus a feature axis, drawn entries of size up to ``scale``;
-    with ``away_from_zero > 0`` every entry has magnitude at least that (relu's kink)."""
+    with ``away_from_zero > 0`` every entry has magnitude at least that (relu's kink).
+
+    With ``views=True`` it comes in a drawn memory layout (:func:`laid_out`).
+    """
     shape = (*draw(batch_shapes(max_dims=2, max_side=4)), draw(st.integers(1, 5)))
-    return draw(float_arrays(dtype, shape, bound=scale, min_magnitude=away_from_zero))
+    return draw(_nn_array(dtype, shape, views, bound=scale, min_magnitude=away_from_zero))
+
+
+# the evaluation paths of lora_linear (tests/nn/test_lora_paths.py)
+LORA_PATHS = ("folded", "unfolded", "folded forward only")
+
+
+@st.composite
+def lora_path_cases(draw, path=None, zero_B=None):
+    """One call of ``F.lora_linear`` and its backward, the path chosen by the sizes: x (*batch, in)
+    in any layout, weight (out, in), bias (out,) or None, A (r, in), B (out, r) (zeros with
+    ``zero_B``), scaling, dropout_mask (x's shape or (in,), or None), dy (*batch, out);
+    entries drawn in [-3, 3].
+
+    ``path`` (one of :data:`LORA_PATHS`): "folded" draws N > in and N > out rows (both passes
+    fold), "unfolded" N <= min(in, out) (neither does), "folded forward only" in < N <= out.
+    """
+    dtype = draw(FLOAT_DTYPES)
+    path = draw(st.sampled_from(LORA_PATHS)) if path is None else path
+    n_in, n_out, r = draw(st.integers(1, 6)), draw(st.integers(1, 6)), draw(st.integers(1, 3))
+    if path == "folded":
+        n = draw(st.integers(max(n_in, n_out) + 1, 14))
+    elif path == "unfolded":
+        n = draw(st.integers(1, min(n_in, n_out)))
+    else:
+        n_in = min(n_in, 4)
+        n_out = draw(st.integers(n_in + 1, 7))
+        n = draw(st.integers(n_in + 1, n_out))
+    batch = draw(st.sampled_from([(n,), (1, n)] + ([(2, n // 2)] if n % 2 == 0 else [])))
+    x = draw(float_views(dtype, (*batch, n_in), bound=3.0))
+    zero_B = draw(st.booleans()) if zero_B is None else zero_B
+    B = np.zeros((n_out, r), dtype) if zero_B else draw(float_arrays(dtype, (n_out, r), bound=3.0))
+    mask = None
+    if draw(st.booleans()):
+        p = draw(st.sampled_from([0.25, 0.5]))
+        shape = draw(st.sampled_from([x.shape, x.shape[-1:]]))  # x's shape, or one mask shared by the batch
+        keep = draw(masks(shape, at_least_one=False))
+        mask = (keep / (1 - p)).astype(dtype)
+    return {
+        "x": x,
+        "weight": draw(float_arrays(dtype, (n_out, n_in), bound=3.0)),
+        "bias": draw(st.none() | float_arrays(dtype, (n_out,), bound=3.0)),
+        "A": draw(float_arrays(dtype, (r, n_in), bound=3.0)),
+        "B": B,
+        "scaling": draw(st.sampled_from([0.5, 2.0]) | st.floats(0.25, 4.0)),
+        "dropout_mask": mask,
+        "dy": draw(float_arrays(dtype, (*batch, n_out), bound=3.0)),
+    }
+
+
+# ---------------------------------------------------------------- io (tests/test_safetensors.py)
+
+# the dtypes a safetensors file stores; big-endian input is accepted and stored little-endian
+SAFETENSORS_STORED = ["<f8", "<f4", "<f2", "<i8", "<i4", "<i2", "i1", "u1", "<u2", "<u4", "<u8", "?"]
+SAFETENSORS_DTYPES = st.sampled_from([*SAFETENSORS_STORED, ">f8", ">f4", ">i4", ">u2"])
+TENSOR_NAMES = st.text(st.characters(blacklist_categories=("Cs",)), max_size=6).filter(lambda s: s != "__metadata__")
+METADATA = st.dictionaries(TENSOR_NAMES, st.text(st.characters(blacklist_categories=("Cs",)), max_size=6), max_size=4)
+
+
+@st.composite
+def stored_arrays(draw, dtypes=SAFETENSORS_DTYPES, elements=None):
+    """An array of a drawn storable dtype and any shape (0-d and zero-size included), in any layout
+    (:func:`laid_out`); by default every value of the dtype (NaN, inf, the integer extremes) may occur."""
+    dtype = np.dtype(draw(dtypes))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5))
+    return draw(laid_out(dtype, shape, hnp.from_dtype(dtype) if elements is None else elements))
+
+
+TENSORS = st.dictionaries(TENSOR_NAMES, stored_arrays(), max_size=4)
+
+
+def every_float(width: int, max_size: int = 60):
+    """A 1-d float array of ``width`` bits holding any value of that width: NaN, ±inf, subnormals too."""
+    return hnp.arrays(np.dtype(f"f{width // 8}"), st.integers(0, max_size), elements=st.floats(width=width))
+
+
+def bfloat16_patterns(max_size: int = 60):
+    """A 1-d uint16 array of any bit patterns: every bfloat16 value, NaNs included."""
+    return hnp.arrays(np.uint16, st.integers(0, max_size))
 
 
 # ---------------------------------------------------------------- optim / data

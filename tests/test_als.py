@@ -12,11 +12,10 @@ from hypothesis import strategies as st
 from strategies import (
     SEEDS,
     als_problems,
-    as_layout,
+    gapped_problems,
     legacy_global_state,
     matrices,
     planted,
-    planted_matrices,
     random_mask,
 )
 
@@ -135,15 +134,6 @@ def test_tol_zero_runs_every_sweep_unless_the_fit_is_exact():
 
 
 # ---------------------------------------------------------------- Eckart–Young optimum
-
-
-@st.composite
-def gapped_problems(draw):
-    """(M, s, rank): drawn orthonormal factors around s = 3, 2.5, 2 (the first ``rank``), then a
-    tail below 0.5, so the best rank-``rank`` approximation is unique; any layout."""
-    m, n, rank = draw(st.integers(10, 25)), draw(st.integers(10, 25)), draw(st.integers(1, 3))
-    s = np.concatenate([[3.0, 2.5, 2.0][:rank], 0.5 * 0.8 ** np.arange(min(m, n) - rank)])
-    return draw(planted_matrices(m, n, s).flatmap(as_layout)), s, rank
 
 
 @settings(max_examples=10)

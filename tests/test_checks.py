@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
-from strategies import BAD_DTYPES, INPUT_DTYPES, SEEDS, expected_float_dtype, laid_out, legacy_global_state
+from strategies import (
+    BAD_DTYPES,
+    INPUT_DTYPES,
+    SEEDS,
+    arrays_with_non_finite,
+    expected_float_dtype,
+    legacy_global_state,
+    masks,
+)
 
 from lowrank.utils import validation as _checks
 
@@ -138,16 +145,9 @@ def test_check_matrix_ignores_non_finite_entries_outside_the_mask():
 
 # ---------------------------------------------------------------- first_non_finite and its message
 
-# arrays of 1 to 3 dims holding NaN and inf among finite floats, in any layout
-with_non_finite = st.floats(-4.0, 4.0) | st.sampled_from([np.nan, np.inf, -np.inf])
-arrays_with_non_finite = hnp.array_shapes(min_dims=1, max_dims=3, max_side=4).flatmap(
-    lambda shape: laid_out(np.float64, shape, with_non_finite)
-)
-
-
 @given(arr=arrays_with_non_finite, data=st.data())
 def test_first_non_finite_and_its_message_against_a_loop(arr, data):
-    where = data.draw(hnp.arrays(np.bool_, arr.shape) | st.none(), label="where")
+    where = data.draw(masks(arr.shape, at_least_one=False) | st.none(), label="where")
     bad = [idx for idx in np.ndindex(arr.shape) if not np.isfinite(arr[idx]) and (where is None or where[idx])]
     assert _checks.first_non_finite(arr, where) == (bad[0] if bad else None)  # C order: ndindex's order
     message = _checks.describe_non_finite(arr, "M", where)

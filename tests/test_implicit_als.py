@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
-from strategies import FLOAT_DTYPES, SEEDS, laid_out, legacy_global_state
+from strategies import float_arrays, interactions, legacy_global_state
 
 from lowrank.factor.implicit_als import ImplicitALSResult, implicit_als, implicit_als_objective
 
@@ -58,30 +57,6 @@ def as_format(R, fmt):
     i, j = np.nonzero(R)
     coo = sparse.coo_matrix((R[i, j], (i, j)), shape=R.shape)
     return {"coo": coo, "csr": coo.tocsr(), "csc": coo.tocsc(), "csr_array": sparse.csr_array(coo)}[fmt]
-
-
-# ---------------------------------------------------------------- strategies
-
-
-@st.composite
-def interactions(draw, min_side=2, max_side=8, max_rank=3, dtypes=FLOAT_DTYPES):
-    """(R, rank, alpha, reg, weighted_reg, seed): R dense, non-negative, drawn in any memory layout.
-
-    Strengths are drawn in [0, 5], then a drawn sparsity pattern zeroes
-    entries out (at least one stays positive), so rows and columns with no
-    interaction occur.
-    """
-    m = draw(st.integers(min_side, max_side))
-    n = draw(st.integers(min_side, max_side))
-    dtype = draw(dtypes)
-    R = draw(laid_out(dtype, (m, n), elements=st.floats(0.0, 5.0, width=32)))
-    keep = draw(hnp.arrays(np.bool_, (m, n), elements=st.booleans()))
-    R[~keep] = 0  # writes through a view into its base: the layout stays
-    R[draw(st.integers(0, m - 1)), draw(st.integers(0, n - 1))] = draw(st.floats(0.5, 5.0, width=32))
-    rank = draw(st.integers(1, min(max_rank, m, n)))
-    alpha = draw(st.sampled_from([0.0, 0.5, 2.0, 10.0]))
-    reg = draw(st.sampled_from([0.0, 1e-3, 0.1, 1.0]))
-    return R, rank, alpha, reg, draw(st.booleans()), draw(SEEDS)
 
 
 def loss_tol(dtype) -> float:
@@ -137,7 +112,7 @@ def test_losses_are_the_objective_at_the_returned_factors(problem, fmt, cg_steps
     assert fit.losses[-1] == pytest.approx(want, rel=loss_tol(R.dtype), abs=1e-9)
 
 
-@given(interactions(), st.sampled_from(["dense", "csr", "coo"]), hnp.arrays(np.float64, 2, elements=st.floats(-2, 2)))
+@given(interactions(), st.sampled_from(["dense", "csr", "coo"]), float_arrays(np.float64, (2,), bound=2.0))
 def test_implicit_als_objective_equals_the_dense_objective(problem, fmt, scale):
     R, rank, alpha, reg, weighted_reg, seed = problem
     rng = np.random.default_rng(seed)

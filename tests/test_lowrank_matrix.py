@@ -8,21 +8,15 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import FLOAT_DTYPES, expected_float_dtype, laid_out, matrix_shapes, rtol_for
+from strategies import expected_float_dtype, laid_out, lowrank_factors, rtol_for
 
 import lowrank
 from lowrank import LowRank, lora_param_count
 
 
-@st.composite
-def lowranks(draw, dtype=None):
-    """A LowRank of drawn factors, each in any layout (strided and reversed views too): (lr, left, right)."""
-    m, n = draw(matrix_shapes(1, 12))
-    r = draw(st.integers(1, 6))
-    dtype = draw(FLOAT_DTYPES) if dtype is None else dtype
-    left = draw(laid_out(dtype, (m, r)))
-    right = draw(laid_out(dtype, (r, n)))
-    return LowRank(left, right), left, right
+def lowranks(dtype=None):
+    """A LowRank of drawn factors (``strategies.lowrank_factors``): (lr, left, right)."""
+    return lowrank_factors(dtype).map(lambda f: (LowRank(*f), *f))
 
 
 def close(actual, desired, dtype):

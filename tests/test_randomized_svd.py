@@ -14,14 +14,15 @@ from strategies import (
     SEEDS,
     any_dtype_matrices,
     as_layout,
+    decaying_matrices,
     expected_float_dtype,
     lapack_tol,
     legacy_global_state,
     matrices,
     matrices_and_ranks,
+    planted_low_rank,
     planted_matrices,
     rtol_for,
-    singular_values,
     with_spectrum,
 )
 
@@ -54,26 +55,9 @@ def decaying(m: int, n: int, seed: int, kind: str, dtype=np.float64) -> np.ndarr
     return M.astype(dtype)
 
 
-SPECTRA = {
-    "geometric": lambda i: 0.9**i,
-    "fast": lambda i: 0.7**i,
-    "power": lambda i: (i + 1.0) ** -2,
-    "harmonic": lambda i: 1.0 / (i + 1.0),
-}
-
-
 def gapped_spectrum(p: int) -> np.ndarray:
     """Top five singular values 10, 9, 8, 7, 6, then a tail below 0.5: a wide spectral gap."""
     return np.concatenate([[10.0, 9.0, 8.0, 7.0, 6.0], 0.5 * 0.9 ** np.arange(p - 5)])
-
-
-@st.composite
-def decaying_matrices(draw, min_side: int = 20, max_side: int = 40, dtype=None):
-    """(M, s): drawn orthonormal factors around a decaying spectrum of a drawn kind, any layout."""
-    m, n = draw(st.integers(min_side, max_side)), draw(st.integers(min_side, max_side))
-    s = SPECTRA[draw(st.sampled_from(sorted(SPECTRA)))](np.arange(min(m, n)))
-    dtype = draw(FLOAT_DTYPES) if dtype is None else dtype
-    return draw(planted_matrices(m, n, s, dtype).flatmap(as_layout)), s
 
 
 def canonical(U: np.ndarray, Vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -185,14 +169,6 @@ def test_exact_when_the_sketch_covers_the_whole_matrix(Mr):
     assert_sign_rule(svd.U)
     U = svd.U.astype(np.float64)
     np.testing.assert_allclose(U.T @ U, np.eye(r), atol=tol)
-
-
-@st.composite
-def planted_low_rank(draw, m: int = 30, n: int = 20, max_rank: int = 5):
-    """(M, true_rank): an exactly low-rank matrix, drawn factors and singular values, any layout."""
-    true_rank = draw(st.integers(1, max_rank))
-    s = draw(singular_values(true_rank, min_gap=0.0))
-    return draw(planted_matrices(m, n, s, draw(FLOAT_DTYPES)).flatmap(as_layout)), true_rank
 
 
 @settings(max_examples=15)

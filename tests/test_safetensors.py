@@ -12,11 +12,11 @@ import sys
 import tracemalloc
 from fractions import Fraction
 
-import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from strategies import METADATA, TENSOR_NAMES, TENSORS, bfloat16_patterns, every_float, stored_arrays
 
 from lowrank.io import load_safetensors, save_safetensors
 from lowrank.io.safetensors import (
@@ -25,31 +25,6 @@ from lowrank.io.safetensors import (
     bfloat16_to_float32,
     read_safetensors_header,
 )
-
-# ---------------------------------------------------------------- strategies
-# (local to this file: nothing else in the suite draws safetensors content)
-
-STORED = ["<f8", "<f4", "<f2", "<i8", "<i4", "<i2", "i1", "u1", "<u2", "<u4", "<u8", "?"]
-DTYPES = st.sampled_from([*STORED, ">f8", ">f4", ">i4", ">u2"])  # big-endian input is stored little-endian
-NAMES = st.text(st.characters(blacklist_categories=("Cs",)), max_size=6).filter(lambda s: s != "__metadata__")
-METADATA = st.dictionaries(NAMES, st.text(st.characters(blacklist_categories=("Cs",)), max_size=6), max_size=4)
-
-
-@st.composite
-def views(draw, dtype=DTYPES, elements=None):
-    """An array of any stored dtype and shape (0-d, zero-size included), often a strided view."""
-    dt = np.dtype(draw(dtype))
-    base = draw(hnp.arrays(dt, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5), elements=elements))
-    if base.ndim == 0:
-        return base
-    step = draw(st.sampled_from([1, 2, -1, -2]))
-    axis = draw(st.integers(0, base.ndim - 1))
-    index = [slice(None)] * base.ndim
-    index[axis] = slice(None, None, step)
-    return base[tuple(index)]
-
-
-TENSORS = st.dictionaries(NAMES, views(), max_size=4)
 
 
 def little_endian_bytes(arr: np.ndarray) -> bytes:
@@ -101,7 +76,7 @@ def test_the_file_is_the_format_built_by_hand(tmp_path):
 # ---------------------------------------------------------------- the safetensors package
 
 
-@given(TENSORS, st.none() | st.dictionaries(NAMES, NAMES, max_size=1))
+@given(TENSORS, st.none() | st.dictionaries(TENSOR_NAMES, TENSOR_NAMES, max_size=1))
 def test_files_are_byte_for_byte_the_packages(tmp_path_factory, tensors, metadata):
     st_numpy = pytest.importorskip("safetensors.numpy")
     # safetensors 0.8 writes invalid JSON for no tensors with metadata ('{},"__metadata__":{}}').
@@ -118,7 +93,10 @@ def test_files_are_byte_for_byte_the_packages(tmp_path_factory, tensors, metadat
         assert read_by_them[name].shape == read_by_us[name].shape == arr.shape
 
 
-@given(st.dictionaries(NAMES, views(), min_size=1, max_size=3), st.dictionaries(NAMES, NAMES, min_size=2, max_size=5))
+@given(
+    st.dictionaries(TENSOR_NAMES, stored_arrays(), min_size=1, max_size=3),
+    st.dictionaries(TENSOR_NAMES, TENSOR_NAMES, min_size=2, max_size=5),
+)
 def test_several_metadata_keys_give_the_packages_header_up_to_key_order(tmp_path_factory, tensors, metadata):
     # The package orders __metadata__ keys differently from run to run; lowrank sorts them.
     st_numpy = pytest.importorskip("safetensors.numpy")
@@ -130,12 +108,9 @@ def test_several_metadata_keys_give_the_packages_header_up_to_key_order(tmp_path
     assert list(json.loads(ours_header)["__metadata__"]) == sorted(metadata)
 
 
-finite_or_inf = st.floats(width=32, allow_nan=False)
-
-
 @given(
-    st.dictionaries(NAMES, views(st.just("<f4"), finite_or_inf), max_size=3),
-    st.dictionaries(NAMES, views(st.just("<i4")), max_size=2),
+    st.dictionaries(TENSOR_NAMES, stored_arrays(st.just("<f4"), st.floats(width=32, allow_nan=False)), max_size=3),
+    st.dictionaries(TENSOR_NAMES, stored_arrays(st.just("<i4")), max_size=2),
 )
 def test_bfloat16_files_are_byte_for_byte_torchs(tmp_path_factory, floats, ints):
     torch = pytest.importorskip("torch")
@@ -226,7 +201,7 @@ def test_bfloat16_nan_stays_a_quiet_nan_with_its_sign():
 @pytest.mark.parametrize("width", [64, 32, 16])
 @given(data=st.data())
 def test_bfloat16_rounding_equals_the_exact_reference(width, data):
-    values = data.draw(hnp.arrays(np.dtype(f"f{width // 8}"), st.integers(0, 40), elements=st.floats(width=width)))
+    values = data.draw(every_float(width, max_size=40))
     got = bfloat16_bits(values)
     assert got.dtype == np.uint16 and got.shape == values.shape
     for x, bits in zip(values.tolist(), got.tolist(), strict=True):
@@ -237,7 +212,7 @@ def test_bfloat16_rounding_equals_the_exact_reference(width, data):
             assert bits == want, f"{x!r} -> {bits:#06x}, exact rounding gives {want:#06x}"
 
 
-@given(hnp.arrays(np.float32, st.integers(0, 60), elements=st.floats(width=32)))
+@given(every_float(32))
 def test_bfloat16_rounding_equals_torch(values):
     torch = pytest.importorskip("torch")
     theirs = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
@@ -247,7 +222,7 @@ def test_bfloat16_rounding_equals_torch(values):
     assert np.isnan(bfloat16_to_float32(ours[nan])).all()  # torch's NaN pattern differs by path
 
 
-@given(hnp.arrays(np.uint16, st.integers(0, 60)))
+@given(bfloat16_patterns())
 def test_bfloat16_reads_exactly_and_rounds_back_to_itself(bits):
     values = bfloat16_to_float32(bits)
     for b, v in zip(bits.tolist(), values.tolist(), strict=True):

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from strategies import as_layout, float_arrays
 
 from lowrank.cli import main
 from lowrank.io import load_safetensors, save_safetensors
@@ -410,29 +411,17 @@ def test_the_rule_integers_exact_nan_fails_shape_and_dtype_noted():
     assert not compare(np.array(["a", "b"]), np.zeros(2), rtol=1.0, atol=1.0).ok
 
 
-def _views(draw, arr):
-    """arr, or a strided or reversed view of a larger array holding the same values."""
-    kind = draw(st.sampled_from(["plain", "strided", "reversed"]))
-    if kind == "strided":
-        big = np.zeros((*arr.shape[:-1], 2 * arr.shape[-1]), arr.dtype)
-        big[..., ::2] = arr
-        return big[..., ::2]
-    if kind == "reversed":
-        return np.ascontiguousarray(arr[..., ::-1])[..., ::-1]
-    return arr
-
-
 @given(data=st.data(), dtype=st.sampled_from([np.float32, np.float64]))
 def test_the_rule_passes_rounding_and_fails_a_tolerance_sized_error(data, dtype):
     shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=5))
-    want = data.draw(hnp.arrays(np.float64, shape, elements=st.floats(-100, 100, width=64)))
-    got = _views(data.draw, want.astype(dtype).astype(np.float64))  # one rounding to dtype
+    want = data.draw(float_arrays(np.float64, shape, bound=100.0))
+    got = data.draw(as_layout(want.astype(dtype).astype(np.float64)))  # one rounding to dtype
     rtol, atol = TOLERANCES[np.dtype(dtype).name].values()
     assert compare(got, want, rtol=rtol, atol=atol).ok
     i = data.draw(st.integers(0, want.size - 1))
     worse = want.copy()
     worse.flat[i] += 2 * (atol * np.abs(want).max() + rtol * abs(want.flat[i])) + 1e-300
-    assert not compare(_views(data.draw, worse), want, rtol=rtol, atol=atol).ok
+    assert not compare(data.draw(as_layout(worse)), want, rtol=rtol, atol=atol).ok
 
 
 def test_old_import_paths_reexport_the_table_and_the_statistics():

@@ -4,9 +4,9 @@
 more rows than the layer has inputs (forward) or outputs (backward) and there
 is no dropout mask; otherwise it evaluates the low-rank term as
 ``(xm @ A.T) @ B.T``. Hypothesis draws the arrays themselves (bounded floats,
-so every failure shrinks), the batch size that picks each path, contiguous,
-reversed (negative-stride) and every-other-column (non-contiguous) views of
-``x``, masks, and ``B = 0``. The reference is plain float64 NumPy in this
+so every failure shrinks), the batch size that picks each path, x in every
+memory layout (C, Fortran, strided, reversed), masks, and ``B = 0``
+(``strategies.lora_path_cases``). The reference is plain float64 NumPy in this
 file, never a lowrank kernel, and its tolerance comes from the same formula
 evaluated on absolute values (a bound on the rounding error of every sum).
 """
@@ -17,13 +17,10 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
+from strategies import LORA_PATHS, lora_path_cases
 
 from lowrank.nn import functional as F
 from lowrank.nn.functional import dense
-
-PATHS = ("folded", "unfolded", "folded forward only")
-VIEWS = ("contiguous", "reversed rows", "every other column")
 
 
 def by_hand(x, W, b, A, B, scaling, mask, dy):
@@ -46,49 +43,6 @@ def by_hand(x, W, b, A, B, scaling, mask, dy):
     }
 
 
-def floats(dtype, bound=3.0):
-    return st.floats(-bound, bound, width=np.dtype(dtype).itemsize * 8)
-
-
-@st.composite
-def lora_cases(draw, path=None, zero_B=None):
-    """One call of lora_linear and its backward: arrays drawn entry by entry, the path chosen by the sizes."""
-    dtype = draw(st.sampled_from([np.float32, np.float64]))
-    path = draw(st.sampled_from(PATHS)) if path is None else path
-    n_in, n_out, r = draw(st.integers(1, 6)), draw(st.integers(1, 6)), draw(st.integers(1, 3))
-    if path == "folded":  # N > in and N > out: both passes fold
-        n = draw(st.integers(max(n_in, n_out) + 1, 14))
-    elif path == "unfolded":  # N <= in and N <= out: neither does
-        n = draw(st.integers(1, min(n_in, n_out)))
-    else:  # in < N <= out: the forward folds, the backward does not
-        n_in = min(n_in, 4)
-        n_out = draw(st.integers(n_in + 1, 7))
-        n = draw(st.integers(n_in + 1, n_out))
-    batch = draw(st.sampled_from([(n,), (1, n)] + ([(2, n // 2)] if n % 2 == 0 else [])))
-    view = draw(st.sampled_from(VIEWS))
-    wide = 2 * n_in if view == "every other column" else n_in
-    x = draw(arrays(dtype, (*batch, wide), elements=floats(dtype)))
-    x = {"contiguous": x, "reversed rows": x[::-1], "every other column": x[..., ::2]}[view]
-    zero_B = draw(st.booleans()) if zero_B is None else zero_B
-    B = np.zeros((n_out, r), dtype) if zero_B else draw(arrays(dtype, (n_out, r), elements=floats(dtype)))
-    mask = None
-    if draw(st.booleans()):
-        p = draw(st.sampled_from([0.25, 0.5]))
-        shape = draw(st.sampled_from([x.shape, x.shape[-1:]]))  # x's shape, or one mask shared by the batch
-        keep = draw(arrays(np.bool_, shape))
-        mask = (keep / (1 - p)).astype(dtype)
-    return {
-        "x": x,
-        "weight": draw(arrays(dtype, (n_out, n_in), elements=floats(dtype))),
-        "bias": draw(st.none() | arrays(dtype, (n_out,), elements=floats(dtype))),
-        "A": draw(arrays(dtype, (r, n_in), elements=floats(dtype))),
-        "B": B,
-        "scaling": draw(st.sampled_from([0.5, 2.0]) | st.floats(0.25, 4.0)),
-        "dropout_mask": mask,
-        "dy": draw(arrays(dtype, (*batch, n_out), elements=floats(dtype))),
-    }
-
-
 def run(case, base_trainable):
     args = {k: v for k, v in case.items() if k != "dy"}
     y, cache = F.lora_linear(**args)
@@ -103,7 +57,7 @@ def assert_close(name, got, expected, bound, dtype):
     assert np.all(err <= allowed), f"{name}: max error {err.max():.3g}, allowed {allowed.max():.3g}"
 
 
-@given(case=lora_cases(), base_trainable=st.booleans())
+@given(case=lora_path_cases(), base_trainable=st.booleans())
 def test_every_path_matches_the_formula_by_hand(case, base_trainable):
     y, g = run(case, base_trainable)
     args = {k: case[k] for k in ("x", "weight", "bias", "A", "B", "scaling", "dropout_mask", "dy")}
@@ -125,7 +79,7 @@ def test_every_path_matches_the_formula_by_hand(case, base_trainable):
         assert g.weight is None and g.bias is None
 
 
-@given(case=lora_cases(), base_trainable=st.booleans())
+@given(case=lora_path_cases(), base_trainable=st.booleans())
 def test_outputs_and_gradients_are_c_contiguous_arrays_of_their_own(case, base_trainable):
     y, g = run(case, base_trainable)
     outputs = {"y": y, "dx": g.x, "dA": g.A, "dB": g.B, "dW": g.weight, "db": g.bias}
@@ -138,10 +92,10 @@ def test_outputs_and_gradients_are_c_contiguous_arrays_of_their_own(case, base_t
                 assert not np.shares_memory(out, given_array), f"{name} shares memory with {given_name}"
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("path", LORA_PATHS)
 @given(data=st.data())
 def test_a_fresh_adapter_gives_the_base_output_bit_for_bit(path, data):
-    case = data.draw(lora_cases(path=path, zero_B=True))
+    case = data.draw(lora_path_cases(path=path, zero_B=True))
     y, _ = run(case, base_trainable=False)
     x, W, b = case["x"], case["weight"], case["bias"]
     base = x.reshape(-1, W.shape[1]) @ W.T  # (N, out): the same product as a plain linear layer
