@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from lowrank.nn.modules import (
 from lowrank.utils.validation import RandomState, check_bool, check_choice, check_int, check_random_state, check_real
 
 __all__ = [
+    "LORA_BIAS",
     "LORA_INITS",
     "LoRALinear",
     "check_lora_config",
@@ -46,6 +47,11 @@ __all__ = [
 ]
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
+LORA_BIAS = ("none", "lora_only", "all")  # PEFT's LoraConfig.bias: which biases train beside the factors
+
+# A per-layer setting (r or alpha in inject_lora): one value for every layer, a mapping from
+# layer name to value, or a function of the layer name.
+PerLayer = float | Mapping[str, float] | Callable[[str], float]
 
 
 # ---------------------------------------------------------------- the LoRA settings, checked once
@@ -311,6 +317,8 @@ class LoRALinear(Module):
             accumulate_grad(self.weight, g.weight)
             if self.bias is not None:
                 accumulate_grad(self.bias, g.bias)
+        elif self.bias is not None and self.bias.trainable:  # PEFT's bias="lora_only"/"all": db alone
+            accumulate_grad(self.bias, dy.reshape(-1, self.out_features).sum(axis=0))  # (out,)
         return g.x
 
     def delta_weight(self) -> np.ndarray:
@@ -470,18 +478,30 @@ def replace_modules(model: Module, replacements: Mapping[str, Module]) -> Module
     return model
 
 
-def mark_only_lora_as_trainable(model: Module) -> Module:
-    """Freeze every parameter of ``model`` except the LoRA factors, in place (loralib's name).
+def mark_only_lora_as_trainable(
+    model: Module, bias: str = "none", also_trainable: Iterable[str] | None = None
+) -> Module:
+    """Freeze every parameter of ``model`` except the LoRA factors, in place (loralib's and PEFT's name).
 
     Every parameter that is not the ``A`` or ``B`` of a :class:`LoRALinear`
-    gets ``trainable=False``; the factors keep their flags (a new layer's are
-    True). :func:`inject_lora` and :func:`lowrank.io.load_peft_adapter` end
-    with it, as PEFT's ``get_peft_model`` and loralib's
-    ``mark_only_lora_as_trainable`` do.
+    gets ``trainable=False``, except the biases ``bias`` names and the
+    modules ``also_trainable`` names, which get ``trainable=True``; the
+    factors keep their flags (a new layer's are True). :func:`inject_lora`
+    and :func:`lowrank.io.load_peft_adapter` end with it, as PEFT's
+    ``get_peft_model`` and loralib's ``mark_only_lora_as_trainable`` do.
 
     Parameters
     ----------
     model : Module
+    bias : {"none", "lora_only", "all"}, default "none"
+        PEFT's ``LoraConfig.bias``: ``"lora_only"`` trains the bias of every
+        LoRALinear, ``"all"`` every parameter named ``bias`` in the model.
+        A trainable bias beside a frozen weight gets ``db`` alone.
+    also_trainable : iterable of str, optional
+        Dotted names of modules (as :meth:`Module.named_modules` gives them)
+        whose every parameter trains: PEFT's ``modules_to_save`` (a
+        classifier head trained in full beside the adapter). They must not be
+        LoRA layers.
 
     Returns
     -------
@@ -491,23 +511,53 @@ def mark_only_lora_as_trainable(model: Module) -> Module:
     Raises
     ------
     TypeError
-        ``model`` is not a Module.
+        ``model`` is not a Module, or ``also_trainable`` is a string or holds non-strings.
     ValueError
-        ``model`` has no LoRALinear layer (it would freeze every parameter).
-        The model is unchanged then.
+        ``model`` has no LoRALinear layer (it would freeze every parameter),
+        an unknown ``bias``, or an ``also_trainable`` name that is no module
+        of ``model`` or is a LoRA layer. The model is unchanged then.
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
+    bias = check_choice(bias, "bias", LORA_BIAS)
+    modules = dict(model.named_modules())
+    keep = _check_module_names(also_trainable, modules, "also_trainable")
     factors = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.A, m.B)}
     if not factors:
         raise ValueError(
             f"model has no LoRALinear layer ({type(model).__name__}): marking only LoRA factors as "
             f"trainable would freeze every parameter; inject_lora(model, ...) first"
         )
+    trained = {id(p) for name in keep for p in modules[name].parameters()}
+    if bias == "lora_only":
+        trained |= {id(m.bias) for m in model.modules() if isinstance(m, LoRALinear) and m.bias is not None}
+    elif bias == "all":
+        trained |= {id(p) for name, p in model.named_parameters() if name.rpartition(".")[2] == "bias"}
     for p in model.parameters():
-        if id(p) not in factors:
+        if id(p) in trained:
+            p.trainable = True
+        elif id(p) not in factors:
             p.trainable = False
     return model
+
+
+def _check_module_names(names: Any, modules: Mapping[str, Module], what: str) -> list[str]:
+    """``names`` as a list of module names of the model, none of them a LoRA layer; else Type/ValueError."""
+    if names is None:
+        return []
+    if isinstance(names, (str, bytes)) or not isinstance(names, Iterable):
+        raise TypeError(f"{what} must be a list of module names such as ['2'], got {type(names).__name__} {names!r}")
+    names = list(names)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"{what} must hold module names (str), got {bad!r}")
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise ValueError(f"{what} {unknown} are not modules of the model; its modules are {[n for n in modules if n]}")
+    lora = [n for n in names if isinstance(modules[n], (LoRALinear, _Factor))]
+    if lora:
+        raise ValueError(f"{what} {lora} are LoRA layers: their factors train already, and their base stays frozen")
+    return names
 
 
 def match_target_modules(target_modules: str | Iterable[str] | None, name: str) -> bool:
@@ -573,13 +623,17 @@ def match_target_modules(target_modules: str | Iterable[str] | None, name: str) 
 
 def inject_lora(
     model: Module,
-    r: int,
-    alpha: float,
+    r: PerLayer,
+    alpha: PerLayer,
     targets: Iterable[str] | None = None,
     dropout: float = 0.0,
     use_rslora: bool = False,
     init: str = "kaiming",
     random_state: RandomState = None,
+    *,
+    target_modules: str | Iterable[str] | None = None,
+    bias: str = "none",
+    modules_to_save: Iterable[str] | None = None,
 ) -> Module:
     """Wrap Linear layers in :class:`LoRALinear` and freeze everything else, in place.
 
@@ -590,14 +644,34 @@ def inject_lora(
         name, by a LoRALinear that wraps it (sharing its weight and bias), so
         the state-dict keys of the base stay (``"0.weight"``) and the adapter
         adds ``"0.lora_A.weight"`` and ``"0.lora_B.weight"``, as PEFT names them.
-    r, alpha, dropout, use_rslora, init
+    r, alpha : int and real, or a mapping or function giving each layer's value
+        As :class:`LoRALinear`. One value for every layer; or, per layer
+        (PEFT's ``rank_pattern`` and ``alpha_pattern``), a mapping from each
+        adapted layer's dotted name to its value (every adapted layer must be
+        a key), or a function ``f(name) -> value``. Each layer's value is
+        checked by :func:`check_lora_config`, the message naming the layer.
+    dropout, use_rslora, init
         As :class:`LoRALinear`, the same for every adapted layer.
     targets : iterable of str, optional
-        State-dict prefixes of the Linear layers to adapt (``["0", "2"]``, or
-        ``"block.fc"`` in nested modules); all Linear layers when None.
+        The exact dotted names of the Linear layers to adapt (``["0", "2"]``,
+        or ``"block.fc"`` in nested modules); all Linear layers when None
+        (and ``target_modules`` is None).
     random_state : None, int or numpy.random.Generator
         Resolved once and handed to every new layer, in the model's order:
         the same seed gives the same adapters (and the same dropout masks).
+    target_modules : str or iterable of str, optional
+        Instead of ``targets``, PEFT's rule, by :func:`match_target_modules`:
+        a list entry matches a name or a dotted suffix (``"fc"`` adapts
+        ``"block.0.fc"`` and ``"block.1.fc"``), a string is a regular
+        expression that must match the whole name. Every Linear layer it
+        matches is adapted, and it must match at least one. Not with ``targets``.
+    bias : {"none", "lora_only", "all"}, default "none"
+        Which biases train beside the factors (PEFT's ``bias``): see
+        :func:`mark_only_lora_as_trainable`.
+    modules_to_save : iterable of str, optional
+        Modules trained in full beside the adapter (PEFT's ``modules_to_save``,
+        e.g. a classifier head): an entry names a module or a dotted suffix of
+        its name, and must match at least one module that is not adapted.
 
     Returns
     -------
@@ -609,29 +683,55 @@ def inject_lora(
     ------
     ValueError
         An unknown target (the message lists the Linear layers there are), a
-        target that is already a LoRA layer, no Linear layer to adapt, or a
-        value :func:`check_lora_config` or :func:`check_pissa_rank` refuses.
+        target that is already a LoRA layer, no Linear layer to adapt, a
+        per-layer mapping without an adapted layer, a ``modules_to_save``
+        entry that matches no module or an adapted layer, or a value
+        :func:`check_lora_config` or :func:`check_pissa_rank` refuses.
     TypeError
         ``model`` is not a Module, ``targets`` is a string or holds
-        non-strings, or a setting is of the wrong kind.
+        non-strings, both ``targets`` and ``target_modules`` are given, or a
+        setting is of the wrong kind.
 
     Notes
     -----
     Everything is checked before the model is changed. The settings are
     checked by :func:`check_lora_config`, as :class:`LoRALinear` checks them;
     the layers are swapped in by :func:`replace_modules` and the model is
-    frozen by :func:`mark_only_lora_as_trainable`, so the trainable
-    parameters afterwards are exactly the LoRA factors (the new ones, and
-    those of layers adapted earlier). Each new layer takes the training mode
-    of the Linear it wraps.
+    frozen by :func:`mark_only_lora_as_trainable` (with ``bias`` and the
+    ``modules_to_save`` modules), so the trainable parameters afterwards are
+    exactly the LoRA factors (the new ones, and those of layers adapted
+    earlier), plus what ``bias`` and ``modules_to_save`` name. Each new layer
+    takes the training mode of the Linear it wraps.
+
+    Examples
+    --------
+    >>> from lowrank import nn
+    >>> model = nn.MLP([4, 8, 8, 2], random_state=0)
+    >>> model = nn.inject_lora(model, r={"0": 2, "2": 4}, alpha=8, target_modules=["0", "2"],
+    ...                        modules_to_save=["4"], random_state=0)
+    >>> [(model[i].r, model[i].scaling) for i in (0, 2)]
+    [(2, 4.0), (4, 2.0)]
+    >>> model[4].weight.trainable
+    True
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
-    r, alpha, dropout, use_rslora, init = check_lora_config(r, alpha, dropout, use_rslora, init)
+    _, _, dropout, use_rslora, init = check_lora_config(1, 1, dropout, use_rslora, init)
+    bias = check_choice(bias, "bias", LORA_BIAS)
     modules = model.named_modules()
     linears = {name: m for name, m in modules if isinstance(m, Linear)}
     adapted = [name for name, m in modules if isinstance(m, LoRALinear)]
-    if targets is None:
+    if targets is not None and target_modules is not None:
+        raise TypeError("give targets (exact layer names) or target_modules (PEFT's rule), not both")
+    if target_modules is not None:
+        chosen = [name for name in linears if match_target_modules(target_modules, name)]
+        if not chosen:
+            raise ValueError(
+                f"target_modules {target_modules!r} matches no Linear layer of the model; "
+                f"its Linear layers are {list(linears)}"
+            )
+        chosen = _check_targets(chosen, linears, adapted)
+    elif targets is None:
         if adapted:
             raise ValueError(
                 f"model already has LoRA layers at {adapted}: name the Linear layers still to adapt "
@@ -642,18 +742,78 @@ def inject_lora(
         chosen = list(linears)
     else:
         chosen = _check_targets(targets, linears, adapted)
+    settings = {name: _layer_settings(r, alpha, dropout, use_rslora, init, name) for name in chosen}
     if init == "pissa":
         for name in chosen:
-            check_pissa_rank(r, linears[name].weight.shape, layer=name)
+            check_pissa_rank(settings[name][0], linears[name].weight.shape, layer=name)
+    saved = _match_modules_to_save(modules_to_save, [n for n, _ in modules], set(chosen))
     rng = check_random_state(random_state)
 
     new_layers = {}
     for name in chosen:  # in model order: the generator's draws follow it
         base = linears[name]
-        lora = LoRALinear(base, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, init=init, random_state=rng)
+        r_i, alpha_i = settings[name]
+        lora = LoRALinear(
+            base, r=r_i, alpha=alpha_i, dropout=dropout, use_rslora=use_rslora, init=init, random_state=rng
+        )
         new_layers[name] = lora.train(base.training)
     model = replace_modules(model, new_layers)
-    return mark_only_lora_as_trainable(model)
+    return mark_only_lora_as_trainable(model, bias=bias, also_trainable=saved)
+
+
+def _layer_settings(
+    r: PerLayer, alpha: PerLayer, dropout: float, use_rslora: bool, init: str, name: str
+) -> tuple[int, float]:
+    """Layer ``name``'s ``(r, alpha)`` from a value, a mapping or a function, checked by check_lora_config."""
+    values = []
+    for what, value in (("r", r), ("alpha", alpha)):
+        per_layer = isinstance(value, Mapping) or callable(value)
+        if isinstance(value, Mapping):
+            if name not in value:
+                raise ValueError(
+                    f"{what} maps layer names to values but has no entry for the adapted layer {name!r}; "
+                    f"its keys are {list(value)}"
+                )
+            value = value[name]
+        elif callable(value):
+            value = value(name)
+        values.append((per_layer, value))
+    (r_per, r_i), (alpha_per, alpha_i) = values
+    try:
+        r_i, alpha_i, *_ = check_lora_config(r_i, alpha_i, dropout, use_rslora, init)
+    except (TypeError, ValueError) as exc:
+        if not (r_per or alpha_per):
+            raise
+        raise type(exc)(f"layer {name or '<the model itself>'!r}: {exc}") from None
+    return r_i, alpha_i
+
+
+def _match_modules_to_save(modules_to_save: Any, names: list[str], adapted: set[str]) -> list[str]:
+    """The module names ``modules_to_save`` matches by the target_modules list rule; each entry must match."""
+    if modules_to_save is None:
+        return []
+    if isinstance(modules_to_save, (str, bytes)) or not isinstance(modules_to_save, Iterable):
+        raise TypeError(
+            f"modules_to_save must be a list of module names such as ['classifier'], got "
+            f"{type(modules_to_save).__name__} {modules_to_save!r}"
+        )
+    entries = list(modules_to_save)
+    matched: list[str] = []
+    for entry in entries:
+        found = [n for n in names if n and match_target_modules([entry], n)]
+        if not found:
+            raise ValueError(
+                f"modules_to_save entry {entry!r} matches no module of the model; its modules are "
+                f"{[n for n in names if n]}"
+            )
+        clash = [n for n in found if n in adapted]
+        if clash:
+            raise ValueError(
+                f"modules_to_save entry {entry!r} matches {clash}, which are adapted: a module is "
+                f"either adapted or trained in full, not both"
+            )
+        matched += [n for n in found if n not in matched]
+    return matched
 
 
 def _check_targets(targets: Any, linears: dict[str, Linear], adapted: list[str]) -> list[str]:

@@ -442,12 +442,15 @@ class LinearLayer(Protocol):
 def base_is_trainable(layer: LinearLayer) -> bool:
     """Whether a linear layer's weight (and bias) gets a gradient.
 
-    The kernels compute dW and db together or not at all, so the two must agree.
+    The kernels compute dW and db together or not at all, so a trainable
+    weight needs a trainable bias; a trainable bias beside a frozen weight
+    (PEFT's ``bias="lora_only"``/``"all"``) is allowed: the layer adds
+    ``db = dy`` summed over the batch itself.
     """
     weight, bias = layer.weight, layer.bias
-    if bias is not None and bias.trainable != weight.trainable:
+    if bias is not None and weight.trainable and not bias.trainable:
         raise RuntimeError(
-            f"{type(layer).__name__}: weight and bias must be both trainable or both frozen "
+            f"{type(layer).__name__}: a trainable weight needs a trainable bias "
             f"(the kernel computes their gradients together), got weight.trainable="
             f"{weight.trainable}, bias.trainable={bias.trainable}"
         )
@@ -516,6 +519,8 @@ class Linear(Module):
             accumulate_grad(self.weight, g.weight)
             if self.bias is not None:
                 accumulate_grad(self.bias, g.bias)
+        elif self.bias is not None and self.bias.trainable:  # a trainable bias beside a frozen weight
+            accumulate_grad(self.bias, dy.reshape(-1, self.out_features).sum(axis=0))  # (out,)
         return g.x
 
     def extra_repr(self) -> str:
