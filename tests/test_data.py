@@ -14,7 +14,6 @@ from strategies import SEEDS, matrix_shapes
 
 from lowrank.train.data import (
     TASK_NAMES,
-    _calibrate_norm,
     downstream_task,
     make_task,
     make_tasks,
@@ -191,11 +190,26 @@ def test_planted_delta_rank_norm_and_flat_spectrum(shape, data, norm, seed):
     assert planted_delta(shape, rank, norm, random_state=seed).tobytes() == D.tobytes()
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_each_planted_change_is_as_large_as_the_label_change_needs_and_no_larger(seed):
+    """The norm of each change is calibrated: along its direction, 0.8 of it moves fewer than
+    label_change = 0.3 of the labels and 1.25 of it more, on fresh inputs labelled here by hand."""
+    t = make_tasks(random_state=seed, n_pretrain=10, n_downstream=10, n_val=10)
+    W1, W2, b2 = t.teacher.W1, t.teacher.W2, t.teacher.b2
+    X = np.random.default_rng(100 + seed).standard_normal((20_000, W1.shape[1]))
+    before = teacher_labels(X, W1, W2, b2)
+    for delta in (t.delta_low, t.delta_full):
+        moved = [np.mean(teacher_labels(X, W1 + f * delta, W2, b2) != before) for f in (0.8, 1.25)]
+        # measured: 0.24 to 0.26 and 0.34 to 0.36; the 4,096-input calibration set is off by ~0.01
+        assert moved[0] < 0.3 < moved[1], moved
+
+
 def test_unreachable_label_change_is_refused():
-    teacher = make_teacher(4, 4, 3, random_state=0)
-    probe = np.random.default_rng(0).standard_normal((200, 4))
-    with pytest.raises(ValueError, match=r"label_change must be reachable by a rank-0 change .* got 0.3"):
-        _calibrate_norm(teacher, np.zeros((4, 4)), probe, 0.3)
+    # two hidden units, two classes: no change of W1, however large, moves 0.45 of the labels
+    with pytest.raises(ValueError, match=r"label_change must be reachable by a rank-\d change of this teacher, "
+                                         r"got 0.45 \(at most 0\.\d+ of the labels moved\)$"):
+        make_tasks(n_features=2, n_hidden=2, n_classes=2, delta_rank=1, label_change=0.45, random_state=0,
+                   n_pretrain=5, n_downstream=5, n_val=5)
 
 
 @pytest.mark.parametrize(
