@@ -29,17 +29,24 @@ into lowrank models on top of it.
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
-from lowrank.io.files import PathLike, load_json
-from lowrank.io.safetensors import read_safetensors, read_safetensors_header
+from lowrank.io.files import PathLike, atomic_write, load_json
+from lowrank.io.safetensors import (
+    TensorInfo,
+    bfloat16_bits,
+    bfloat16_to_float32,
+    read_safetensors,
+    read_safetensors_header,
+)
 from lowrank.utils.validation import check_bool, check_choice, check_int, check_real
 
 __all__ = [
@@ -49,11 +56,18 @@ __all__ = [
     "AdapterConfig",
     "AdapterLayout",
     "FactorKeys",
+    "InspectReport",
     "LayerSettings",
+    "ModuleReport",
+    "check_adapter",
+    "delta_weight",
+    "inspect_adapter",
     "match_pattern_key",
     "match_target_modules",
+    "merge_adapter",
     "parse_adapter_keys",
     "read_adapter",
+    "update_norm",
 ]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -619,3 +633,519 @@ def read_adapter(path: PathLike, *, dtype: str | None = None) -> Adapter:
         metadata=dict(header.metadata),
         layout=parse_adapter_keys(tensors),
     )
+
+
+# ---------------------------------------------------------------- inspect
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    """What :func:`inspect_adapter` found for one adapted module.
+
+    Attributes
+    ----------
+    name : str
+        The module's dotted name.
+    embedding : bool
+        An Embedding adapter (``lora_embedding_A/B``).
+    r, alpha, scaling : int, float, float
+        From the config, after ``rank_pattern`` / ``alpha_pattern``
+        (:meth:`AdapterConfig.settings_for`).
+    shape_A, shape_B : tuple of int or None
+        As stored; None when the file lacks the factor.
+    dtype : str
+        The stored dtype (``"BF16"``, ``"F32"``, ...; ``"F32/BF16"`` when A
+        and B differ).
+    norm : float or None
+        ``‖scaling·B·A‖_F``, computed in float64 without forming ``B @ A``;
+        None when the factors do not fit together.
+    b_zero : bool
+        B is all zeros: the adapter changes nothing (a fresh, untrained adapter).
+    """
+
+    name: str
+    embedding: bool
+    r: int
+    alpha: float
+    scaling: float
+    shape_A: tuple[int, ...] | None
+    shape_B: tuple[int, ...] | None
+    dtype: str
+    norm: float | None
+    b_zero: bool
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    """The result of :func:`inspect_adapter`.
+
+    Attributes
+    ----------
+    path : pathlib.Path
+        The adapter folder.
+    config : AdapterConfig
+    modules : list of ModuleReport
+        One per adapted module, sorted by name.
+    full : dict from str to str
+        Full tensors the adapter replaces (trained biases, ``modules_to_save``):
+        base state-dict key -> file key.
+    problems : list of str
+        One line each; empty when the folder is consistent.
+    """
+
+    path: Path
+    config: AdapterConfig
+    modules: list[ModuleReport]
+    full: dict[str, str]
+    problems: list[str]
+
+    @property
+    def passed(self) -> bool:
+        """No problem found."""
+        return not self.problems
+
+    def format(self) -> str:
+        """A table of the adapted modules, then the problems (one per line) and a verdict line.
+
+        Returns
+        -------
+        str
+        """
+        rows = [("module", "r", "alpha", "scaling", "A", "B", "dtype", "|scaling*B@A|_F", "B==0")]
+        for m in self.modules:
+            rows.append((
+                m.name or "<the model itself>",
+                str(m.r),
+                f"{m.alpha:g}",
+                f"{m.scaling:.6g}",
+                "missing" if m.shape_A is None else "x".join(map(str, m.shape_A)),
+                "missing" if m.shape_B is None else "x".join(map(str, m.shape_B)),
+                m.dtype,
+                "-" if m.norm is None else f"{m.norm:.6g}",
+                "yes" if m.b_zero else "no",
+            ))  # fmt: skip
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+        c = self.config
+        rule = "alpha/sqrt(r) (rsLoRA)" if c.use_rslora else "alpha/r"
+        lines.insert(0, f"{self.path}: r={c.r} lora_alpha={c.alpha:g} scaling={rule} "
+                        f"fan_in_fan_out={c.fan_in_fan_out} bias={c.bias}")  # fmt: skip
+        if self.full:
+            lines.append(f"full tensors replaced in the base: {', '.join(sorted(self.full))}")
+        lines += [f"problem: {p}" for p in self.problems]
+        verdict = "consistent" if self.passed else f"{len(self.problems)} problem(s)"
+        lines.append(f"{len(self.modules)} adapted module(s), {verdict}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as a JSON-ready object.
+
+        Returns
+        -------
+        dict
+        """
+        return {
+            "path": str(self.path),
+            "passed": self.passed,
+            "config": self.config.to_json(),
+            "modules": [
+                {
+                    "name": m.name,
+                    "embedding": m.embedding,
+                    "r": m.r,
+                    "alpha": m.alpha,
+                    "scaling": m.scaling,
+                    "shape_A": None if m.shape_A is None else list(m.shape_A),
+                    "shape_B": None if m.shape_B is None else list(m.shape_B),
+                    "dtype": m.dtype,
+                    "norm": m.norm,
+                    "b_zero": m.b_zero,
+                }
+                for m in self.modules
+            ],
+            "full": dict(self.full),
+            "problems": list(self.problems),
+        }
+
+
+def update_norm(A: np.ndarray, B: np.ndarray, scaling: float) -> float:
+    """``‖scaling·B·A‖_F`` in float64, without forming the ``(out, in)`` product.
+
+    ``‖BA‖_F² = trace(AᵀBᵀBA) = trace((BᵀB)(AAᵀ))``, a product of two
+    ``(r, r)`` matrices: ``O((out + in)·r²)`` work instead of ``O(out·in·r)``.
+
+    Parameters
+    ----------
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    scaling : float
+
+    Returns
+    -------
+    float
+    """
+    A64, B64 = np.asarray(A, np.float64), np.asarray(B, np.float64)
+    gram_B = B64.T @ B64  # (r, r)
+    gram_A = A64 @ A64.T  # (r, r)
+    squared = float(np.sum(gram_B * gram_A))  # trace(XY) = sum(X * Yᵀ), and gram_A is symmetric
+    return abs(scaling) * math.sqrt(max(squared, 0.0))
+
+
+def _shown(name: str) -> str:
+    return repr(name) if name else "<the model itself>"
+
+
+def check_adapter(adapter: Adapter) -> tuple[list[ModuleReport], list[str]]:
+    """The per-module reports and the problems of an adapter that was read.
+
+    The checks of :func:`inspect_adapter`, for a caller holding an
+    :class:`Adapter` already (:func:`merge_adapter` refuses any problem).
+
+    Parameters
+    ----------
+    adapter : Adapter
+
+    Returns
+    -------
+    tuple of (list of ModuleReport, list of str)
+    """
+    config, tensors, layout = adapter.config, adapter.tensors, adapter.layout
+    problems: list[str] = []
+    for key in layout.unknown:
+        problems.append(f"key {key!r} is not a LoRA tensor in PEFT's form (base_model.model.<name>.lora_A.weight, ...)")
+    for key, arr in tensors.items():
+        if arr.size == 0:
+            problems.append(f"tensor {key!r} is empty (shape {arr.shape}): the adapter was saved without its weights")
+        elif arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            problems.append(f"tensor {key!r} holds non-finite values ({int(np.sum(~np.isfinite(arr)))} of {arr.size})")
+    modules = []
+    for name in sorted(layout.factors):
+        keys = layout.factors[name]
+        settings = config.settings_for(name)
+        A = None if keys.A is None else tensors[keys.A]
+        B = None if keys.B is None else tensors[keys.B]
+        what = "lora_embedding_" if keys.embedding else "lora_"
+        for factor, present, other in (("A", A, "B"), ("B", B, "A")):
+            if present is None:
+                problems.append(f"module {_shown(name)} has {what}{other} but no {what}{factor}")
+        if not config.matches(name):
+            problems.append(f"module {_shown(name)} does not match target_modules {config.target_modules!r}")
+        fits = A is not None and B is not None and A.ndim == 2 and B.ndim == 2 and A.shape[0] == B.shape[1]
+        if A is not None and B is not None and not fits:
+            problems.append(
+                f"module {_shown(name)}: {what}A must be (r, in) and {what}B (out, r) with the same r, "
+                f"got {A.shape} and {B.shape}"
+            )
+        for factor, stored_arr, axis in (("A", A, 0), ("B", B, 1)):
+            if stored_arr is not None and stored_arr.ndim == 2 and stored_arr.shape[axis] != settings.r:
+                source = "rank_pattern" if match_pattern_key(config.rank_pattern, name) is not None else "r"
+                problems.append(
+                    f"module {_shown(name)}: {what}{factor} has shape {stored_arr.shape}, whose rank "
+                    f"{stored_arr.shape[axis]} "
+                    f"disagrees with the config's {source} = {settings.r}"
+                )
+        ok = fits and A is not None and B is not None and A.size > 0 and B.size > 0
+        stored = sorted({adapter.dtypes[k] for k in (keys.A, keys.B) if k is not None})
+        modules.append(
+            ModuleReport(
+                name=name,
+                embedding=keys.embedding,
+                r=settings.r,
+                alpha=settings.alpha,
+                scaling=settings.scaling,
+                shape_A=None if A is None else A.shape,
+                shape_B=None if B is None else B.shape,
+                dtype="/".join(stored),
+                norm=update_norm(A, B, settings.scaling) if ok and A is not None and B is not None else None,
+                b_zero=B is not None and not np.any(B),
+            )
+        )
+    for base_key, key in layout.full.items():
+        module = base_key.rpartition(".")[0]
+        if config.saves_module(base_key):
+            continue
+        if base_key.endswith(".bias") and config.bias == "all":
+            continue
+        if base_key.endswith(".bias") and config.bias == "lora_only" and module in layout.factors:
+            continue
+        problems.append(
+            f"tensor {key!r} is neither a LoRA factor, a bias the config trains (bias={config.bias!r}) "
+            f"nor in modules_to_save {list(config.modules_to_save)!r}"
+        )
+    if not layout.factors and not layout.full:
+        problems.append("the weights file holds no LoRA factor")
+    return modules, problems
+
+
+def inspect_adapter(path: PathLike) -> InspectReport:
+    """Check a PEFT adapter folder for consistency, and describe each adapted module, without a model.
+
+    For each adapted module: its r, alpha and scaling (from the config,
+    rsLoRA aware, after ``rank_pattern`` / ``alpha_pattern``), the shapes and
+    stored dtype of A and B, ``‖scaling·B·A‖_F`` and whether B is all zeros.
+    The problems found, one line each: factor shapes that disagree with the
+    config's r (or its ``rank_pattern``) or with each other, empty tensors,
+    modules that ``target_modules`` does not select, an A without its B or a
+    B without its A, non-finite values, keys in no PEFT form, and full
+    tensors that neither the ``bias`` setting nor ``modules_to_save``
+    explains.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The adapter folder.
+
+    Returns
+    -------
+    InspectReport
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        The folder cannot be read (see :func:`read_adapter`): a missing
+        file, an invalid config, a corrupt weights file, a pickle file.
+    """
+    adapter = read_adapter(path, dtype="float64")
+    modules, problems = check_adapter(adapter)
+    return InspectReport(
+        path=adapter.path, config=adapter.config, modules=modules, full=dict(adapter.layout.full), problems=problems
+    )
+
+
+# ---------------------------------------------------------------- merge
+
+MERGE_DTYPES = ("keep", "float32", "float16", "bfloat16")
+_FORMAT_OF = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_FLOAT_FORMATS = ("F64", "F32", "F16", "BF16")
+_ITEMSIZE = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4,
+    "BF16": 2, "F16": 2, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+# The safetensors package's write order (widest items first, then by name): every
+# tensor starts aligned to its item size, so the merged file loads zero-copy.
+_WRITE_ORDER = ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "I8", "U8", "BOOL")
+# Copies go through a buffer of this size: a tensor is never read whole to be copied.
+_COPY_BYTES = 1 << 24
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One tensor of the merged file: where its values come from, and how it is stored."""
+
+    name: str
+    stored: str  # the output's format dtype
+    shape: tuple[int, ...]
+    source: str  # "copy" (the base's bytes), "convert", "merge", "replace"
+
+
+def delta_weight(A: np.ndarray, B: np.ndarray, scaling: float, *, transpose: bool) -> np.ndarray:
+    """``scaling·(B @ A)`` in float64, or its transpose (``fan_in_fan_out``, embeddings).
+
+    Parameters
+    ----------
+    A : ndarray, shape (r, in)
+    B : ndarray, shape (out, r)
+    scaling : float
+    transpose : bool
+        Return ``(in, out)``, for a base weight stored that way (GPT-2's
+        ``Conv1D``, PEFT's ``fan_in_fan_out``; an Embedding's ``(num, dim)``).
+
+    Returns
+    -------
+    ndarray of float64, shape (out, in) or (in, out)
+    """
+    delta = np.asarray(B, np.float64) @ np.asarray(A, np.float64)  # (out, in)
+    delta *= scaling
+    return delta.T if transpose else delta
+
+
+def _round_to(values: np.ndarray, stored: str) -> np.ndarray:
+    """float64 values rounded once to the format dtype ``stored``, as the bytes to write."""
+    if stored == "BF16":
+        return bfloat16_bits(values).astype("<u2", copy=False)  # nearest, ties to even, from float64 directly
+    with np.errstate(over="ignore"):  # past the range: inf, checked by the caller
+        return values.astype({"F64": "<f8", "F32": "<f4", "F16": "<f2"}[stored])
+
+
+def _values(arr: np.ndarray, stored: str) -> np.ndarray:
+    """The values a tensor's bytes ``arr`` (from :func:`_round_to`) stand for."""
+    return bfloat16_to_float32(arr) if stored == "BF16" else arr
+
+
+def merge_adapter(base: PathLike, adapter_dir: PathLike, out: PathLike, *, dtype: str = "keep") -> Path:
+    """Merge a PEFT LoRA adapter into a base weights file, without any model code.
+
+    Every adapted weight ``W`` (the base tensor ``<name>.weight``) becomes
+    ``W + scaling·B@A`` (``(B@A)ᵀ`` with ``fan_in_fan_out`` and for
+    Embeddings), computed in float64 and rounded once to the output dtype;
+    ``scaling`` is each layer's (rsLoRA, ``rank_pattern`` and
+    ``alpha_pattern`` aware, :meth:`AdapterConfig.settings_for`). The
+    tensors of ``modules_to_save`` and the trained biases (``bias="all"`` or
+    ``"lora_only"``) replace the base's. Every other tensor is copied bit for
+    bit when its dtype is kept. The output keeps the base's
+    ``__metadata__`` and is written atomically: nothing appears under
+    ``out`` unless the whole merge succeeded.
+
+    Memory: the base is read one tensor at a time (copies go through a
+    16 MiB buffer), so a merge holds the adapter, one adapted weight in
+    float64 and its update.
+
+    Parameters
+    ----------
+    base : str or os.PathLike
+        A ``.safetensors`` file whose keys are the model's ``state_dict``
+        keys (a transformers checkpoint: ``transformer.h.0.attn.c_attn.weight``).
+    adapter_dir : str or os.PathLike
+        The PEFT adapter folder; it must pass :func:`inspect_adapter`.
+    out : str or os.PathLike
+        The merged ``.safetensors`` file (its folder must exist; not ``base``).
+    dtype : {"keep", "float32", "float16", "bfloat16"}, default "keep"
+        The floating tensors' dtype in the output: ``"keep"`` keeps each
+        base tensor's; otherwise every floating tensor is stored in that
+        dtype (integer and bool tensors are kept).
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+
+    Raises
+    ------
+    FileNotFoundError
+        A missing base file, adapter folder or output folder.
+    ValueError
+        One line: an unknown ``dtype``, an adapter with a problem
+        (:func:`inspect_adapter`), a base key missing, a shape that does not
+        fit (naming both shapes, and whether ``fan_in_fan_out`` would fit),
+        a base weight that is not floating or not finite, ``out`` equal to ``base``.
+    FloatingPointError
+        A merged weight overflows the output dtype.
+    """
+    if dtype not in MERGE_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
+    base, out = Path(base), Path(out)
+    if not base.is_file():
+        raise FileNotFoundError(f"no such base weights file: {base}")
+    if out.exists() and out.resolve() == base.resolve():
+        raise ValueError(f"out must not be the base file itself, got {out}")
+    adapter = read_adapter(adapter_dir, dtype="float64")  # exact: every stored float is a float64
+    _, problems = check_adapter(adapter)
+    if problems:
+        more = f" (and {len(problems) - 1} more: see 'lowrank adapter inspect')" if len(problems) > 1 else ""
+        raise ValueError(f"{adapter.path}: cannot merge: {problems[0]}{more}")
+    header = read_safetensors_header(base)
+    deltas = _plan_deltas(adapter, header.tensors, base)
+    replaced = {}
+    for base_key, key in adapter.layout.full.items():
+        info = header.tensors.get(base_key)
+        if info is None:
+            raise ValueError(f"{base}: no tensor {base_key!r} for the adapter's {key!r} to replace")
+        if tuple(info.shape) != adapter.tensors[key].shape:
+            raise ValueError(
+                f"{base}: tensor {base_key!r} has shape {tuple(info.shape)}, the adapter's {key!r} "
+                f"{adapter.tensors[key].shape}"
+            )
+        replaced[base_key] = key
+
+    plan = []
+    for name, info in header.tensors.items():
+        stored = info.dtype
+        if dtype != "keep" and stored in _FLOAT_FORMATS:
+            stored = _FORMAT_OF[dtype]
+        source = "merge" if name in deltas else "replace" if name in replaced else "copy"
+        if source == "copy" and stored != info.dtype:
+            source = "convert"
+        plan.append(_Planned(name=name, stored=stored, shape=tuple(info.shape), source=source))
+    plan.sort(key=lambda p: (_WRITE_ORDER.index(p.stored), p.name))
+    header_bytes = _header_json(plan, header.metadata)
+
+    def write(f: IO[bytes]) -> None:
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        with open(base, "rb", buffering=0) as src:
+            buffer = bytearray(_COPY_BYTES)
+            for p in plan:
+                info = header.tensors[p.name]
+                if p.source == "copy":  # the base's own bytes
+                    src.seek(header.data_start + info.begin)
+                    _copy_bytes(src, f, info.end - info.begin, buffer, base)
+                    continue
+                if p.source == "replace":
+                    values = adapter.tensors[replaced[p.name]]  # float64
+                else:
+                    values = read_safetensors(base, [p.name])[p.name]  # BF16 -> float32, exactly
+                if p.source == "merge":
+                    A, B, scaling, transpose = deltas[p.name]
+                    values = values.astype(np.float64)  # (out, in), or (in, out) transposed
+                    if not np.isfinite(values).all():
+                        raise ValueError(
+                            f"{base}: tensor {p.name!r} holds non-finite values: refusing to merge into it"
+                        )
+                    values += delta_weight(A, B, scaling, transpose=transpose)
+                stored = _round_to(values, p.stored) if values.dtype.kind == "f" else values
+                if values.dtype.kind == "f" and np.any(~np.isfinite(_values(stored, p.stored)) & np.isfinite(values)):
+                    raise FloatingPointError(
+                        f"writing {p.name!r} as {p.stored} overflows: a value is past the largest {p.stored}"
+                    )
+                f.write(np.ascontiguousarray(stored).reshape(-1).data)
+
+    return atomic_write(out, write)
+
+
+def _plan_deltas(
+    adapter: Adapter, tensors: Mapping[str, TensorInfo], base: Path
+) -> dict[str, tuple[np.ndarray, np.ndarray, float, bool]]:
+    """Base key -> (A, B, scaling, transpose) for every adapted module, after checking each fits its base tensor."""
+    config = adapter.config
+    deltas = {}
+    for name, keys in sorted(adapter.layout.factors.items()):
+        assert keys.A is not None and keys.B is not None  # check_adapter found no problem
+        A, B = adapter.tensors[keys.A], adapter.tensors[keys.B]
+        base_key = f"{name}.weight" if name else "weight"
+        info = tensors.get(base_key)
+        if info is None:
+            raise ValueError(f"{base}: no tensor {base_key!r} for the adapter's module {_shown(name)}")
+        if info.dtype not in _FLOAT_FORMATS:
+            raise ValueError(f"{base}: tensor {base_key!r} must be floating to merge into, got {info.dtype}")
+        transpose = keys.embedding or config.fan_in_fan_out
+        straight, flipped = (B.shape[0], A.shape[1]), (A.shape[1], B.shape[0])  # (out, in), (in, out)
+        expected = flipped if transpose else straight
+        shape = tuple(info.shape)
+        if shape != expected:
+            if keys.embedding:
+                hint = "an Embedding's weight is (num_embeddings, embedding_dim)"
+            elif shape == (flipped if not transpose else straight):
+                hint = f"fan_in_fan_out={not config.fan_in_fan_out} would fit"
+            else:
+                hint = "fan_in_fan_out would not fit either"
+            raise ValueError(
+                f"{base}: tensor {base_key!r} has shape {shape}, but the adapter's module {_shown(name)} needs "
+                f"{expected} (fan_in_fan_out={config.fan_in_fan_out}: A {A.shape}, B {B.shape}); {hint}"
+            )
+        deltas[base_key] = (A, B, config.settings_for(name).scaling, transpose)
+    return deltas
+
+
+def _header_json(plan: list[_Planned], metadata: Mapping[str, str]) -> bytes:
+    """The merged file's header, as the safetensors package writes one: compact JSON padded to 8 bytes."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    offset = 0
+    for p in plan:
+        nbytes = math.prod(p.shape) * _ITEMSIZE[p.stored]
+        header[p.name] = {"dtype": p.stored, "shape": list(p.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return text + b" " * (-len(text) % 8)
+
+
+def _copy_bytes(src: Any, dst: IO[bytes], nbytes: int, buffer: bytearray, path: Path) -> None:
+    view = memoryview(buffer)
+    left = nbytes
+    while left:
+        got = src.readinto(view[: min(left, len(view))])
+        if not got:
+            raise ValueError(f"{path}: the file ended inside a tensor (it changed while being merged)")
+        dst.write(view[:got])
+        left -= got
