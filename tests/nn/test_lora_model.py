@@ -118,7 +118,7 @@ def tol(dtype, depth=3):
 @given(sizes=mlp_sizes(), activation=ACTIVATION_NAMES, dtype=FLOAT_DTYPES, seed=SEEDS, data=st.data())
 def test_mlp_is_linear_activation_linear_and_computes_it(sizes, activation, dtype, seed, data):
     model = nn.MLP(sizes, activation, dtype=dtype, random_state=seed)
-    assert isinstance(model, nn.Sequential) and len(model) == 2 * (len(sizes) - 1) - 1
+    assert len(model) == 2 * (len(sizes) - 1) - 1  # Linear, activation, ..., Linear
     expected_keys = [f"{2 * i}.{k}" for i in range(len(sizes) - 1) for k in ("weight", "bias")]
     assert [k for k, _ in model.named_parameters()] == expected_keys
     for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
@@ -684,20 +684,6 @@ def test_inject_lora_target_modules_is_peft_rule_and_targets_stays_exact():
         nn.inject_lora(model, r=1, alpha=1, targets=["0.1"], target_modules=["1"])
 
 
-def finite_difference_grad(model, x, dy, p, eps=1e-6):
-    """d sum(model(x) * dy) / d p by central differences, float64, written out here."""
-    grad = np.zeros_like(p.data)
-    for i in np.ndindex(p.shape):
-        old = p.data[i]
-        p.data[i] = old + eps
-        up = np.sum(model(x) * dy)
-        p.data[i] = old - eps
-        down = np.sum(model(x) * dy)
-        p.data[i] = old
-        grad[i] = (up - down) / (2 * eps)
-    return grad
-
-
 @pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
 def test_inject_lora_bias_trains_the_biases_peft_names_with_their_own_gradient(bias):
     model = nn.inject_lora(deep_mlp(), r=2, alpha=3, targets=["0", "4"], bias=bias, random_state=0)
@@ -710,157 +696,18 @@ def test_inject_lora_bias_trains_the_biases_peft_names_with_their_own_gradient(b
     for i in (0, 4):
         model[i].B.data = rng.standard_normal(model[i].B.shape)
     x, dy = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 3))
-    model.zero_grad()
-    model(x)
-    model.backward(dy)
-    for name, p in model.named_parameters():
-        if p.trainable:
-            np.testing.assert_allclose(p.grad, finite_difference_grad(model, x, dy, p), rtol=1e-6, atol=1e-8,
-                                       err_msg=name)
-        else:
-            assert p.grad is None, name
+    report = check_module_gradients(model, x, dy=dy)  # every trainable gradient against finite differences
+    assert set(report.arguments) == {"x", *trainable}
+    frozen = [p for p in model.parameters() if not p.trainable]
+    assert frozen and all(p.grad is None for p in frozen)
 
 
 def test_inject_lora_modules_to_save_train_in_full():
     model = nn.inject_lora(deep_mlp(), r=1, alpha=1, targets=["0"], modules_to_save=["4"], random_state=0)
     assert sorted(n for n, p in model.named_parameters() if p.trainable) == [
         "0.lora_A.weight", "0.lora_B.weight", "4.bias", "4.weight"]
-    x, dy = np.ones((2, 4)), np.ones((2, 3))
-    model(x)
-    model.backward(dy)
-    np.testing.assert_allclose(model[4].weight.grad, finite_difference_grad(model, x, dy, model[4].weight), rtol=1e-6)
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"modules_to_save entry 'head' matches no module"):
-        nn.inject_lora(model, r=1, alpha=1, targets=["2"], modules_to_save=["head"])
-    with pytest.raises(ValueError, match=r"modules_to_save entry '2' matches \['2'\], which are adapted"):
-        nn.inject_lora(model, r=1, alpha=1, targets=["2"], modules_to_save=["2"])
-    with pytest.raises(TypeError, match="modules_to_save must be a list"):
-        nn.inject_lora(model, r=1, alpha=1, targets=["2"], modules_to_save="4")
-    with pytest.raises(ValueError, match="bias must be one of"):
-        nn.inject_lora(model, r=1, alpha=1, targets=["2"], bias="some")
-    assert_same_snapshot(snapshot(model), before)
-
-
-def test_mark_only_lora_as_trainable_also_trainable_and_bias():
-    model = nn.inject_lora(deep_mlp(), r=1, alpha=1, targets=["2"], random_state=0)
-    nn.mark_only_lora_as_trainable(model, bias="lora_only", also_trainable=["0"])
-    assert sorted(n for n, p in model.named_parameters() if p.trainable) == [
-        "0.bias", "0.weight", "2.bias", "2.lora_A.weight", "2.lora_B.weight"]
-    nn.mark_only_lora_as_trainable(model)  # back to the factors alone
-    assert sorted(n for n, p in model.named_parameters() if p.trainable) == ["2.lora_A.weight", "2.lora_B.weight"]
-    with pytest.raises(ValueError, match=r"also_trainable \['9'\] are not modules of the model"):
-        nn.mark_only_lora_as_trainable(model, also_trainable=["9"])
-    with pytest.raises(ValueError, match=r"also_trainable \['2'\] are LoRA layers"):
-        nn.mark_only_lora_as_trainable(model, also_trainable=["2"])
-    with pytest.raises(TypeError, match="also_trainable must be a list"):
-        nn.mark_only_lora_as_trainable(model, also_trainable="0")
-
-
-# ---------------------------------------------------------------- PEFT's settings: per-layer r and alpha,
-# target_modules, bias, modules_to_save
-
-
-def deep_mlp(dtype=np.float64):
-    return nn.MLP([4, 6, 5, 3], activation="tanh", dtype=dtype, random_state=0)  # Linear at "0", "2", "4"
-
-
-@pytest.mark.parametrize("per_layer", ["mapping", "function"])
-def test_inject_lora_per_layer_r_and_alpha_give_each_layer_its_own_scaling(per_layer):
-    ranks, alphas = {"0": 1, "2": 3, "4": 2}, {"0": 5.0, "2": 6.0, "4": 1.0}
-    r = ranks if per_layer == "mapping" else ranks.__getitem__
-    alpha = alphas if per_layer == "mapping" else alphas.__getitem__
-    model = nn.inject_lora(deep_mlp(), r=r, alpha=alpha, random_state=0)
-    rng = np.random.default_rng(0)
-    for name in ranks:
-        layer = model[int(name)]
-        assert layer.A.shape == (ranks[name], layer.in_features) and layer.B.shape == (layer.out_features, ranks[name])
-        assert layer.scaling == alphas[name] / ranks[name]
-        layer.B.data = rng.standard_normal(layer.B.shape)
-    x = rng.standard_normal((3, 4))
-    by_hand = [(m.weight.data, m.bias.data, alphas[n] / ranks[n] * (m.B.data @ m.A.data)) for n, m in
-               ((str(i), model[i]) for i in (0, 2, 4))]
-    np.testing.assert_allclose(model(x), mlp_by_hand(x, by_hand, "tanh"), rtol=1e-12, atol=1e-12)
-
-
-def test_inject_lora_per_layer_values_are_checked_with_the_layers_name():
-    model = deep_mlp()
-    before = snapshot(model)
-    with pytest.raises(ValueError, match=r"r maps layer names to values but has no entry for the adapted layer '4'"):
-        nn.inject_lora(model, r={"0": 1, "2": 1}, alpha=1)
-    with pytest.raises(ValueError, match=r"layer '2': alpha must be"):
-        nn.inject_lora(model, r=1, alpha={"0": 1, "2": -1.0, "4": 1})
-    with pytest.raises(TypeError, match=r"layer '0': r must be"):
-        nn.inject_lora(model, r=lambda name: 1.5, alpha=1)
-    with pytest.raises(ValueError, match=r"for init='pissa' \(layer '4', weight shape \(3, 5\)\), got 4"):
-        nn.inject_lora(model, r={"0": 1, "2": 1, "4": 4}, alpha=1, init="pissa")
-    assert_same_snapshot(snapshot(model), before)
-
-
-def two_blocks():
-    block = nn.Sequential
-    return block(block(nn.Linear(2, 3), nn.Linear(3, 3)), block(nn.Linear(3, 3), nn.Linear(3, 2)))
-
-
-def test_inject_lora_target_modules_is_peft_rule_and_targets_stays_exact():
-    model = two_blocks()
-    nn.inject_lora(model, r=1, alpha=1, target_modules=["1"], random_state=0)  # a dotted suffix: "0.1" and "1.1"
-    assert [n for n, m in model.named_modules() if isinstance(m, nn.LoRALinear)] == ["0.1", "1.1"]
-    model = two_blocks()
-    nn.inject_lora(model, r=1, alpha=1, target_modules=r"\d\.0", random_state=0)  # a full-match regex
-    assert [n for n, m in model.named_modules() if isinstance(m, nn.LoRALinear)] == ["0.0", "1.0"]
-    with pytest.raises(ValueError, match=r"targets \['1'\] are not Linear layers"):  # targets: exact names only
-        nn.inject_lora(model, r=1, alpha=1, targets=["1"])
-    with pytest.raises(ValueError, match=r"target_modules \['nope'\] matches no Linear layer"):
-        nn.inject_lora(model, r=1, alpha=1, target_modules=["nope"])
-    with pytest.raises(TypeError, match="not both"):
-        nn.inject_lora(model, r=1, alpha=1, targets=["0.1"], target_modules=["1"])
-
-
-def finite_difference_grad(model, x, dy, p, eps=1e-6):
-    """d sum(model(x) * dy) / d p by central differences, float64, written out here."""
-    grad = np.zeros_like(p.data)
-    for i in np.ndindex(p.shape):
-        old = p.data[i]
-        p.data[i] = old + eps
-        up = np.sum(model(x) * dy)
-        p.data[i] = old - eps
-        down = np.sum(model(x) * dy)
-        p.data[i] = old
-        grad[i] = (up - down) / (2 * eps)
-    return grad
-
-
-@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
-def test_inject_lora_bias_trains_the_biases_peft_names_with_their_own_gradient(bias):
-    model = nn.inject_lora(deep_mlp(), r=2, alpha=3, targets=["0", "4"], bias=bias, random_state=0)
-    trainable = sorted(n for n, p in model.named_parameters() if p.trainable)
-    factors = [f"{i}.lora_{f}.weight" for i in (0, 4) for f in "AB"]
-    expected = {"none": factors, "lora_only": [*factors, "0.bias", "4.bias"],
-                "all": [*factors, "0.bias", "2.bias", "4.bias"]}[bias]
-    assert trainable == sorted(expected)
-    rng = np.random.default_rng(1)
-    for i in (0, 4):
-        model[i].B.data = rng.standard_normal(model[i].B.shape)
-    x, dy = rng.standard_normal((2, 3, 4)), rng.standard_normal((2, 3, 3))
-    model.zero_grad()
-    model(x)
-    model.backward(dy)
-    for name, p in model.named_parameters():
-        if p.trainable:
-            np.testing.assert_allclose(p.grad, finite_difference_grad(model, x, dy, p), rtol=1e-6, atol=1e-8,
-                                       err_msg=name)
-        else:
-            assert p.grad is None, name
-
-
-def test_inject_lora_modules_to_save_train_in_full():
-    model = nn.inject_lora(deep_mlp(), r=1, alpha=1, targets=["0"], modules_to_save=["4"], random_state=0)
-    assert sorted(n for n, p in model.named_parameters() if p.trainable) == [
-        "0.lora_A.weight", "0.lora_B.weight", "4.bias", "4.weight"]
-    x, dy = np.ones((2, 4)), np.ones((2, 3))
-    model(x)
-    model.backward(dy)
-    np.testing.assert_allclose(model[4].weight.grad, finite_difference_grad(model, x, dy, model[4].weight), rtol=1e-6)
+    report = check_module_gradients(model, np.ones((2, 4)), dy=np.ones((2, 3)))
+    assert set(report.arguments) == {"x", "0.lora_A.weight", "0.lora_B.weight", "4.bias", "4.weight"}
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"modules_to_save entry 'head' matches no module"):
         nn.inject_lora(model, r=1, alpha=1, targets=["2"], modules_to_save=["head"])
