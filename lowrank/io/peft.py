@@ -1,127 +1,271 @@
-"""PEFT LoRA adapters: read and write the folders ``PeftModel`` uses.
+"""PEFT LoRA adapters: load them into lowrank models, save lowrank models as them.
 
 Above :mod:`lowrank.nn` in the layers: loading an adapter is injection with
 given factors, so it swaps layers through the same path as
-:func:`lowrank.nn.inject_lora`.
+:func:`lowrank.nn.inject_lora`. The folder itself (the config model, PEFT's
+key grammar, the reader) is :mod:`lowrank.io.adapter`, which needs no model.
+
+An adapter is saved as a unit: both files are written into a temporary
+folder beside the target, which then takes the target's place, and the
+weights file records a digest of the config it was written with
+(``__metadata__["lowrank_config_sha256"]``), checked on load, so weights and
+a config from two different saves are never loaded together.
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lowrank.io.files import PathLike, load_json, load_safetensors, save_json, save_safetensors
+from lowrank.io.adapter import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    KEY_PREFIX,
+    Adapter,
+    AdapterConfig,
+    read_adapter,
+)
+from lowrank.io.files import PathLike, save_json, save_safetensors
 from lowrank.nn.lora import (
+    LORA_BIAS,
     LoRALinear,
-    check_lora_config,
     inject_lora,
-    match_target_modules,
+    mark_only_lora_as_trainable,
     replace_modules,
 )
 from lowrank.nn.modules import Linear, Module
-from lowrank.utils.validation import check_bool, check_random_state
+from lowrank.utils.validation import check_choice, check_random_state
 
-__all__ = ["PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "load_peft_adapter", "save_peft_adapter"]
+__all__ = [
+    "CONFIG_DIGEST_KEY",
+    "PEFT_CONFIG_NAME",
+    "PEFT_WEIGHTS_NAME",
+    "check_regex_is_safe",
+    "load_peft_adapter",
+    "save_peft_adapter",
+]
 
+PEFT_CONFIG_NAME = ADAPTER_CONFIG_NAME
+PEFT_WEIGHTS_NAME = ADAPTER_WEIGHTS_NAME
+# In the weights file's __metadata__ (PEFT reads only "format"): the sha256 of the
+# config the weights were saved with (what the loader reads of it, as canonical JSON).
+# Not in adapter_config.json: PEFT would accept an unknown field, but lowrank's reader
+# refuses every field it does not know, as it must for a field that changes the maths.
+CONFIG_DIGEST_KEY = "lowrank_config_sha256"
 
-# ---------------------------------------------------------------- PEFT adapters
-# A PEFT LoRA adapter is a folder with two files:
-#   adapter_config.json        LoraConfig's fields (r, lora_alpha, target_modules, ...)
-#   adapter_model.safetensors  base_model.model.<module name>.lora_A.weight  (r, in)
-#                              base_model.model.<module name>.lora_B.weight  (out, r)
-# <module name> is the dotted name of the adapted layer in the base model, the
-# same name lowrank gives it ("0", "encoder.2", ...).
+# ---------------------------------------------------------------- hostile regular expressions
 
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
-_PEFT_KEY = re.compile(r"^base_model\.model\.(?:(.+)\.)?lora_([AB])\.weight$")
-
-# Fields that never change what a loaded adapter computes: bookkeeping, the
-# training-only dropout, and initialization schemes (the weights are in the file).
-_PEFT_IGNORED = frozenset({
-    "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-    "inference_mode", "lora_dropout", "init_lora_weights", "megatron_core", "runtime_config",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "ensure_weight_tying",
-    "exclude_modules", "qalora_group_size", "layers_pattern",
-})  # fmt: skip
-# Fields lowrank reads and implements.
-_PEFT_READ = frozenset({"peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "fan_in_fan_out"})
-# Every other field must be off (None, False, "none", empty): each one, when on,
-# changes the maths in a way lowrank does not implement (DoRA, biases, per-layer
-# ranks, extra trained modules, ...), so it is refused by name rather than ignored.
+# A regular expression in a file (target_modules, the keys of rank_pattern and alpha_pattern)
+# runs in Python's backtracking engine, where a repeated group that can match one text in
+# several ways ("(a*)*b", "(a|a)*") takes time exponential in the name's length: 9.5 s for a
+# 28-character name, doubling per character. Such patterns are refused before any match, and
+# the number of unbounded repeats is capped: k of them in sequence (".*a.*b.*c") cost up to
+# n**k steps per name.
+MAX_UNBOUNDED_REPEATS = 3
 
 
-def _is_off(value: Any) -> bool:
-    return value is None or value is False or value == "none" or (isinstance(value, (list, dict)) and not value)
+def check_regex_is_safe(pattern: str, what: str) -> None:
+    r"""Refuse a regular expression that may backtrack exponentially or take polynomial time of high degree.
 
+    A static check, conservative on purpose: a repeated group (``*``, ``+``,
+    ``{m,n}``) that itself contains a repeat or an alternation (``(a*)*``,
+    ``(a+)+``, ``(a|b)*``, ``(?:x?)+``) is refused, and so is a pattern with
+    more than ``MAX_UNBOUNDED_REPEATS`` (3) unbounded repeats. PEFT's usual
+    patterns (``.*\.(q_proj|v_proj)``, ``layers\.\d+\.attn\.(q|v)``) pass.
+    Each refused pattern has an equivalent that passes (list the names, or
+    repeat a character class instead of a group).
 
-def _check_peft_config(config: Any, where: Path) -> dict[str, Any]:
-    """The maths-relevant fields of a PEFT LoRA config, after refusing what lowrank does not support."""
-    if not isinstance(config, dict):
-        raise ValueError(f"{where} must hold a JSON object (PEFT's LoraConfig), got {type(config).__name__}")
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise ValueError(f"{where}: peft_type must be 'LORA' (only LoRA adapters are supported), got {peft_type!r}")
-    unsupported = [
-        f"{k}={config[k]!r}" for k in sorted(config) if k not in _PEFT_IGNORED | _PEFT_READ and not _is_off(config[k])
-    ]
-    if unsupported:
+    Parameters
+    ----------
+    pattern : str
+        A pattern that compiles.
+    what : str
+        What the pattern is, named in the message (``"target_modules"``).
+
+    Raises
+    ------
+    ValueError
+        One line naming ``what``, the rule and the pattern.
+    """
+    stack: list[bool] = []  # one entry per open group: does it hold a repeat or an alternation?
+    closed_risky = False  # the atom just before this character is a group that does
+    unbounded = 0
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        atom_is_risky_group = False
+        if c == "\\":
+            i += 2
+        elif c == "[":  # a character class: nothing inside repeats or alternates
+            j = i + 1
+            j += pattern[j : j + 1] == "^"
+            j += pattern[j : j + 1] == "]"  # a leading "]" is a literal
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            i = j + 1
+        elif c == "(":
+            stack.append(False)
+            i += 1
+            if pattern[i : i + 1] == "?":  # (?:  (?P<name>  (?=  ...: that "?" is no repeat
+                i += 1
+        elif c == ")":
+            atom_is_risky_group = stack.pop() if stack else False
+            i += 1
+        elif c == "|":
+            stack[:] = [True] * len(stack)
+            i += 1
+        elif c in "*+?{":
+            end = pattern.find("}", i) if c == "{" else i
+            if c == "{" and (end < 0 or not _is_repeat_count(pattern[i + 1 : end])):
+                i += 1  # a literal "{"
+                closed_risky = False
+                continue
+            body = pattern[i + 1 : end] if c == "{" else ""
+            repeats = c in "*+" or (c == "{" and body != "0" and body != "1" and body not in ("0,1", "1,1"))
+            if c in "*+" or (c == "{" and body.endswith(",")):
+                unbounded += 1
+            if repeats and closed_risky:
+                raise ValueError(
+                    f"{what} {pattern!r} repeats a group that itself repeats or alternates (as in '(a*)*' or "
+                    f"'(a|b)*'), which can take time exponential in the name's length; list the module names "
+                    f"instead, or repeat a character class"
+                )
+            stack[:] = [True] * len(stack)  # every enclosing group now holds a repeat
+            i = end + 1
+            if pattern[i : i + 1] in ("?", "+"):  # lazy or possessive modifier
+                i += 1
+        else:
+            i += 1
+        closed_risky = atom_is_risky_group
+    if unbounded > MAX_UNBOUNDED_REPEATS:
         raise ValueError(
-            f"{where}: unsupported PEFT setting(s) {', '.join(unsupported)}: each changes what the adapter "
-            f"computes and lowrank implements plain (rs)LoRA only; refusing rather than ignoring them"
+            f"{what} {pattern!r} has {unbounded} unbounded repeats ('*', '+', '{{m,}}'), more than "
+            f"{MAX_UNBOUNDED_REPEATS}: matching time grows as the name's length to that power; list the "
+            f"module names instead"
         )
-    # The settings follow LoRALinear's rules, in its words (lora_alpha is its alpha, lora_dropout its
-    # dropout), and target_modules PEFT's, checked by the matcher itself; in a file, every fault is a ValueError.
-    try:
-        r, alpha, dropout, use_rslora, _ = check_lora_config(
-            config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0), config.get("use_rslora", False)
-        )
-        check_bool(config.get("fan_in_fan_out", False), "fan_in_fan_out")
-        targets = config.get("target_modules")
-        match_target_modules(targets, "")  # refuses a target_modules of the wrong kind or an invalid regex
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: {exc}") from None
-    return {"r": r, "alpha": alpha, "use_rslora": use_rslora, "targets": targets, "dropout": dropout}
 
 
-def _peft_key(name: str, factor: str) -> str:
-    return f"{_PEFT_PREFIX}{name + '.' if name else ''}lora_{factor}.weight"
+def _is_repeat_count(body: str) -> bool:
+    """Whether ``body`` (between braces) is a repeat count: ``m``, ``m,``, ``,n`` or ``m,n``."""
+    low, comma, high = body.partition(",")
+    return bool(low or high) and (low.isdigit() or (bool(comma) and not low)) and (not high or high.isdigit())
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _config_digest(config: AdapterConfig) -> str:
+    """The sha256 of what the loader reads from a config: its ``to_json()`` as canonical JSON.
+
+    Bookkeeping fields (``base_model_name_or_path``, ``task_type``, ...) are
+    not part of it, so editing them keeps the pair valid; editing ``r`` or
+    ``lora_alpha`` does not.
+    """
+    text = json.dumps(config.to_json(), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_pair(adapter: Adapter) -> None:
+    """Refuse weights recorded as saved with another config than the one beside them."""
+    recorded = adapter.metadata.get(CONFIG_DIGEST_KEY)
+    if recorded is None:
+        return  # a file PEFT or another tool wrote: nothing recorded, nothing to compare
+    found = _config_digest(adapter.config)
+    if recorded != found:
+        raise ValueError(
+            f"{adapter.path / PEFT_WEIGHTS_NAME} was saved with another {PEFT_CONFIG_NAME} than the one beside it "
+            f"(config sha256 recorded {recorded[:12]}..., found {found[:12]}...): the two files come from "
+            f"different saves; refusing a mixed adapter"
+        )
+
+
+def _check_patterns_are_safe(config: AdapterConfig, where: Path) -> None:
+    """Refuse the config's regular expressions that could hang the matcher (one line naming the file)."""
+    patterns = [("target_modules", config.target_modules)] if isinstance(config.target_modules, str) else []
+    patterns += [("rank_pattern key", k) for k in config.rank_pattern]
+    patterns += [("alpha_pattern key", k) for k in config.alpha_pattern]
+    for what, pattern in patterns:
+        try:
+            check_regex_is_safe(pattern, what)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+
+
+def _finite_floats(arr: np.ndarray, key: str, where: Path) -> np.ndarray:
+    if arr.dtype.kind != "f" or not np.isfinite(arr).all():
+        raise ValueError(f"{where}: {key!r} must hold finite floats")
+    return arr
+
+
+def _saved_modules(config: AdapterConfig, modules: dict[str, Module]) -> list[str]:
+    """The model's modules that ``modules_to_save`` wraps: PEFT's suffix rule, outermost only."""
+    found = [n for n in modules if n and config.saves_module(n)]
+    return [n for n in found if not any(n.startswith(f"{o}.") for o in found if o != n)]
 
 
 def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -> Any:
     """Load a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) into ``model``.
 
-    Each layer named in the weights file (``base_model.model.<name>.lora_A.weight``
-    and ``.lora_B.weight``) must be a :class:`~lowrank.nn.Linear` or an unmerged
-    :class:`~lowrank.nn.LoRALinear` of ``model``. Loading is injection with
-    given factors: a LoRALinear there is first swapped back for its base
-    Linear (:func:`~lowrank.nn.replace_modules`), then
-    :func:`~lowrank.nn.inject_lora` wraps the named layers with the config's
-    ``r``, ``lora_alpha``, ``use_rslora`` and ``lora_dropout`` (so the layers
-    are built, swapped in and frozen exactly as injection does), and the
-    file's ``A`` and ``B``, cast to each layer's dtype, replace the initial
-    factors. As PEFT does, every parameter of ``model`` that is not a LoRA
-    factor is frozen (:func:`~lowrank.nn.mark_only_lora_as_trainable`); the
-    loaded factors train.
+    The folder is read by :func:`lowrank.io.adapter.read_adapter` (with NumPy
+    alone; its config validated by :class:`~lowrank.io.adapter.AdapterConfig`),
+    and every tensor is cast to the dtype of the layer it loads into, which is
+    float32 for a model built with lowrank's defaults: bfloat16 and float16
+    files load exactly (every bf16 and fp16 value is a float32), a float64
+    file into a float32 model is rounded once.
 
-    Config fields: ``r``, ``lora_alpha``, ``use_rslora``, ``lora_dropout``
-    (checked by :func:`~lowrank.nn.check_lora_config`, in its words),
-    ``target_modules`` (every adapted layer must match it, by
-    :func:`~lowrank.nn.match_target_modules`) and ``fan_in_fan_out`` are
-    read. ``fan_in_fan_out`` says the *base* model stored its weights as
-    ``(in, out)`` (GPT-2's Conv1D); PEFT's factors are ``(r, in)`` and
-    ``(out, r)`` either way, so it changes nothing here: a base state dict
-    from such a model must be transposed when it is loaded, not the adapter.
+    Each adapted layer named in the file (``base_model.model.<name>.lora_A.weight``
+    and ``.lora_B.weight``) must be a :class:`~lowrank.nn.Linear` or an
+    unmerged :class:`~lowrank.nn.LoRALinear` of ``model``. Loading is
+    injection with given factors: a LoRALinear there is first swapped back for
+    its base Linear (:func:`~lowrank.nn.replace_modules`), then
+    :func:`~lowrank.nn.inject_lora` wraps the named layers, each with its own
+    ``r`` and ``alpha`` as PEFT resolves them from ``r``, ``lora_alpha``,
+    ``rank_pattern`` and ``alpha_pattern``
+    (:meth:`~lowrank.io.adapter.AdapterConfig.settings_for`), with
+    ``use_rslora`` and ``lora_dropout``, and the file's ``A`` and ``B``
+    replace the initial factors. As PEFT does, every other parameter is then
+    frozen (:func:`~lowrank.nn.mark_only_lora_as_trainable`) except what the
+    config trains besides: the biases ``bias`` names and the modules
+    ``modules_to_save`` names.
+
+    Config fields read: ``r``, ``lora_alpha``, ``use_rslora``,
+    ``lora_dropout``, ``rank_pattern``, ``alpha_pattern``, ``target_modules``
+    (every adapted layer must match it, by the one matcher
+    :func:`~lowrank.io.adapter.match_target_modules`), ``bias``,
+    ``modules_to_save`` and ``fan_in_fan_out``.
+
+    - ``bias`` ``"lora_only"`` or ``"all"``: the file's biases
+      (``<name>.base_layer.bias`` for an adapted layer, ``<name>.bias`` for
+      any other, as PEFT saves them) replace the model's and stay trainable.
+    - ``modules_to_save``: the modules whose name ends with an entry (PEFT's
+      rule) get their full tensors from the file (``<name>.weight``, ...,
+      PEFT's saved names, without ``modules_to_save.default``) and stay
+      trainable. With ``bias="all"`` PEFT also saves such a module's bias as
+      ``<name>.modules_to_save.bias`` (equal to ``<name>.bias``, checked) and
+      ``<name>.original_module.bias`` (the untouched base bias, skipped).
+    - ``fan_in_fan_out`` says the *torch* base layers stored their weight as
+      ``(in, out)`` (GPT-2's Conv1D, ``y = x @ W + b``). PEFT's factors are
+      ``(r, in)`` and ``(out, r)`` either way, so the adapter loads unchanged
+      into lowrank's Linear layers, whose weight is ``(out, in)``: what the
+      flag changes is the *base* weights, which must be loaded transposed
+      (``linear.weight = conv1d_weight.T``). Loading them untransposed into a
+      square layer would run silently with the wrong weights; lowrank cannot
+      see the base's origin, so this is the caller's part.
+
     Bookkeeping fields and the initialization fields are ignored. Any other
-    field that is switched on (``use_dora``, ``bias`` other than ``"none"``,
-    ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``,
-    ``layers_to_transform``, ...) is refused with a ValueError that names it. An adapter trained from a PiSSA,
-    OLoRA or CorDA initialization is relative to the *residual* base weights
-    that initialization produced; load those into ``model`` first.
+    field that is switched on (``use_dora``, ``layers_to_transform``,
+    ``lora_bias``, ...) is refused with a ValueError that names it; so is a
+    folder holding only a pickled ``adapter_model.bin``. An adapter trained
+    from a PiSSA, OLoRA or CorDA initialization is relative to the *residual*
+    base weights that initialization produced; load those into ``model`` first.
 
     Parameters
     ----------
@@ -143,9 +287,13 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
     FileNotFoundError
         A missing folder or file.
     ValueError
-        A corrupt or truncated file, an unsupported config field, a key that is
-        not a LoRA factor, a layer the model does not have, a shape mismatch.
-        Everything is checked before the model is changed.
+        A corrupt or truncated file, an unsupported config field, a pickled
+        ``adapter_model.bin``, weights saved by lowrank beside another config
+        than theirs (a mixed adapter), a regular expression in the config
+        that could hang the matcher (:func:`check_regex_is_safe`), a key that
+        is not a LoRA factor or a tensor the config trains, a layer or
+        parameter the model does not have, a shape mismatch. Everything is
+        checked before the model is changed.
     RuntimeError
         A layer to load into is a merged LoRALinear (``unmerge()`` it first).
     TypeError
@@ -154,40 +302,33 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
     rng = check_random_state(random_state)  # once, for every new layer
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no such adapter folder: {folder}")
+    adapter = read_adapter(path)
+    folder = adapter.path
     config_path, weights_path = folder / PEFT_CONFIG_NAME, folder / PEFT_WEIGHTS_NAME
-    config = _check_peft_config(load_json(config_path), config_path)
-    tensors = load_safetensors(weights_path)
-
-    factors: dict[str, dict[str, np.ndarray]] = {}
-    for key in sorted(tensors):
-        match = _PEFT_KEY.match(key)
-        if match is None:
-            raise ValueError(
-                f"{weights_path}: unsupported key {key!r}: lowrank loads only "
-                f"'base_model.model.<name>.lora_A.weight' and '.lora_B.weight'"
-            )
-        factors.setdefault(match.group(1) or "", {})[match.group(2)] = tensors[key]
-    if not factors:
+    _check_pair(adapter)
+    config, layout, tensors = adapter.config, adapter.layout, adapter.tensors
+    _check_patterns_are_safe(config, config_path)
+    if layout.unknown:
+        raise ValueError(
+            f"{weights_path}: unsupported key(s) {list(layout.unknown)}: lowrank loads "
+            f"'base_model.model.<name>.lora_A.weight' and '.lora_B.weight', and the biases and "
+            f"modules_to_save tensors the config names"
+        )
+    if not layout.factors:
         raise ValueError(f"{weights_path} holds no LoRA factors")
 
     modules = dict(model.named_modules())
-    r = config["r"]
     checked: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (A, B)
+    settings = {}
     unwrap: dict[str, Module] = {}  # LoRALinear layers to load into -> their base Linear
-    for name, pair in factors.items():
+    for name, keys in sorted(layout.factors.items()):
         shown = name or "<the model itself>"
-        missing = [f for f in "AB" if f not in pair]
-        if missing:
-            raise ValueError(f"{weights_path}: layer {shown!r} has no {_peft_key(name, missing[0])!r}")
-        if not match_target_modules(config["targets"], name):
-            raise ValueError(
-                f"{weights_path}: layer {shown!r} does not match target_modules {config['targets']!r} "
-                f"of {config_path.name}"
-            )
-        layer = modules.get(name)
+        if keys.embedding:
+            raise ValueError(f"{weights_path}: layer {shown!r} is an Embedding adapter, which lowrank does not have")
+        if keys.A is None or keys.B is None:
+            missing = f"{KEY_PREFIX}{name + '.' if name else ''}lora_{'A' if keys.A is None else 'B'}.weight"
+            raise ValueError(f"{weights_path}: layer {shown!r} has no {missing!r}")
+        layer = modules.get(name)  # the model's names first: a pattern only ever meets names the model has
         if isinstance(layer, LoRALinear):
             if layer.merged:
                 raise RuntimeError(f"layer {shown!r} is a merged LoRALinear: unmerge() it before loading an adapter")
@@ -198,27 +339,35 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
         else:
             found = "no such module" if layer is None else type(layer).__name__
             raise ValueError(f"the adapter adapts {shown!r}, which must be a Linear of model, got {found}")
-        A, B = pair["A"], pair["B"]
+        if not config.matches(name):
+            raise ValueError(
+                f"{weights_path}: layer {shown!r} does not match target_modules {config.target_modules!r} "
+                f"of {config_path.name}"
+            )
+        layer_settings = config.settings_for(name)
+        A, B = tensors[keys.A], tensors[keys.B]
+        r = layer_settings.r
         expected_A, expected_B = (r, base.in_features), (base.out_features, r)
         if A.shape != expected_A or B.shape != expected_B:
             raise ValueError(
                 f"{weights_path}: layer {shown!r} needs lora_A of shape (r, in) = {expected_A} and lora_B of "
-                f"shape (out, r) = {expected_B}, got {A.shape} and {B.shape}"
+                f"shape (out, r) = {expected_B} (r = {r} by {config_path.name}), got {A.shape} and {B.shape}"
             )
-        for factor, arr in (("A", A), ("B", B)):
-            if arr.dtype.kind != "f" or not np.isfinite(arr).all():
-                raise ValueError(f"{weights_path}: {_peft_key(name, factor)!r} must hold finite floats")
-        checked[name] = (A, B)
+        checked[name] = (_finite_floats(A, keys.A, weights_path), _finite_floats(B, keys.B, weights_path))
+        settings[name] = layer_settings
 
-    # Everything checked, nothing changed yet: inject as inject_lora does, then set the file's factors.
+    saved_modules = _saved_modules(config, modules)
+    full = _check_full_tensors(adapter, model, set(checked), saved_modules)
+
+    # Everything checked, nothing changed yet: inject as inject_lora does, then set the file's tensors.
     model = replace_modules(model, unwrap)
     model = inject_lora(
         model,
-        r=r,
-        alpha=config["alpha"],
+        r={name: s.r for name, s in settings.items()},
+        alpha={name: s.alpha for name, s in settings.items()},
         targets=list(checked),
-        dropout=config["dropout"],
-        use_rslora=config["use_rslora"],
+        dropout=config.dropout,
+        use_rslora=config.use_rslora,
         random_state=rng,
     )
     layers = dict(model.named_modules())
@@ -226,90 +375,258 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
         layer = layers[name]
         layer.A.data = np.array(A, dtype=layer.weight.dtype, order="C")  # (r, in)
         layer.B.data = np.array(B, dtype=layer.weight.dtype, order="C")  # (out, r)
-    return model
+    params = dict(model.named_parameters())
+    for key, arr in full.items():
+        params[key].data = np.array(arr, dtype=params[key].dtype, order="C")
+    return mark_only_lora_as_trainable(model, bias=config.bias, also_trainable=saved_modules)
 
 
-def save_peft_adapter(model: Any, path: PathLike) -> Path:
+def _check_full_tensors(
+    adapter: Adapter, model: Module, adapted: set[str], saved_modules: list[str]
+) -> dict[str, np.ndarray]:
+    """The file's full tensors (biases, modules_to_save) by the model's parameter names, every fault refused."""
+    config, weights_path = adapter.config, adapter.path / PEFT_WEIGHTS_NAME
+    params = dict(model.named_parameters())
+    out: dict[str, np.ndarray] = {}
+    duplicates: list[tuple[str, str]] = []
+    for target, key in sorted(adapter.layout.full.items()):
+        owner = next((m for m in saved_modules if target.startswith(f"{m}.")), None)
+        if owner is not None:
+            inner = target[len(owner) + 1 :]
+            if inner.startswith("original_module."):
+                continue  # PEFT's bias="all" also saves the untouched base bias of a saved module: not trained
+            if inner.startswith("modules_to_save."):
+                duplicates.append((f"{owner}.{inner.split('.', 1)[1]}", key))  # the trained copy once more
+                continue
+        else:
+            module, _, leaf = target.rpartition(".")
+            base_layer = key.endswith(".base_layer.bias")
+            trained = leaf == "bias" and (
+                config.bias == "all" or (config.bias == "lora_only" and module in adapted and base_layer)
+            )
+            if not trained:
+                raise ValueError(
+                    f"{weights_path}: key {key!r} is neither a LoRA factor nor a tensor the config trains "
+                    f"(bias={config.bias!r}, modules_to_save={list(config.modules_to_save)})"
+                )
+        param = params.get(target)
+        if param is None:
+            raise ValueError(f"{weights_path}: {key!r} loads into {target!r}, which is not a parameter of model")
+        arr = _finite_floats(adapter.tensors[key], key, weights_path)
+        if arr.shape != param.shape:
+            raise ValueError(f"{weights_path}: {key!r} must have {target!r}'s shape {param.shape}, got {arr.shape}")
+        out[target] = arr
+    for target, key in duplicates:
+        if target not in out or not np.array_equal(out[target], adapter.tensors[key]):
+            raise ValueError(f"{weights_path}: {key!r} disagrees with the saved module's {target!r}")
+    for module in saved_modules:
+        inside = dict(model.named_modules())[module].named_parameters()
+        missing = [f"{module}.{n}" for n, _ in inside if f"{module}.{n}" not in out]
+        if missing:
+            raise ValueError(
+                f"{weights_path}: modules_to_save {list(config.modules_to_save)} wraps {module!r}, but the file "
+                f"lacks {missing}"
+            )
+    return out
+
+
+# ---------------------------------------------------------------- saving
+
+
+def _pattern_key(name: str, others: list[str]) -> str:
+    """A rank_pattern/alpha_pattern key that PEFT's rule matches for ``name`` and no other adapted layer."""
+    key = name.replace(".", r"\.")
+    clash = any(o != name and (o.endswith(f".{name}")) for o in others)
+    return f"^{key}" if clash else key
+
+
+def save_peft_adapter(
+    model: Any, path: PathLike, *, bias: str = "none", modules_to_save: list[str] | None = None
+) -> Path:
     """Write ``model``'s LoRA layers as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
 
-    Writes ``adapter_config.json`` (``peft_type "LORA"``, ``task_type null``,
-    ``r``, ``lora_alpha``, ``use_rslora``, ``lora_dropout``, ``bias "none"``,
-    ``target_modules`` naming exactly the adapted layers, ``init_lora_weights
-    true`` so PEFT does not re-initialize the base) and
-    ``adapter_model.safetensors`` (``base_model.model.<name>.lora_A.weight``
-    and ``.lora_B.weight`` in the layers' dtype), each atomically. The base
-    weights are not part of an adapter: the torch model must hold the same
-    base weights (for a PiSSA layer, the residual ``layer.weight``).
+    Writes ``adapter_config.json`` (by
+    :meth:`~lowrank.io.adapter.AdapterConfig.to_json`: ``peft_type "LORA"``,
+    ``r`` and ``lora_alpha`` the layers' most common values, ``rank_pattern``
+    and ``alpha_pattern`` for the layers that differ, ``use_rslora``,
+    ``lora_dropout``, ``bias``, ``modules_to_save``, ``target_modules``
+    naming exactly the adapted layers, ``init_lora_weights true`` so PEFT does
+    not re-initialize the base) and ``adapter_model.safetensors``
+    (``base_model.model.<name>.lora_A.weight`` and ``.lora_B.weight``, the
+    trained biases and the saved modules' tensors under PEFT's names, in the
+    parameters' dtypes). The base weights are not part of an adapter: the
+    torch model must hold the same base weights (for a PiSSA layer, the
+    residual ``layer.weight``).
+
+    The folder is written as a unit: both files go into a temporary folder
+    beside it (``.<name>.tmp-*``), and that folder takes the target's place:
+    with no folder there, by one rename; over an existing folder, by renaming
+    the old one away (``.<name>.old-*``), the new one in, then removing the
+    old (POSIX cannot rename a folder onto a non-empty one). Files of the old
+    folder other than the two adapter files are copied into the new one
+    first. A crash leaves either the old adapter, or the new one, or (between
+    the two renames) no folder under the name and the old adapter complete
+    as ``.<name>.old-*/<name>``; never two files of two saves under the name.
+    A failed save removes its temporary folder and leaves the old adapter.
+    Besides, the weights file records the sha256 of its config
+    (``__metadata__["lowrank_config_sha256"]``) and :func:`load_peft_adapter`
+    refuses a pair that disagrees.
 
     Parameters
     ----------
     model : lowrank.nn.Module
-        With at least one unmerged LoRALinear; all of them must share ``r``,
-        ``alpha``, ``use_rslora`` and ``dropout`` (PEFT's per-layer patterns
-        are not written).
+        With at least one unmerged LoRALinear; all of them must share
+        ``use_rslora`` and ``dropout`` (one field each in PEFT's config);
+        ``r`` and ``alpha`` may differ per layer.
     path : str or os.PathLike
         The folder; created if missing (its parent must exist).
+    bias : {"none", "lora_only", "all"}, default "none"
+        Which biases the adapter carries (PEFT's ``bias``): ``"lora_only"``
+        the adapted layers' (as ``<name>.base_layer.bias``), ``"all"`` every
+        bias of the model (the others as ``<name>.bias``).
+    modules_to_save : list of str, optional
+        Dotted names of modules saved in full (``<name>.weight``, ...), as
+        :func:`load_peft_adapter` loads them. PEFT selects a module whose name
+        *ends with* an entry, so an entry that is also the end of another
+        module's name is refused.
 
     Returns
     -------
     pathlib.Path
         The folder.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a Module, or ``modules_to_save`` is not a list of str.
+    ValueError
+        No LoRALinear, layers with different ``use_rslora`` or ``dropout``,
+        an unknown ``bias``, a ``modules_to_save`` name that is not a module,
+        is adapted, or is ambiguous under PEFT's rule, or a path that exists
+        and is not a folder.
+    RuntimeError
+        A merged LoRALinear.
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
+    bias = check_choice(bias, "bias", LORA_BIAS)
     named = model.named_modules()
+    modules = dict(named)
     layers = [(name, m) for name, m in named if isinstance(m, LoRALinear)]
     if not layers:
         raise ValueError("model has no LoRALinear layer: there is no adapter to save")
     merged = [name for name, m in layers if m.merged]
     if merged:
         raise RuntimeError(f"LoRALinear layers {merged} are merged: unmerge() them before saving the adapter")
-    settings = {(m.r, m.alpha, m.use_rslora, m.dropout) for _, m in layers}
-    if len(settings) > 1:
+    shared = {(m.use_rslora, m.dropout) for _, m in layers}
+    if len(shared) > 1:
         raise ValueError(
-            "every LoRALinear must share r, alpha, use_rslora and dropout to be saved as one PEFT config, got "
+            "every LoRALinear must share use_rslora and dropout to be saved as one PEFT config, got "
             + ", ".join(
-                f"{name or '<the model itself>'}: (r={m.r}, alpha={m.alpha:g}, use_rslora={m.use_rslora}, "
-                f"dropout={m.dropout:g})"
-                for name, m in layers
+                f"{n or '<the model itself>'}: (use_rslora={m.use_rslora}, dropout={m.dropout:g})" for n, m in layers
             )
         )
-    r, alpha, use_rslora, dropout = settings.pop()
+    use_rslora, dropout = shared.pop()
     names = [name for name, _ in layers]
+    saved = _check_modules_to_save(modules_to_save, modules, names)
+
+    r = Counter(m.r for _, m in layers).most_common(1)[0][0]
+    alpha = Counter(m.alpha for _, m in layers).most_common(1)[0][0]
+    rank_pattern = {_pattern_key(n, names): m.r for n, m in layers if m.r != r}
+    alpha_pattern = {_pattern_key(n, names): m.alpha for n, m in layers if m.alpha != alpha}
     # PEFT matches a list entry against every module whose name ends in "." + entry, so
     # a plain list is exact only when no other linear layer's name ends that way
     others = [n for n, m in named if isinstance(m, Linear) and n not in names]
     ambiguous = any(o.endswith(f".{n}") for o in others for n in names)
-    targets: str | list[str] = (
-        "^(?:" + "|".join(re.escape(n) for n in names) + ")$" if ambiguous or "" in names else names
+    targets: str | tuple[str, ...] = (
+        "^(?:" + "|".join(n.replace(".", r"\.") for n in names) + ")$" if ambiguous or "" in names else tuple(names)
     )
-    config: dict[str, Any] = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": None,
-        "revision": None,
-        "inference_mode": True,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": dropout,
-        "use_rslora": use_rslora,
-        "target_modules": targets,
-        "fan_in_fan_out": False,
-        "bias": "none",
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "use_dora": False,
-    }
-    tensors = {}
+    adapter_config = AdapterConfig(
+        r=r,
+        alpha=alpha,
+        use_rslora=use_rslora,
+        dropout=dropout,
+        target_modules=targets,
+        bias=bias,
+        modules_to_save=tuple(saved),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
+    config = adapter_config.to_json()
+
+    tensors: dict[str, np.ndarray] = {}
     for name, m in layers:
-        tensors[_peft_key(name, "A")] = m.A.data  # (r, in)
-        tensors[_peft_key(name, "B")] = m.B.data  # (out, r)
-    folder = Path(path)
-    folder.mkdir(exist_ok=True)
-    save_safetensors(folder / PEFT_WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    save_json(folder / PEFT_CONFIG_NAME, config)
+        prefix = f"{KEY_PREFIX}{name + '.' if name else ''}"
+        tensors[f"{prefix}lora_A.weight"] = m.A.data  # (r, in)
+        tensors[f"{prefix}lora_B.weight"] = m.B.data  # (out, r)
+        if bias != "none" and m.bias is not None:
+            tensors[f"{prefix}base_layer.bias"] = m.bias.data  # (out,)
+    for module in saved:
+        for pname, p in modules[module].named_parameters():
+            tensors[f"{KEY_PREFIX}{module}.{pname}"] = p.data
+    if bias == "all":
+        adapted_biases = {f"{n}.bias" if n else "bias" for n in names}
+        for pname, p in model.named_parameters():
+            inside_saved = any(pname.startswith(f"{m}.") for m in saved)
+            if pname.rpartition(".")[2] == "bias" and pname not in adapted_biases and not inside_saved:
+                tensors[f"{KEY_PREFIX}{pname}"] = p.data
+    metadata = {"format": "pt", CONFIG_DIGEST_KEY: _config_digest(adapter_config)}
+    return _write_folder(Path(path), tensors, metadata, config)
+
+
+def _check_modules_to_save(modules_to_save: Any, modules: dict[str, Module], adapted: list[str]) -> list[str]:
+    if modules_to_save is None:
+        return []
+    if isinstance(modules_to_save, (str, bytes)) or not isinstance(modules_to_save, (list, tuple)):
+        raise TypeError(f"modules_to_save must be a list of module names, got {type(modules_to_save).__name__}")
+    bad = [m for m in modules_to_save if not isinstance(m, str) or not m]
+    if bad:
+        raise TypeError(f"modules_to_save must hold module names (non-empty str), got {bad!r}")
+    for entry in modules_to_save:
+        if entry not in modules:
+            raise ValueError(f"modules_to_save names {entry!r}, which is not a module of model")
+        if entry in adapted or isinstance(modules[entry], LoRALinear):
+            raise ValueError(f"modules_to_save names {entry!r}, which is adapted: a module is adapted or saved whole")
+        # PEFT wraps every module whose name ends with the entry (a plain suffix)
+        also = [n for n in modules if n and n != entry and n.endswith(entry) and not n.startswith(f"{entry}.")]
+        if also:
+            raise ValueError(
+                f"modules_to_save names {entry!r}, which PEFT would also match in {also} (it selects every "
+                f"module whose name ends with the entry); rename or save those too"
+            )
+    return list(modules_to_save)
+
+
+def _write_folder(folder: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str], config: dict) -> Path:
+    """Write the adapter into a temporary folder beside ``folder``, then swap it in (see save_peft_adapter)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"path {folder} exists and is not a folder: an adapter is a folder")
+    parent = folder.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"no such folder: {parent} (the adapter folder's parent must exist)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
+    try:
+        save_safetensors(tmp / PEFT_WEIGHTS_NAME, tensors, metadata=metadata)
+        save_json(tmp / PEFT_CONFIG_NAME, config)
+        if not folder.exists():
+            os.rename(tmp, folder)
+            return folder
+        for entry in folder.iterdir():  # keep what else the folder holds (a README, a tokenizer)
+            if entry.name in (PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, tmp / entry.name, symlinks=True)
+            else:
+                shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=parent))
+        os.rename(folder, old / folder.name)  # the crash window: no folder under the name, the old one in `old`
+        try:
+            os.rename(tmp, folder)
+        except BaseException:
+            os.rename(old / folder.name, folder)  # put the old adapter back
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return folder

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
+from lowrank.io.adapter import match_target_modules  # the one matcher (bottom layer, model-free)
 from lowrank.nn import functional as F
 from lowrank.nn.modules import (
     Linear,
@@ -558,67 +558,6 @@ def _check_module_names(names: Any, modules: Mapping[str, Module], what: str) ->
     if lora:
         raise ValueError(f"{what} {lora} are LoRA layers: their factors train already, and their base stays frozen")
     return names
-
-
-def match_target_modules(target_modules: str | Iterable[str] | None, name: str) -> bool:
-    r"""Whether the layer called ``name`` matches PEFT's ``target_modules`` rule.
-
-    The one matcher of the package (PEFT's ``check_target_module_exists``):
-    :func:`lowrank.io.load_peft_adapter` holds every adapted layer against
-    the config with it.
-
-    Parameters
-    ----------
-    target_modules : str, iterable of str, or None
-        A string is a regular expression that must match the whole name,
-        except ``"all-linear"``, which matches every layer (lowrank models
-        have no output layer to exclude). A list (or other iterable) matches
-        a name equal to one of its entries or ending in ``"." + entry``
-        (``"fc"`` matches ``"block.0.fc"``, not ``"block.0.fc2"``). None
-        matches every layer (lowrank has no per-architecture defaults).
-    name : str
-        The layer's dotted name (``""`` for the model itself).
-
-    Returns
-    -------
-    bool
-
-    Raises
-    ------
-    TypeError
-        ``target_modules`` is not None, a str or an iterable of str, or
-        ``name`` is not a str.
-    ValueError
-        ``target_modules`` is a string that is not a valid regular expression.
-
-    Examples
-    --------
-    >>> match_target_modules(["q", "v"], "layers.0.attn.q")
-    True
-    >>> match_target_modules(r"layers\.\d+\.attn\.(q|v)", "layers.0.attn.k")
-    False
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a module name (str), got {type(name).__name__} {name!r}")
-    if target_modules is None or target_modules == "all-linear":
-        return True
-    if isinstance(target_modules, str):
-        try:
-            return re.fullmatch(target_modules, name) is not None
-        except re.error as exc:
-            raise ValueError(
-                f"target_modules must be a valid regular expression, got {target_modules!r}: {exc}"
-            ) from None
-    if isinstance(target_modules, bytes) or not isinstance(target_modules, Iterable):
-        raise TypeError(
-            f"target_modules must be None, a str or a list of str, got {type(target_modules).__name__} "
-            f"{target_modules!r}"
-        )
-    entries = list(target_modules)
-    bad = [t for t in entries if not isinstance(t, str)]
-    if bad:
-        raise TypeError(f"target_modules must hold module names (str), got {bad!r}")
-    return any(name == t or name.endswith(f".{t}") for t in entries)
 
 
 def inject_lora(
