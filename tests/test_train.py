@@ -343,9 +343,11 @@ def _fit_kwargs(model, **overrides):
         ({"batch_size": 0}, ValueError, r"batch_size must be in \[1, inf\], got 0"),
         ({"batch_size": 2.0}, TypeError, "batch_size must be an integer"),
         ({"val": np.ones(3)}, TypeError, "val must be a pair"),
-        ({"val": (np.ones((3, 8)), np.ones(2))}, ValueError, r"val\[1\] must have one target per sample of val\[0\]"),
+        ({"val": (np.ones((3, 8), np.float32), np.ones(2))}, ValueError,
+         r"val\[1\] must have one target per sample of val\[0\]"),
         ({"early_stopping": 2}, ValueError, "early_stopping needs val"),
-        ({"early_stopping": 0, "val": (np.ones((2, 8)), np.zeros(2, int))}, ValueError, "early_stopping must be in"),
+        ({"early_stopping": 0, "val": (np.ones((2, 8), np.float32), np.zeros(2, int))}, ValueError,
+         "early_stopping must be in"),
         ({"clip_grad_norm": 0.0}, ValueError, "clip_grad_norm must be in"),
         ({"optimizer": "adam"}, TypeError, "optimizer must be a lowrank.nn.optim optimizer"),
         ({"verbose": "loud"}, ValueError, "verbose must be True, False, 'auto', 'bar' or 'lines', got 'loud'"),
@@ -543,3 +545,251 @@ def test_save_and_load_checkpoint_round_trip_one_state(tmp_path):
     other.config = FitConfig(n_samples=10, epochs=4, batch_size=2, loss="mse")
     with pytest.raises(ValueError, match="batch_size: checkpoint 5, now 2"):
         load_checkpoint(path, other)
+
+
+# ---------------------------------------------------------------- the optimizer must hold the trainable parameters
+
+
+def test_an_optimizer_built_before_inject_lora_is_refused_by_name():
+    d = TASKS.downstream
+    model = pretrained()
+    opt = Adam(model.named_parameters(), lr=1e-2)  # the base weights only: inject_lora comes after
+    model = nn.inject_lora(model, r=2, alpha=4, random_state=1)
+    before = model.state_dict()
+    with pytest.raises(ValueError, match=r"^optimizer must hold every trainable parameter of the model, but it "
+                                         r"misses 4: '0\.lora_A\.weight', '0\.lora_B\.weight', '2\.lora_A\.weight', "
+                                         r"'2\.lora_B\.weight'; build the optimizer after inject_lora"):
+        fit(model, d.X_train, d.y_train, loss="cross_entropy", optimizer=opt, epochs=3, batch_size=32,
+            verbose=False)
+    assert_same_weights_as(model, before)
+
+
+def test_an_optimizer_missing_one_parameter_or_holding_a_foreign_one_is_refused():
+    d = TASKS.pretrain
+    model = pretrained()
+    held = [(k, p) for k, p in model.named_parameters() if k != "2.bias"]
+    with pytest.raises(ValueError, match=r"misses 1: '2\.bias';"):
+        fit(model, d.X_train, d.y_train, loss="cross_entropy", optimizer=SGD(held, lr=0.1), epochs=1,
+            batch_size=32, verbose=False)
+    stray = nn.Linear(3, 3, random_state=0)
+    opt = SGD([*model.named_parameters(), ("stray.weight", stray.weight)], lr=0.1)
+    with pytest.raises(ValueError, match=r"optimizer must hold only parameters of the model .* but 1 are not "
+                                         r"the model's: 'stray\.weight';"):
+        fit(model, d.X_train, d.y_train, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=32,
+            verbose=False)
+
+
+def test_an_optimizer_may_hold_frozen_parameters_of_the_model():
+    """Allowed, as in PyTorch: the optimizer skips them. The oracle: the same run with an optimizer of the
+    trainable parameters only takes bit-identical steps."""
+    d = TASKS.downstream
+    models = []
+    for only_trainable in (False, True):
+        model = nn.inject_lora(pretrained(), r=2, alpha=4, random_state=1)
+        params = [(k, p) for k, p in model.named_parameters() if p.trainable or not only_trainable]
+        fit(model, d.X_train, d.y_train, loss="cross_entropy", optimizer=AdamW(params, lr=1e-2, weight_decay=0.1),
+            epochs=2, batch_size=32, random_state=0, verbose=False)
+        models.append(model)
+    assert_same_weights(*models)
+
+
+# ---------------------------------------------------------------- data converted to the model's dtype
+
+
+def test_integer_bool_and_list_data_are_converted_to_the_models_dtype():
+    """The oracle: the same run on data the caller cast to float32 by hand."""
+    rng = np.random.default_rng(0)
+    X_int = rng.integers(-3, 4, size=(60, 8))
+    y = rng.integers(0, 3, size=60)
+    cases = {"int": X_int, "bool": X_int > 0, "list": X_int.tolist()}
+    for name, X in cases.items():
+        runs = []
+        for data in (X, np.asarray(X).astype(np.float32)):
+            model = pretrained()
+            history = fit(model, data, y, loss="cross_entropy", optimizer=SGD(model.named_parameters(), lr=0.1),
+                          epochs=2, batch_size=16, val=(data, y), random_state=0, verbose=False)
+            runs.append((model, history, evaluate(model, data, y)))
+        (a, ha, ea), (b, hb, eb) = runs
+        assert_same_weights(a, b)
+        assert ha == hb and ea == eb, name
+
+
+def test_float_data_of_the_other_precision_is_refused_as_the_layers_refuse_it():
+    model = pretrained()
+    X = np.ones((4, 8))  # float64 for a float32 model
+    message = (r"^X must have the layer's dtype float32, got float64: cast it with X\.astype\(np\.float32\) "
+               r"or build the layer with dtype=np\.float64$")
+    with pytest.raises(TypeError, match=message):
+        evaluate(model, X, np.zeros(4, np.int64))
+    with pytest.raises(TypeError, match=message):
+        fit(model, X, np.zeros(4, np.int64), loss="cross_entropy", optimizer=SGD(model.parameters(), lr=0.1),
+            epochs=1, batch_size=2, verbose=False)
+    with pytest.raises(TypeError, match=r"^val\[0\] must have the layer's dtype float32, got float64"):
+        fit(model, X.astype(np.float32), np.zeros(4, np.int64), loss="cross_entropy", val=(X, np.zeros(4, np.int64)),
+            optimizer=SGD(model.parameters(), lr=0.1), epochs=1, batch_size=2, verbose=False)
+
+
+# ---------------------------------------------------------------- the loss contract
+
+
+@pytest.mark.parametrize(
+    ("bad_loss", "error", "match"),
+    [
+        (lambda out, y: F.cross_entropy(out, y)[0], TypeError,
+         r"^loss must follow loss\(out, y\) -> \(loss, dout\), a pair; the loss returned float "),
+        (lambda out, y: [*F.cross_entropy(out, y)], TypeError, r"a pair; the loss returned list"),
+        (lambda out, y: ("0.5", F.cross_entropy(out, y)[1]), TypeError,
+         r"with the loss a real number; it returned str '0\.5' as the loss$"),
+        (lambda out, y: (F.cross_entropy(out, y)[0], 1.0), TypeError, r"with dout an ndarray; it returned float"),
+        (lambda out, y: (F.cross_entropy(out, y)[0], F.cross_entropy(out, y)[1][:, :2]), ValueError,
+         r"with dout of out's shape \(32, 3\); it returned dout of shape \(32, 2\)$"),
+    ],
+)
+def test_a_loss_that_breaks_the_contract_is_named(bad_loss, error, match):
+    d = TASKS.pretrain
+    model = pretrained()
+    with pytest.raises(error, match=match):
+        fit(model, d.X_train, d.y_train, loss=bad_loss, optimizer=SGD(model.parameters(), lr=0.1), epochs=1,
+            batch_size=32, verbose=False)
+    if error is TypeError:
+        with pytest.raises(error, match=match.replace("(32, ", "(")):
+            evaluate(model, d.X_val, d.y_val, loss=bad_loss)
+
+
+def test_a_loss_may_return_numpy_scalars_and_0d_arrays():
+    d = TASKS.pretrain
+    histories = []
+    for wrap in (float, np.float64, np.asarray):
+        model = pretrained()
+        def loss(out, y, wrap=wrap):
+            value, dout = F.cross_entropy(out, y)
+            return wrap(value), dout
+        histories.append(fit(model, d.X_train, d.y_train, loss=loss, optimizer=SGD(model.parameters(), lr=0.1),
+                             epochs=1, batch_size=32, random_state=0, verbose=False))
+    assert histories[0] == histories[1] == histories[2]
+
+
+# ---------------------------------------------------------------- hostile checkpoint fields
+
+
+def _tampered(tmp_path, **changes):
+    """A good checkpoint of lora_run(2), then one with ``changes`` to its arrays (None deletes)."""
+    from lowrank.io.files import save_npz
+
+    good = tmp_path / "good.npz"
+    lora_run(2, checkpoint=good)
+    with np.load(good, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    for key, value in changes.items():
+        arrays[key.replace("__", ".")] = np.asarray(value)
+    bad = tmp_path / "bad.npz"
+    save_npz(bad, arrays)
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"config": "{not json"}, r"the checkpoint's 'config' is not valid JSON: Expecting property name"),
+        ({"config": "[1, 2]"}, r"the checkpoint's 'config' must be a JSON object, got a JSON list$"),
+        ({"config": np.arange(3)}, r"the checkpoint's 'config' must be a JSON text, got an array of shape \(3,\)"),
+        ({"config": "[" * 100_000 + "]" * 100_000}, r"the checkpoint's 'config' is not valid JSON"),
+        ({"rng": '{"bit_generator": "PCG64"}'}, r"the checkpoint's 'rng' is not a PCG64 state: it has no key 'state'$"),
+        ({"rng": '{"bit_generator": "MT19937", "state": {}}'}, r"the checkpoint's 'rng' is not a PCG64 state: "),
+        ({"rng": "3"}, r"the checkpoint's 'rng' must be a JSON object, got a JSON int$"),
+        ({"rng": '{"bit_generator": "PCG64", "state": {"state": "a", "inc": 1}, "has_uint32": 0, "uinteger": 0}'},
+         r"the checkpoint's 'rng' is not a PCG64 state: "),
+        ({"module_rng__0": "{"}, r"the checkpoint's 'module_rng\.0' is not valid JSON"),
+        ({"epoch": -5}, r"the checkpoint's 'epoch' \(epochs completed\) must be >= 0, got -5$"),
+        ({"epoch": 1.5}, r"the checkpoint's 'epoch' must be one integer, got an array of shape \(\) and dtype "
+                         r"float64$"),
+        ({"epoch": [1, 2]}, r"the checkpoint's 'epoch' must be one integer, got an array of shape \(2,\)"),
+        ({"epoch": 1}, r"the checkpoint's 'history\.epoch' must count the 1 epochs completed, got \[1, 2\]$"),
+        ({"history__epoch": [[1, 2]]}, r"the checkpoint's 'history\.epoch' must count the 2 epochs completed"),
+        ({"history__best_epoch": [1, 2]}, r"the checkpoint's 'history\.\*' is not a History: "),
+    ],
+)
+def test_a_hostile_checkpoint_field_is_a_one_line_error_naming_the_file_and_field(tmp_path, changes, match):
+    bad = _tampered(tmp_path, **changes)
+    model = nn.inject_lora(pretrained(), r=2, alpha=4, dropout=0.1, random_state=1)
+    before = model.state_dict()
+    rng = np.random.default_rng(7)
+    rng_before = rng.bit_generator.state
+    d = TASKS.downstream
+    opt = Adam(model.named_parameters(), lr=2e-2)
+    with pytest.raises(ValueError, match=rf"^resume={re.escape(repr(str(bad)))}: {match}") as info:
+        fit(model, d.X_train, d.y_train, loss="cross_entropy", optimizer=opt,
+            schedule=WarmupCosine(opt, warmup_steps=3, total_steps=40), epochs=3, batch_size=32,
+            val=(d.X_val, d.y_val), random_state=rng, clip_grad_norm=1.0, resume=bad, verbose=False)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+    assert_same_weights_as(model, before)  # nothing was restored
+    assert rng.bit_generator.state == rng_before
+
+
+def test_a_model_state_that_does_not_fit_names_the_file_and_changes_nothing(tmp_path):
+    bad = _tampered(tmp_path, **{"optim__state.0.lora_A.weight.exp_avg": np.ones((7, 7), np.float32)})
+    model = nn.inject_lora(pretrained(), r=2, alpha=4, dropout=0.1, random_state=1)
+    before = model.state_dict()
+    d = TASKS.downstream
+    opt = Adam(model.named_parameters(), lr=2e-2)
+    with pytest.raises(ValueError, match=rf"^resume={re.escape(repr(str(bad)))}: the checkpoint's 'optim\.\*' "
+                                         r"arrays: "):
+        fit(model, d.X_train, d.y_train, loss="cross_entropy", optimizer=opt,
+            schedule=WarmupCosine(opt, warmup_steps=3, total_steps=40), epochs=3, batch_size=32,
+            val=(d.X_val, d.y_val), clip_grad_norm=1.0, resume=bad, verbose=False)
+    assert_same_weights_as(model, before)  # the model's part, loaded first, was put back
+
+
+def test_resume_refuses_fewer_epochs_than_done_and_a_finished_run_is_a_no_op(tmp_path):
+    path = tmp_path / "run.npz"
+    model, _, _, history = lora_run(2, checkpoint=path)
+    with pytest.raises(ValueError, match=rf"^resume={re.escape(repr(str(path)))} has completed 2 epochs, more "
+                                         r"than epochs=1: pass epochs >= 2 to continue it$"):
+        lora_run(1, resume=path)
+    again, _, _, history_again = lora_run(2, resume=path, model_seed=5)
+    assert history_again == history
+    assert_same_weights(again, model)
+
+
+# ---------------------------------------------------------------- the checkpoint path, checked before any epoch
+
+
+def _unwritable_folder(tmp_path):
+    """A folder where no file can be created: a read-only one, or /sys when run as root (root ignores modes)."""
+    import os
+    import tempfile
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    for candidate in (folder, "/sys"):
+        try:
+            tempfile.TemporaryFile(dir=candidate).close()
+        except OSError:
+            return str(candidate)
+    os.chmod(folder, 0o700)
+    pytest.skip("no folder here refuses writes")
+
+
+def test_a_bad_checkpoint_path_fails_before_the_first_epoch(tmp_path):
+    d = TASKS.pretrain
+    calls = {"n": 0}
+
+    def counting_loss(out, y):
+        calls["n"] += 1
+        return F.cross_entropy(out, y)
+
+    def run(checkpoint):
+        model = pretrained()
+        fit(model, d.X_train, d.y_train, loss=counting_loss, optimizer=SGD(model.parameters(), lr=0.1), epochs=1,
+            batch_size=32, checkpoint=checkpoint, verbose=False)
+
+    with pytest.raises(ValueError, match=r"^checkpoint must be a file path, got ''$"):
+        run("")
+    with pytest.raises(ValueError, match=r"^checkpoint must be a file path, got '.*', a folder$"):
+        run(tmp_path)
+    with pytest.raises(ValueError, match=r"^checkpoint must be a file path, got '.*/new/'$"):
+        run(f"{tmp_path}/new/")
+    with pytest.raises(PermissionError, match=r"^checkpoint='.*/run\.npz': cannot write in the folder "):
+        run(f"{_unwritable_folder(tmp_path)}/run.npz")
+    assert calls["n"] == 0

@@ -151,6 +151,18 @@ class Optimizer:
     Subclasses declare their hyper-parameters in ``_check_hyper`` and their
     update in ``_update``; see the module docstring for what is updated and
     how state is stored.
+
+    Attributes
+    ----------
+    named_params : list of (str, Parameter)
+        The parameters the optimizer holds, by name (``"0"``, ``"1"``, … when
+        given unnamed), in order. ``fit`` compares them with the model's
+        trainable parameters; build the optimizer after ``inject_lora`` and
+        any freezing so that it holds them.
+    hyper : dict
+        The checked hyper-parameters, ``lr`` among them.
+    step_count : int
+        The number of ``step()`` calls.
     """
 
     _buffers: tuple[str, ...] = ()  # names of the per-parameter state arrays

@@ -21,6 +21,7 @@ The file
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -221,9 +222,12 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState) -> None:
         No file at ``path``.
     ValueError
         Not a checkpoint of ``fit``; written under other settings
-        (:meth:`FitConfig.check_resume`); with or without a schedule or layer
-        generators where ``state`` differs; incomplete, or holding state that
-        does not fit the model or optimizer. Nothing is changed then.
+        (:meth:`FitConfig.check_resume`); more epochs done than
+        ``state.config.epochs``; with or without a schedule or layer
+        generators where ``state`` differs; incomplete, or a field that is
+        not what ``save_checkpoint`` writes (the message names the file and
+        the field), or holding state that does not fit the model or
+        optimizer. Nothing is changed then.
     TypeError
         A parameter or optimizer buffer of another dtype than the model's.
     """
@@ -231,16 +235,84 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState) -> None:
     arrays = load_npz(path)
     try:
         _check_compatible(arrays, state, where)
-        _restore(arrays, state)
+        _restore(arrays, state, where)
     except KeyError as exc:
         raise ValueError(f"{where} is an incomplete checkpoint: it has no key {exc}") from None
 
 
+def _field_error(where: str, key: str, rule: str) -> ValueError:
+    """The one-line error for a checkpoint field that is not what ``save_checkpoint`` writes."""
+    return ValueError(f"{where}: the checkpoint's {key!r} {rule}")
+
+
+def _json_field(arrays: Mapping[str, np.ndarray], key: str, where: str) -> dict[str, Any]:
+    """The JSON object stored under ``key`` (a 0-d unicode array), or a ValueError naming the field."""
+    arr = arrays[key]
+    if arr.shape != () or arr.dtype.kind != "U":
+        raise _field_error(where, key, f"must be a JSON text, got an array of shape {arr.shape} and dtype {arr.dtype}")
+    try:
+        value = json.loads(str(arr[()]))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; RecursionError: nested too deep
+        raise _field_error(where, key, f"is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise _field_error(where, key, f"must be a JSON object, got a JSON {type(value).__name__}")
+    return value
+
+
+def _epoch_field(arrays: Mapping[str, np.ndarray], where: str, epochs: int) -> int:
+    """The epochs the checkpoint completed: one integer in [0, ``epochs``]."""
+    arr = arrays["epoch"]
+    if arr.shape != () or arr.dtype.kind not in "iu":
+        raise _field_error(where, "epoch", f"must be one integer, got an array of shape {arr.shape} "
+                                           f"and dtype {arr.dtype}")
+    epoch = int(arr)
+    if epoch < 0:
+        raise _field_error(where, "epoch", f"(epochs completed) must be >= 0, got {epoch}")
+    if epoch > epochs:
+        raise ValueError(f"{where} has completed {epoch} epochs, more than epochs={epochs}: "
+                         f"pass epochs >= {epoch} to continue it")
+    return epoch
+
+
+def _generator_state(arrays: Mapping[str, np.ndarray], key: str, g: np.random.Generator,
+                     where: str) -> dict[str, Any]:
+    """The bit-generator state under ``key``, tried on a copy of ``g``'s so a bad one changes nothing."""
+    saved = _json_field(arrays, key, where)
+    probe = copy.deepcopy(g.bit_generator)
+    try:
+        probe.state = saved
+    except KeyError as exc:
+        raise _field_error(where, key, f"is not a {type(probe).__name__} state: it has no key {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _field_error(where, key, f"is not a {type(probe).__name__} state: {exc}") from None
+    return saved
+
+
+def _history_field(arrays: Mapping[str, np.ndarray], where: str, epoch: int) -> History:
+    """The History stored under ``"history.*"``, one entry per completed epoch."""
+    try:
+        history = History._from_arrays(_unprefixed("history", arrays))
+    except (TypeError, ValueError) as exc:  # arrays of the wrong shape or kind
+        raise _field_error(where, "history.*", f"is not a History: {exc}") from None
+    if history.epoch != list(range(1, epoch + 1)) or len(history.train_loss) != epoch:
+        raise _field_error(where, "history.epoch", f"must count the {epoch} epochs completed, "
+                                                   f"got {_short(history.epoch)}")
+    return history
+
+
+def _short(obj: Any) -> str:
+    """``repr(obj)`` cut to 60 characters, for a one-line message."""
+    text = repr(obj)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_compatible(arrays: Mapping[str, np.ndarray], state: TrainState, where: str) -> None:
     """Refuse a file that is not a checkpoint of a run ``state`` could continue."""
-    if "format" not in arrays or str(arrays["format"][()]) != CHECKPOINT_FORMAT:
+    fmt = arrays.get("format")
+    if fmt is None or fmt.shape != () or str(fmt[()]) != CHECKPOINT_FORMAT:
         raise ValueError(f"{where} is not a checkpoint written by lowrank.train.fit (format {CHECKPOINT_FORMAT!r})")
-    state.config.check_resume(_from_json_array(arrays["config"]), where)
+    state.config.check_resume(_json_field(arrays, "config", where), where)
+    _epoch_field(arrays, where, state.config.epochs)
     if (state.schedule is None) != (not _unprefixed("schedule", arrays)):
         raise ValueError(f"{where}: the checkpoint {'has' if state.schedule is None else 'has no'} schedule state, "
                          f"but this call passes {'no' if state.schedule is None else 'a'} schedule")
@@ -251,25 +323,42 @@ def _check_compatible(arrays: Mapping[str, np.ndarray], state: TrainState, where
                          f"the model has them for {sorted(names)}")
 
 
-def _restore(arrays: Mapping[str, np.ndarray], state: TrainState) -> None:
-    """Load every part of ``state``; everything is read first, so a missing key changes nothing."""
-    epoch = int(arrays["epoch"])
-    history = History._from_arrays(_unprefixed("history", arrays))
-    rng_state = _from_json_array(arrays["rng"])
+def _restore(arrays: Mapping[str, np.ndarray], state: TrainState, where: str) -> None:
+    """Load every part of ``state``; everything is read and checked first, so a bad field changes nothing."""
+    epoch = _epoch_field(arrays, where, state.config.epochs)
+    history = _history_field(arrays, where, epoch)
+    rng_state = _generator_state(arrays, "rng", state.rng, where)
     generators = state.model.named_generators()
-    module_states = [_from_json_array(arrays[f"module_rng.{name}"]) for name, _ in generators]
+    module_states = [_generator_state(arrays, f"module_rng.{name}", g, where) for name, g in generators]
     early: dict[str, np.ndarray] = {}
     if state.early is not None:
         early = {k: arrays[k] for k in EarlyStopping._KEYS}
         early.update((k, v) for k, v in arrays.items() if k.startswith("best."))
-    # each load_state_dict checks its whole snapshot before writing; the model's comes first
-    state.model.load_state_dict(_unprefixed("model", arrays))
-    state.optimizer.load_state_dict(_unprefixed("optim", arrays))
-    if state.schedule is not None:
-        state.schedule.load_state_dict(_unprefixed("schedule", arrays))
+    _load_states(arrays, state, where)
     state.rng.bit_generator.state = rng_state
     for (_, g), saved in zip(generators, module_states, strict=True):
         g.bit_generator.state = saved  # the layer holds this Generator: its stream continues from here
     if state.early is not None:
         state.early.load(early)
     state.epoch, state.history = epoch, history
+
+
+def _load_states(arrays: Mapping[str, np.ndarray], state: TrainState, where: str) -> None:
+    """The model's, optimizer's and schedule's ``load_state_dict``: all or nothing, errors naming the file.
+
+    Each ``load_state_dict`` checks its whole snapshot before writing; the
+    model's weights are put back if a later one refuses its part.
+    """
+    before = state.model.state_dict()
+    part = "model"
+    try:
+        state.model.load_state_dict(_unprefixed("model", arrays))
+        part = "optim"
+        state.optimizer.load_state_dict(_unprefixed("optim", arrays))
+        if state.schedule is not None:
+            part = "schedule"
+            state.schedule.load_state_dict(_unprefixed("schedule", arrays))
+    except (TypeError, ValueError) as exc:
+        if part != "model":
+            state.model.load_state_dict(before)
+        raise type(exc)(f"{where}: the checkpoint's '{part}.*' arrays: {exc}") from None

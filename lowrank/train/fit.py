@@ -46,7 +46,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lowrank.nn.modules import Module, Parameter
+from lowrank.nn.modules import Module, Parameter, as_array_of
 from lowrank.nn.optim import clip_grads_
 from lowrank.train.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -87,8 +87,16 @@ class Evaluation(NamedTuple):
     accuracy: float | None
 
 
-def _check_data(X: Any, y: Any, name_x: str = "X", name_y: str = "y") -> tuple[np.ndarray, np.ndarray]:
-    X = as_float_array(X, name_x)
+def _model_dtype(model: Module) -> np.dtype | None:
+    """The one float dtype of ``model``'s parameters, or None if it has none or several."""
+    dtypes = {p.data.dtype for p in model.parameters()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _check_data(X: Any, y: Any, dtype: np.dtype | None, name_x: str = "X",
+                name_y: str = "y") -> tuple[np.ndarray, np.ndarray]:
+    """``X`` in the model's ``dtype`` (integers, bools and lists converted, as the layers do) and ``y``, checked."""
+    X = as_float_array(X, name_x) if dtype is None else as_array_of(X, name_x, dtype)
     y = np.asarray(y)
     if X.ndim < 1 or X.shape[0] == 0:
         raise ValueError(f"{name_x} must have at least one sample along axis 0, got shape {X.shape}")
@@ -97,6 +105,33 @@ def _check_data(X: Any, y: Any, name_x: str = "X", name_y: str = "y") -> tuple[n
             f"{name_y} must have one target per sample of {name_x} ({X.shape[0]}), got shape {y.shape}"
         )
     return check_finite(X, name_x), y
+
+
+def _call_loss(loss_fn: LossFn, out: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """``loss_fn(out, y)``, held to the contract ``loss(out, y) -> (loss, dout)``: a real number and out's shape."""
+    result = loss_fn(out, y)
+    if not isinstance(result, tuple) or len(result) != 2:
+        raise TypeError(f"loss must follow loss(out, y) -> (loss, dout), a pair; "
+                        f"the loss returned {type(result).__name__} {_short(result)}")
+    value, dout = result
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]  # a 0-d array is a number too
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"loss must follow loss(out, y) -> (loss, dout) with the loss a real number; "
+                        f"it returned {type(value).__name__} {_short(value)} as the loss")
+    if not isinstance(dout, np.ndarray):
+        raise TypeError(f"loss must follow loss(out, y) -> (loss, dout) with dout an ndarray; "
+                        f"it returned {type(dout).__name__} as dout")
+    if dout.shape != out.shape:
+        raise ValueError(f"loss must follow loss(out, y) -> (loss, dout) with dout of out's shape {out.shape}; "
+                         f"it returned dout of shape {dout.shape}")
+    return float(value), dout
+
+
+def _short(obj: Any) -> str:
+    """``repr(obj)`` cut to 60 characters, for a one-line message."""
+    text = repr(obj).replace("\n", " ")
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @contextmanager
@@ -128,7 +163,7 @@ def _evaluate(model: Module, X: np.ndarray, y: np.ndarray, loss_fn: LossFn, acc_
                 out = model(xb)
             if not np.isfinite(out).all():
                 raise _non_finite(out, "the model's output", f"{where} (rows {start}..)")
-            value, _ = loss_fn(out, yb)
+            value, _ = _call_loss(loss_fn, out, yb)
             total_loss += value * len(xb)  # the mean losses are per sample: weight by batch size
             if acc_fn is not None:
                 total_acc += acc_fn(out, yb) * len(xb)
@@ -144,10 +179,12 @@ def evaluate(model: Module, X: Any, y: Any, *, loss: str | LossFn = "cross_entro
     model : Module
         Put in eval mode for the pass, then back in the modes it had.
     X : array_like of shape (n, ...)
+        Finite; converted to the model's dtype as in :func:`fit`.
     y : array_like of shape (n, ...)
         Targets as the loss takes them (class indices for ``"cross_entropy"``).
     loss : {"cross_entropy", "mse", "bce"} or callable, default "cross_entropy"
-        A callable ``loss(out, y) -> (loss, dout)`` returns the mean over its batch.
+        A callable ``loss(out, y) -> (loss, dout)`` returns the mean over
+        its batch (a real number) and an ndarray of ``out``'s shape.
     batch_size : int, default 1024
         Only changes memory use, not the result (beyond rounding).
 
@@ -160,7 +197,7 @@ def evaluate(model: Module, X: Any, y: Any, *, loss: str | LossFn = "cross_entro
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
     _, loss_fn, acc_fn = resolve_loss(loss)
-    X, y = _check_data(X, y)
+    X, y = _check_data(X, y, _model_dtype(model))
     batch_size = check_int(batch_size, "batch_size", low=1)
     return _evaluate(model, X, y, loss_fn, acc_fn, batch_size, "during evaluate")
 
@@ -275,7 +312,7 @@ class _Trainer:
         if not np.isfinite(out).all():
             raise _non_finite(out, "the model's output", self.where(epoch, step),
                               "; the weights diverged (try a lower learning rate or clip_grad_norm)")
-        value, dout = self.loss_fn(out, yb)
+        value, dout = _call_loss(self.loss_fn, out, yb)
         if not math.isfinite(value):
             # describe_non_finite's wording; a scalar has no index to name
             raise NonFiniteError(f"{self.where(epoch, step)}: the loss must be finite, got {value}")
@@ -330,14 +367,45 @@ def _check_optimizer(optimizer: Any) -> None:
         if not callable(getattr(optimizer, attr, None)):
             raise TypeError(f"optimizer must be a lowrank.nn.optim optimizer (with .{attr}()), "
                             f"got {type(optimizer).__name__}")
+    if not hasattr(optimizer, "named_params"):
+        raise TypeError(f"optimizer must be a lowrank.nn.optim optimizer (with .named_params), "
+                        f"got {type(optimizer).__name__}")
 
 
-def _check_val(val: Any) -> tuple[np.ndarray, np.ndarray] | None:
+def _names(names: list[str]) -> str:
+    """At most five names, then how many more: one line however big the model."""
+    shown = ", ".join(map(repr, names[:5]))
+    return shown if len(names) <= 5 else f"{shown} and {len(names) - 5} more"
+
+
+def _check_optimizer_holds(optimizer: Any, model: Module, trainable: list[tuple[str, Parameter]]) -> None:
+    """Refuse an optimizer that misses a trainable parameter of ``model`` or holds one that is not the model's.
+
+    An optimizer built before ``inject_lora`` holds the base weights (now
+    frozen) and none of the adapters: fit would step nothing. Frozen
+    parameters of the model may be held: the optimizer skips them.
+    """
+    held = {id(p) for _, p in optimizer.named_params}
+    missing = [name for name, p in trainable if id(p) not in held]
+    if missing:
+        raise ValueError(
+            f"optimizer must hold every trainable parameter of the model, but it misses {len(missing)}: "
+            f"{_names(missing)}; build the optimizer after inject_lora or freezing, "
+            f"e.g. Adam(model.named_parameters())")
+    own = {id(p) for p in model.parameters()}
+    foreign = [key for key, p in optimizer.named_params if id(p) not in own]
+    if foreign:
+        raise ValueError(
+            f"optimizer must hold only parameters of the model (fit computes no gradient for others), "
+            f"but {len(foreign)} are not the model's: {_names(foreign)}; build it from model.named_parameters()")
+
+
+def _check_val(val: Any, dtype: np.dtype | None) -> tuple[np.ndarray, np.ndarray] | None:
     if val is None:
         return None
     if not isinstance(val, (tuple, list)) or len(val) != 2:
         raise TypeError(f"val must be a pair (X_val, y_val), got {type(val).__name__}")
-    return _check_data(val[0], val[1], name_x="val[0]", name_y="val[1]")
+    return _check_data(val[0], val[1], dtype, name_x="val[0]", name_y="val[1]")
 
 
 def _trainable(model: Module) -> list[tuple[str, Parameter]]:
@@ -375,18 +443,26 @@ def fit(
         updates (frozen ones are never touched). Its train/eval modes are
         restored at the end.
     X : array_like of shape (n, ...)
-        Finite; in the model's dtype (integers are converted).
+        Finite; in the model's dtype, as its layers take input: integers,
+        bools and lists are converted to it, a float array of the other
+        precision is a TypeError (cast it first).
     y : array_like of shape (n, ...)
         Targets as ``loss`` takes them: int class indices for
         ``"cross_entropy"``, floats for ``"mse"``, values in [0, 1] for ``"bce"``.
     loss : {"cross_entropy", "mse", "bce"} or callable
         A name, or ``loss(out, y_batch) -> (mean loss, dout)`` like the
-        losses of :mod:`lowrank.nn.functional`. Accuracy is reported for
+        losses of :mod:`lowrank.nn.functional`: a real number and an
+        ndarray of ``out``'s shape. Accuracy is reported for
         ``"cross_entropy"`` (argmax) and ``"bce"`` (logit > 0).
     optimizer : lowrank.nn.optim.Optimizer
-        Built on the model's parameters, e.g. ``Adam(model.named_parameters())``.
+        Built on the model's parameters, e.g. ``Adam(model.named_parameters())``,
+        *after* ``inject_lora`` and any freezing: it must hold every
+        trainable parameter of the model and nothing that is not the
+        model's. Frozen parameters of the model may be among them (as in
+        PyTorch: the optimizer skips them, they stay bit-identical).
     epochs : int
-        The total number of epochs, >= 1 (a resumed run counts the ones done).
+        The total number of epochs, >= 1 (a resumed run counts the ones
+        done, and ``epochs`` may not be fewer than those).
     batch_size : int
         >= 1; the last batch of an epoch may be smaller.
     val : (X_val, y_val), optional
@@ -402,7 +478,9 @@ def fit(
         this many epochs in a row. Needs ``val``. At the end (stopped or not)
         the model holds the trainable weights of the best epoch.
     checkpoint : path, optional
-        Rewritten atomically at the end of every epoch (see the module docstring).
+        Rewritten atomically at the end of every epoch (see the module
+        docstring). Checked before training starts: a file path (not a
+        folder) in a folder that exists and can be written.
     resume : path, optional
         A checkpoint to continue from. The call must use the same model
         architecture, optimizer and schedule types, batch size, number of
@@ -422,6 +500,18 @@ def fit(
 
     Raises
     ------
+    TypeError
+        An argument of the wrong kind: ``X`` of the other float precision,
+        a ``loss`` callable that does not return ``(loss, dout)``.
+    ValueError
+        A value breaking a rule, among them an optimizer that misses a
+        trainable parameter (named; typically built before ``inject_lora``)
+        or holds one that is not the model's; a ``resume`` file that is
+        corrupt (the message names the file and the field) or has done
+        more epochs than ``epochs``.
+    FileNotFoundError, PermissionError
+        ``checkpoint``'s folder does not exist or cannot be written;
+        ``resume`` does not exist.
     NonFiniteError
         The model's output, the loss or a gradient became inf or NaN; the
         message names the epoch and step (and the parameter). Checkpoints
@@ -431,15 +521,17 @@ def fit(
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
     loss_name, loss_fn, acc_fn = resolve_loss(loss)
-    X, y = _check_data(X, y)
+    dtype = _model_dtype(model)
+    X, y = _check_data(X, y, dtype)
     _check_optimizer(optimizer)
-    checked_val = _check_val(val)
+    checked_val = _check_val(val, dtype)
     config = FitConfig(n_samples=X.shape[0], epochs=epochs, batch_size=batch_size, loss=loss_name,
                        shuffle=shuffle, has_val=checked_val is not None, clip_grad_norm=clip_grad_norm,
                        early_stopping=early_stopping, checkpoint=checkpoint, resume=resume, verbose=verbose)
     if schedule is not None and getattr(schedule, "optimizer", None) is not optimizer:
         raise ValueError("schedule must be built on the optimizer passed to fit")
     trainable = _trainable(model)
+    _check_optimizer_holds(optimizer, model, trainable)
     early = None if config.early_stopping is None else EarlyStopping(config.early_stopping)
     state = TrainState(config, model, optimizer, schedule, check_random_state(random_state), early=early)
     if config.resume is not None:
