@@ -8,6 +8,7 @@ wrong one, not to agree with itself.
 
 from __future__ import annotations
 
+import re
 import sys
 
 import numpy as np
@@ -139,3 +140,76 @@ def test_missing_hypothesis_names_the_test_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "hypothesis", None)
     with pytest.raises(ImportError, match=r"pip install 'lowrank\[test\]'"):
         assert_lora_linear_matches(*by_hand())
+
+
+# ---------------------------------------------------------------- a reference is strict
+
+
+def _with_output(change, name="x"):
+    """The correct candidate, with its gradient ``name`` passed through ``change``."""
+    forward, backward = by_hand()
+
+    def backward_changed(dy, cache, base_trainable=True):
+        grads = backward(dy, cache, base_trainable)
+        grads[name] = change(grads[name])
+        return grads
+
+    return forward, backward_changed
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (lambda g: g + 1j, r"dx      dtype complex128 \(complex, not real\), expected float64"),
+    (lambda g: g + 0j, r"dx      dtype complex128 \(complex, not real\), expected float64"),  # equal values
+    (lambda g: g.astype(str), r"dx      dtype <U\d+ \(not a real number type\), expected float64"),
+    (lambda g: g.astype(object), r"dx      dtype object \(not a real number type\), expected float64"),
+    (lambda g: [g, 1.0], r"dx      not an array \(list: ValueError: .*inhomogeneous"),  # ragged
+    (lambda g: g.astype(np.float32), r"dx      max_abs .* MISMATCH.* \(dtype float32, expected float64\)"),
+])  # fmt: skip
+def test_outputs_that_are_not_real_arrays_of_the_dtype_fail_with_the_reason(change, reason):
+    with pytest.raises(AssertionError, match="disagrees with lowrank on dx") as info:
+        assert_lora_linear_matches(*_with_output(change), max_examples=5)
+    assert re.search(reason, str(info.value)), str(info.value)
+
+
+def test_a_float64_result_in_a_float32_run_fails_even_with_the_right_values():
+    """y holds exactly the float32 reference's values, widened to float64: only its dtype is wrong."""
+    forward, backward = float64_rounded_once(*by_hand())
+
+    def forward_float64(x, weight, bias, A, B, scaling, dropout_mask=None):
+        y, cache = forward(x, weight, bias, A, B, scaling, dropout_mask)
+        return y.astype(np.float64), cache
+
+    with pytest.raises(AssertionError, match="disagrees with lowrank on y ") as info:
+        assert_lora_linear_matches(forward_float64, backward, dtype=np.float32, max_examples=5)
+    assert "  y       max_abs 0  max_rel 0  MISMATCH (dtype float64, expected float32)" in str(info.value)
+
+
+def float64_rounded_once(forward, backward):
+    """A candidate that computes in float64 from its float32 inputs and rounds each output once."""
+
+    def forward64(x, weight, bias, A, B, scaling, dropout_mask=None):
+        def wide(a):
+            return None if a is None else a.astype(np.float64)
+
+        y, cache = forward(wide(x), wide(weight), wide(bias), wide(A), wide(B), scaling, wide(dropout_mask))
+        return y.astype(x.dtype), (cache, x.dtype)
+
+    def backward64(dy, cache, base_trainable=True):
+        inner, dtype = cache
+        grads = backward(dy.astype(np.float64), inner, base_trainable)
+        return {k: v.astype(dtype) for k, v in grads.items()}
+
+    return forward64, backward64
+
+
+def test_the_float32_reference_is_the_float64_result_rounded_once():
+    """With no tolerance at all, a float32 candidate that computes in float64 and rounds once matches.
+
+    A reference computed by float32 kernels (as before) rounds at every step, and differently once the
+    batch is large enough to fold the update into the weight: it is a unit in the last place or more away
+    from this candidate on some entry of nearly every case.
+    """
+    assert_lora_linear_matches(*float64_rounded_once(*by_hand()), dtype=np.float32, max_examples=25,
+                               rtol=0.0, atol=0.0)  # fmt: skip
+    with pytest.raises(AssertionError, match="disagrees with lowrank"):  # a float32 evaluation does not
+        assert_lora_linear_matches(*by_hand(), dtype=np.float32, max_examples=25, rtol=0.0, atol=0.0)

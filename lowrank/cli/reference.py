@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from lowrank.cli.common import Parser
@@ -32,13 +33,13 @@ def _cmd_vectors_write(args: argparse.Namespace) -> int:
 def _cmd_vectors_check(args: argparse.Namespace) -> int:
     from lowrank.reference.vectors import check_vectors
 
-    # a checking command: 0 all passed, 1 something failed, 2 it could not run
+    # a checking command: 0 all selected cases passed, 1 something failed, 2 it could not run
     try:
-        report = check_vectors(args.reference, args.candidate)
+        report = check_vectors(args.reference, args.candidate, kinds=args.kinds, cases=args.cases)
     except (ValueError, TypeError, OSError, ImportError) as exc:
         print(f"lowrank: error: vectors check could not run: {exc}", file=sys.stderr)
         return 2
-    print(report.format())
+    print(json.dumps(report.to_dict()) if args.json else report.format())
     return 0 if report.passed else 1
 
 
@@ -54,7 +55,24 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     write.add_argument("directory", metavar="DIR")
     write.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     write.set_defaults(run=_cmd_vectors_write)
-    check = vec_sub.add_parser("check", help="compare a candidate's outputs with the reference")
+    check = vec_sub.add_parser(
+        "check", help="compare a candidate's outputs with the reference",
+        description="Compare a candidate's outputs with the reference, per case and output tensor. Exit codes: "
+        "0 every selected case passed, 1 a mismatch or a missing selected output, 2 the reference or "
+        "candidate folder cannot be read or the selection is invalid (one line on stderr).",
+    )  # fmt: skip
     check.add_argument("reference", metavar="REF", help="a folder written by 'lowrank vectors write'")
     check.add_argument("candidate", metavar="CANDIDATE", help="the candidate's outputs, same layout and names")
+    check.add_argument(
+        "--kinds", metavar="K,...",
+        help="check only the cases of these kinds, comma-separated (e.g. linear,lora_linear), for a candidate "
+        "that implements only some; a kind the reference does not hold is an error that lists those it holds",
+    )  # fmt: skip
+    check.add_argument(
+        "--cases", metavar="PATTERN",
+        help="check only the cases whose name matches this shell-style glob (fnmatch: *, ?, [seq]; "
+        "case-sensitive; quote it), e.g. 'lora_linear_*_f32'; combined with --kinds, a case must match both",
+    )  # fmt: skip
+    check.add_argument("--json", action="store_true",
+                       help="print the report as one JSON object on stdout, and nothing else")  # fmt: skip
     check.set_defaults(run=_cmd_vectors_check)

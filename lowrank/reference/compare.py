@@ -24,6 +24,17 @@ differ by at most that factor on near-zero entries and agree elsewhere.
 
 Integer reference tensors (class indices, counts) must match exactly, and a
 candidate value that is NaN or infinite never matches.
+
+A reference is strict about what it compares: the candidate's tensor must
+have the reference tensor's shape and dtype (a float32 result for a float64
+tensor fails, even when its values are close; so do complex, string and
+object arrays), and the failure's note says which rule it broke.
+
+The tolerances are not chosen per case: every case of a dtype takes its row
+of :data:`TOLERANCES` through :func:`tolerance_for`, and every expected value
+they are measured against is the float64 result rounded once to that dtype
+(see :mod:`lowrank.reference.vectors`), so the same rule holds whatever the
+shape or evaluation order.
 """
 
 from __future__ import annotations
@@ -97,13 +108,13 @@ class Comparison:
     ok : bool
     max_abs, max_rel : float
         As :func:`error_stats`; NaN when nothing could be compared (wrong shape,
-        non-numeric dtype) or the candidate holds a non-finite value.
+        a dtype that is not real) or the candidate holds a non-finite value.
     worst_index : tuple of int or None
         Where ``|got - want|`` is largest, when the tensor fails on its values.
     note : str
-        Why it failed beyond the error, or what is odd about it: a wrong
-        shape, a non-numeric dtype, non-finite values, another dtype. Empty
-        when there is nothing to say.
+        Why it failed beyond the error: a wrong shape, another dtype (a
+        failure whatever the values), a dtype that is not real (complex,
+        string, object), non-finite values. Empty when there is nothing to say.
     """
 
     ok: bool
@@ -129,24 +140,29 @@ def compare(got: Any, want: np.ndarray, *, rtol: float, atol: float) -> Comparis
     Returns
     -------
     Comparison
+        ``ok`` only when the shapes and dtypes are equal, every value of
+        ``got`` is finite and every element is within the tolerance.
     """
     nan = float("nan")
     got, want = np.asarray(got), np.asarray(want)
     if got.shape != want.shape:
         return Comparison(False, nan, nan, None, f"shape {got.shape}, expected {want.shape}")
-    if got.dtype.kind not in "biuf":
-        return Comparison(False, nan, nan, None, f"dtype {got.dtype} is not numeric")
+    if got.dtype.kind not in "biuf":  # complex, string, object, datetime: nothing to measure
+        kind = "complex, not real" if got.dtype.kind == "c" else "not a real number type"
+        return Comparison(False, nan, nan, None, f"dtype {got.dtype} ({kind}), expected {want.dtype}")
     if want.dtype.kind in "biu":  # integer outputs must match exactly
         rtol = atol = 0.0
     diff, max_abs, max_rel = error_stats(got, want)
     w = np.abs(want.astype(np.float64))
     scale = float(w.max()) if w.size else 0.0
     finite = bool(np.isfinite(got).all())
-    ok = finite and bool(np.all(diff <= atol * scale + rtol * w))
+    same_dtype = got.dtype.name == want.dtype.name  # by name: byte order does not matter
+    within = finite and bool(np.all(diff <= atol * scale + rtol * w))
+    ok = same_dtype and within
     notes = [] if finite else ["non-finite values"]
-    if got.dtype != want.dtype:
-        notes.insert(0, f"dtype {got.dtype}, expected {want.dtype}")
+    if not same_dtype:
+        notes.insert(0, f"dtype {got.dtype.name}, expected {want.dtype.name}")
     worst = None
-    if not ok and finite and diff.size:
+    if not within and finite and diff.size:
         worst = tuple(int(i) for i in np.unravel_index(np.argmax(diff), diff.shape))
     return Comparison(ok, max_abs if finite else nan, max_rel if finite else nan, worst, "; ".join(notes))

@@ -13,7 +13,14 @@ then through every case of the reference catalogue
 (:data:`lowrank.reference.cases.LORA_CASES`, the cases ``lowrank vectors
 write`` emits), and compares every output and gradient with
 :func:`lowrank.nn.functional.lora_linear` and its backward under the rule of
-:mod:`lowrank.reference.compare`. On a mismatch hypothesis shrinks the case,
+:mod:`lowrank.reference.compare`. The reference values are computed in
+float64 from the case's inputs and rounded once to its dtype, as in the
+reference vectors, so a float32 candidate is measured against the correctly
+rounded result, not against another float32 evaluation order. The rule is
+strict: every output must have the case's shape and dtype (a float64 result
+in a float32 run fails, and so do complex, string and object arrays and
+anything NumPy cannot turn into an array), and the message says which rule
+each tensor broke. On a mismatch hypothesis shrinks the case,
 and the AssertionError describes the smallest failing case it found, with
 each tensor's error. Needs the ``test`` extra (hypothesis): ``pip install 'lowrank[test]'``.
 
@@ -26,8 +33,8 @@ The candidate's convention is the reference's (``docs/lora.md``)::
 ``B (out, r)``, ``scaling`` a float, ``dropout_mask`` None or an array
 broadcastable to ``x`` (0 or ``1/(1-p)``) applied to the LoRA path's input
 only. ``grads`` has attributes (or mapping keys) ``x``, ``A``, ``B``,
-``weight``, ``bias``. Anything array-like is accepted (``np.asarray`` is
-applied), so a torch candidate can return tensors after ``.detach()``; wrap
+``weight``, ``bias``. Anything array-like of the case's dtype is accepted
+(``np.asarray`` is applied; torch tensors are detached first); wrap
 a framework that needs conversions in two small functions (see
 ``docs/verifying.md``).
 """
@@ -64,13 +71,32 @@ def _errors(name: str, got: Any, want: np.ndarray, rtol: float, atol: float) -> 
     """Whether ``got`` matches ``want``, and a line describing the comparison."""
     if got is None:
         return False, f"  {name:<7} missing (the candidate returned None)"
-    c = compare(_as_numpy(got), want, rtol=rtol, atol=atol)
+    try:
+        array = _as_numpy(got)
+    except Exception as exc:  # a ragged list, an object refusing conversion: the candidate's failure
+        return False, f"  {name:<7} not an array ({type(got).__name__}: {type(exc).__name__}: {exc})"
+    c = compare(array, want, rtol=rtol, atol=atol)
     if np.isnan(c.max_abs) and c.note:
         return False, f"  {name:<7} {c.note}"
     worst = "" if c.worst_index is None else f", worst at index {c.worst_index}"
     note = f" ({c.note})" if c.note else ""
     return c.ok, (f"  {name:<7} max_abs {c.max_abs:.3g}  max_rel {c.max_rel:.3g}  "
                   f"{'ok' if c.ok else 'MISMATCH'}{worst}{note}")  # fmt: skip
+
+
+def _reference(
+    t: dict[str, np.ndarray], scaling: float, check_base: bool, dtype: np.dtype
+) -> tuple[np.ndarray, dict[str, np.ndarray | None]]:
+    """``y`` and the gradients, computed in float64 from the case's tensors and rounded once to ``dtype``."""
+    from lowrank.nn import functional as F
+    from lowrank.reference.vectors import widen
+
+    w = widen(t)
+    y, cache = F.lora_linear(w["x"], w["weight"], w.get("bias"), w["A"], w["B"], scaling,
+                             dropout_mask=w.get("dropout_mask"))  # fmt: skip
+    g = F.lora_linear_backward(w["dy"], cache, base_trainable=check_base)
+    grads = {"x": g.x, "A": g.A, "B": g.B, "weight": g.weight, "bias": g.bias}
+    return y.astype(dtype), {k: None if v is None else v.astype(dtype) for k, v in grads.items()}
 
 
 def assert_lora_linear_matches(
@@ -94,7 +120,9 @@ def assert_lora_linear_matches(
         ``grads.x``, ``.A``, ``.B`` (and ``.weight``, ``.bias`` when
         ``check_base``), as attributes or mapping keys.
     dtype : float32 or float64, default float64
-        The dtype of every generated array.
+        The dtype of every generated array, and the dtype every output must
+        have. The expected values are computed in float64 and rounded once
+        to it.
     max_examples : int, default 50
         How many cases hypothesis generates (before shrinking a failure).
     rtol, atol : float, optional
@@ -110,8 +138,9 @@ def assert_lora_linear_matches(
     AssertionError
         On the smallest failing case hypothesis finds (or the first failing
         catalogue case): the case (shapes, scaling, mask, seed) and every
-        tensor's max abs and rel error. A candidate that raises is reported
-        the same way.
+        tensor's max abs and rel error, or the rule it broke (shape, dtype,
+        complex or non-numeric values, not an array). A candidate that raises
+        is reported the same way.
     ImportError
         Without hypothesis (the ``test`` extra).
 
@@ -125,7 +154,6 @@ def assert_lora_linear_matches(
         from hypothesis import strategies as st
     except ImportError:
         raise ImportError(f"assert_lora_linear_matches needs hypothesis: {_TEST_EXTRA}") from None
-    from lowrank.nn import functional as F
 
     dtype = check_float_dtype(dtype)
     max_examples = check_int(max_examples, "max_examples", low=1)
@@ -144,8 +172,7 @@ def assert_lora_linear_matches(
         found = "smallest failing case found" if spec.name == "drawn" else f"failing catalogue case {spec.name!r}"
         args = (t["x"], t["weight"], t.get("bias"), t["A"], t["B"], spec.scaling)
         mask = t.get("dropout_mask")
-        y, cache = F.lora_linear(*args, dropout_mask=mask)
-        ref = F.lora_linear_backward(t["dy"], cache, base_trainable=check_base)
+        y, ref = _reference(t, spec.scaling, check_base, dtype)
         try:
             got_y, got_cache = forward_fn(
                 *(copy(a) if isinstance(a, np.ndarray) else a for a in args), dropout_mask=copy(mask)
@@ -154,13 +181,13 @@ def assert_lora_linear_matches(
         except Exception as exc:
             raise AssertionError(f"the candidate raised {type(exc).__name__}: {exc}\non the case: {where}") from exc
         names = ["y", "dx", "dA", "dB"] + (["dweight"] if check_base else [])
-        pairs: list[tuple[Any, Any]] = [(got_y, y), (_grad(got, "x"), ref.x)]
-        pairs += [(_grad(got, "A"), ref.A), (_grad(got, "B"), ref.B)]
+        pairs: list[tuple[Any, Any]] = [(got_y, y), (_grad(got, "x"), ref["x"])]
+        pairs += [(_grad(got, "A"), ref["A"]), (_grad(got, "B"), ref["B"])]
         if check_base:
-            pairs.append((_grad(got, "weight"), ref.weight))
+            pairs.append((_grad(got, "weight"), ref["weight"]))
             if spec.bias:
                 names.append("dbias")
-                pairs.append((_grad(got, "bias"), ref.bias))
+                pairs.append((_grad(got, "bias"), ref["bias"]))
         results = [_errors(n, g, w, rtol, atol) for n, (g, w) in zip(names, pairs, strict=True)]
         if not all(ok for ok, _ in results):
             bad = ", ".join(n for n, (ok, _) in zip(names, results, strict=True) if not ok)

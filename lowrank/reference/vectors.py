@@ -14,8 +14,16 @@ out). :func:`check_vectors` then compares that folder with the reference, per
 case and tensor. ``docs/verifying.md`` walks through it for PyTorch.
 
 Every expected output here is computed by this package's own kernels and
-modules; ``tests/test_vectors.py`` recomputes every one by hand in float64
-NumPy, and the torch crosscheck the linear and LoRA cases with autograd. The
+modules, always in float64: a float32 case draws its inputs in float32 (so
+they are exactly representable there), widens them exactly to float64,
+computes, and rounds each output once to float32 (:func:`widen`). The
+float32 expectation is then the float32 number nearest the exact result (up
+to float64's own error, ~1e-16 relative against float32's half ulp of
+6e-8), whatever the shape or the evaluation path; a float32 kernel would
+round at every step, and differently for a batch large enough to fold the
+update into the weight. ``tests/test_vectors.py`` recomputes every output by
+hand in float64 NumPy, and the torch crosscheck the linear and LoRA cases
+with autograd. The
 linear and LoRA cases are those of :mod:`lowrank.reference.cases`; tensors
 are compared under the rule of :mod:`lowrank.reference.compare`. The files
 are read and written with NumPy alone (:mod:`lowrank.io.files`).
@@ -24,7 +32,9 @@ are read and written with NumPy alone (:mod:`lowrank.io.files`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,7 +42,7 @@ import numpy as np
 
 from lowrank.io.files import PathLike, load_json, load_safetensors, save_json, save_safetensors
 from lowrank.reference.cases import LINEAR_CASES, LORA_CASES
-from lowrank.reference.compare import TOLERANCES, compare, error_stats
+from lowrank.reference.compare import TOLERANCES, compare, error_stats, tolerance_for
 from lowrank.utils.validation import RandomState, check_random_state
 
 __all__ = [
@@ -43,6 +53,8 @@ __all__ = [
     "check_vectors",
     "error_stats",
     "read_manifest",
+    "select_cases",
+    "widen",
     "write_vectors",
 ]
 
@@ -107,13 +119,23 @@ CONVENTIONS = {
         "and scaled by m * n / (number of observed entries); given here so you need not reproduce it. "
         "Compare the product left @ right, which does not depend on sign choices."
     ),
+    "expected_values": (
+        "Every expected output is computed in float64 from the inputs as stored and rounded once to the "
+        "output's dtype. The inputs of a float32 case are float32 numbers, so they convert to float64 "
+        "exactly; a float32 expected value is therefore the float32 number nearest to the exact result (up "
+        "to float64's own rounding, about 1e-16 relative, far below float32's half unit in the last place, "
+        "6e-8), whatever the shape, batch size or order of evaluation. Your float32 implementation rounds "
+        "at every step; the tolerances allow for that."
+    ),
     "comparison": (
-        "An output passes when every element satisfies |candidate - expected| <= atol * max|expected| + "
-        "rtol * |expected|, where max|expected| is the largest magnitude in the whole expected tensor (so the "
-        "absolute floor follows the tensor's scale), with the case's rtol and atol (defaults per dtype under "
-        "'tolerances'). Integer outputs must match exactly; a NaN or infinite candidate value fails. "
-        "max_abs is max |candidate - expected|; max_rel is max |candidate - expected| / |expected| over the "
-        "elements where expected is not 0."
+        "An output passes when it has the expected shape and dtype (a float32 tensor where float64 is "
+        "expected fails, whatever its values; so do complex, string and object tensors) and every element "
+        "satisfies |candidate - expected| <= atol * max|expected| + rtol * |expected|, where max|expected| is "
+        "the largest magnitude in the whole expected tensor (so the absolute floor follows the tensor's "
+        "scale), with the case's rtol and atol: the row of 'tolerances' for the case's dtype, the same for "
+        "every case of that dtype. Integer outputs must match exactly; a NaN or infinite candidate value "
+        "fails. max_abs is max |candidate - expected|; max_rel is max |candidate - expected| / |expected| "
+        "over the elements where expected is not 0."
     ),
 }
 
@@ -131,15 +153,20 @@ class _Case:
         self.inputs: dict[str, np.ndarray] = {}
         self.outputs: dict[str, np.ndarray] = {}
         self.docs: dict[str, str] = {}
-        self.tolerance = dict(TOLERANCES[self.dtype])
+        rtol, atol = tolerance_for(self.dtype)
+        self.tolerance = {"rtol": rtol, "atol": atol}
 
     def input(self, name: str, value: np.ndarray, doc: str) -> np.ndarray:
         self.inputs[name] = np.asarray(value, order="C")  # ascontiguousarray would make 0-d 1-d
         self.docs[name] = doc
         return self.inputs[name]
 
-    def output(self, name: str, value: Any, doc: str) -> None:
-        self.outputs[name] = np.asarray(value, order="C")  # ascontiguousarray would make 0-d 1-d
+    def output(self, name: str, value: Any, doc: str, dtype: Any = None) -> None:
+        """Record an expected output computed in float64, rounded once to ``dtype`` (default: the case's)."""
+        value = np.asarray(value)
+        assert value.dtype == np.float64, (name, value.dtype)  # computed wide, see widen()
+        out = value.astype(self.dtype if dtype is None else dtype)  # the one rounding (to nearest, ties even)
+        self.outputs[name] = np.asarray(out, order="C")  # ascontiguousarray would make 0-d 1-d
         self.docs[name] = doc
 
     def manifest_entry(self, sha256: str) -> dict[str, Any]:
@@ -165,6 +192,25 @@ _SUFFIX = {"float32": "f32", "float64": "f64"}
 _DTYPES = (np.float32, np.float64)
 
 
+def widen(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Float64 copies of the floating-point tensors, the others (integer targets, bool masks) as they are.
+
+    Every reference output is computed from these and rounded once to its
+    case's dtype: a float32 or float64 input converts to float64 exactly, so
+    the only rounding of the result beyond float64's own is that last one.
+
+    Parameters
+    ----------
+    tensors : dict of str to ndarray
+
+    Returns
+    -------
+    dict of str to ndarray
+        Same keys.
+    """
+    return {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in tensors.items()}
+
+
 def _normal(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return rng.standard_normal(shape).astype(dtype)
 
@@ -187,7 +233,7 @@ def _linear_cases(rng: np.random.Generator) -> list[_Case]:
             case = _Case(f"linear_{spec.name}_{_SUFFIX[np.dtype(dtype).name]}", "linear", dtype,
                          "A linear layer's forward and backward pass.",
                          in_features=spec.in_features, out_features=spec.out_features)  # fmt: skip
-            t = {k: case.input(k, v, _LINEAR_DOCS[k]) for k, v in spec.tensors(rng, dtype).items()}
+            t = widen({k: case.input(k, v, _LINEAR_DOCS[k]) for k, v in spec.tensors(rng, dtype).items()})
             x, w, b, dy = t["x"], t["weight"], t.get("bias"), t["dy"]
             y, cache = F.linear(x, w, b)
             g = F.linear_backward(dy, cache)
@@ -228,7 +274,7 @@ def _lora_cases(rng: np.random.Generator) -> list[_Case]:
                 use_rslora=spec.use_rslora, scaling=scaling, dropout_p=spec.dropout_p,
             )  # fmt: skip
             docs = {**_LORA_DOCS, "dropout_mask": _MASK_DOCS.get(spec.dropout, "")}
-            t = {k: case.input(k, v, docs[k]) for k, v in spec.tensors(rng, dtype).items()}
+            t = widen({k: case.input(k, v, docs[k]) for k, v in spec.tensors(rng, dtype).items()})
             x, w, b, A, B, mask, dy = (t.get(k) for k in ("x", "weight", "bias", "A", "B", "dropout_mask", "dy"))
             y, cache = F.lora_linear(x, w, b, A, B, scaling, dropout_mask=mask)
             g = F.lora_linear_backward(dy, cache, base_trainable=True)
@@ -255,8 +301,9 @@ def _merge_cases(rng: np.random.Generator) -> list[_Case]:
         w = case.input("weight", _normal(rng, (n_out, n_in), dtype), "base weight (out, in)")
         A = case.input("A", _normal(rng, (r, n_in), dtype), "shape (r, in)")
         B = case.input("B", _normal(rng, (n_out, r), dtype), "shape (out, r)")
-        layer = nn.LoRALinear(nn.Linear(n_in, n_out, bias=False, dtype=dtype, random_state=0), r=r, alpha=alpha)
-        layer.weight.data, layer.A.data, layer.B.data = w.copy(), A.copy(), B.copy()
+        layer = nn.LoRALinear(nn.Linear(n_in, n_out, bias=False, dtype=np.float64, random_state=0), r=r,
+                              alpha=alpha)  # fmt: skip
+        layer.weight.data, layer.A.data, layer.B.data = (v.astype(np.float64) for v in (w, A, B))
         layer.merge()
         case.output("merged_weight", layer.weight.data, "weight + scaling * B @ A, shape (out, in)")
         cases.append(case)
@@ -284,14 +331,15 @@ def _activation_cases(rng: np.random.Generator) -> list[_Case]:
                          f"Elementwise {name}: y = {formula}; dx = dy * dy/dx.")
             x = rng.uniform(-4, 4, (3, 4))
             x = np.sign(x) * (0.05 + np.abs(x))  # away from relu's kink
-            x = case.input("x", x.astype(dtype), "input, any shape (3, 4 here)")
+            x = case.input("x", x.astype(dtype), "input, any shape (3, 4 here)").astype(np.float64)
             if forward is None:  # dropout: the mask is an input of its own
                 mask = case.input("mask", F.dropout_mask(x.shape, 0.5, random_state=rng, dtype=dtype),
                                   "mask, x's shape")
-                y, cache = F.dropout(x, mask)
+                y, cache = F.dropout(x, mask.astype(np.float64))
             else:
                 y, cache = forward(x)
             dy = case.input("dy", _normal(rng, x.shape, dtype), "upstream gradient, x's shape")
+            dy = dy.astype(np.float64)
             case.output("y", y, "output, x's shape")
             case.output("dx", backward(dy, cache), "gradient with respect to x")
             cases.append(case)
@@ -308,8 +356,8 @@ def _loss_cases(rng: np.random.Generator) -> list[_Case]:
                      "loss = mean((pred - target)^2); dpred = 2 (pred - target) / n.")
         pred = case.input("pred", _normal(rng, (3, 4), dtype), "prediction, any shape")
         target = case.input("target", _normal(rng, (3, 4), dtype), "target, pred's shape")
-        loss, grad = F.mse_loss(pred, target)
-        case.output("loss", np.float64(loss), "0-d float64")
+        loss, grad = F.mse_loss(pred.astype(np.float64), target.astype(np.float64))
+        case.output("loss", np.float64(loss), "0-d float64", dtype=np.float64)
         case.output("dpred", grad, "gradient of the loss with respect to pred")
         cases.append(case)
 
@@ -319,8 +367,8 @@ def _loss_cases(rng: np.random.Generator) -> list[_Case]:
                      "dlogits = (softmax(logits) - onehot(target)) / number of positions.")
         logits = case.input("logits", (3 * _normal(rng, (2, 3, 5), dtype)).astype(dtype), "shape (..., C), C = 5")
         target = case.input("target", rng.integers(0, 5, (2, 3)).astype(np.int64), "int64 class indices, shape (...)")
-        loss, grad = F.cross_entropy(logits, target)
-        case.output("loss", np.float64(loss), "0-d float64")
+        loss, grad = F.cross_entropy(logits.astype(np.float64), target)
+        case.output("loss", np.float64(loss), "0-d float64", dtype=np.float64)
         case.output("dlogits", grad, "gradient with respect to logits")
         cases.append(case)
 
@@ -329,8 +377,8 @@ def _loss_cases(rng: np.random.Generator) -> list[_Case]:
                      "loss = mean(max(z, 0) - z t + log(1 + exp(-|z|))); dlogits = (sigmoid(z) - t) / n.")
         logits = case.input("logits", (3 * _normal(rng, (4, 3), dtype)).astype(dtype), "logits, any shape")
         target = case.input("target", rng.random((4, 3)).astype(dtype), "targets in [0, 1], logits' shape")
-        loss, grad = F.binary_cross_entropy_with_logits(logits, target)
-        case.output("loss", np.float64(loss), "0-d float64")
+        loss, grad = F.binary_cross_entropy_with_logits(logits.astype(np.float64), target.astype(np.float64))
+        case.output("loss", np.float64(loss), "0-d float64", dtype=np.float64)
         case.output("dlogits", grad, "gradient with respect to logits")
         cases.append(case)
     return cases
@@ -341,9 +389,15 @@ def _training_cases(rng: np.random.Generator) -> list[_Case]:
     from lowrank.nn import functional as F
     from lowrank.nn.optim import Adam
 
+    def lora_mlp(dtype: Any, rng: np.random.Generator) -> tuple[nn.Sequential, list[nn.LoRALinear]]:
+        first = nn.Linear(4, 8, dtype=dtype, random_state=rng)
+        second = nn.Linear(8, 3, dtype=dtype, random_state=rng)
+        layers = [nn.LoRALinear(lin, r=r, alpha=alpha, random_state=rng) for lin in (first, second)]
+        return nn.Sequential(layers[0], nn.ReLU(), layers[1]), layers
+
     cases = []
+    lr, betas, eps, r, alpha = 0.01, (0.9, 0.999), 1e-8, 2, 4.0
     for dtype in _DTYPES:
-        lr, betas, eps, r, alpha = 0.01, (0.9, 0.999), 1e-8, 2, 4.0
         case = _Case(
             f"mlp_lora_adam_step_{_SUFFIX[np.dtype(dtype).name]}", "mlp_lora_adam_step", dtype,
             "One training step of a LoRA-adapted MLP: layers 0 = LoRA(Linear(4, 8)), 1 = ReLU, "
@@ -354,26 +408,23 @@ def _training_cases(rng: np.random.Generator) -> list[_Case]:
             r=r, alpha=alpha, use_rslora=False, scaling=alpha / r, lr=lr, betas=list(betas), eps=eps,
             weight_decay=0.0,
         )  # fmt: skip
-        first = nn.Linear(4, 8, dtype=dtype, random_state=rng)
-        second = nn.Linear(8, 3, dtype=dtype, random_state=rng)
-        model = nn.Sequential(first, nn.ReLU(), second)
-        lora_first = nn.LoRALinear(first, r=r, alpha=alpha, random_state=rng)
-        lora_second = nn.LoRALinear(second, r=r, alpha=alpha, random_state=rng)
-        model[0], model[2] = lora_first, lora_second
-        for layer in (lora_first, lora_second):
+        drawn, lora_layers = lora_mlp(dtype, rng)  # the parameters, drawn in the case's dtype
+        for layer in lora_layers:
             layer.B.data = (0.5 * _normal(rng, layer.B.shape, dtype)).astype(dtype)  # non-zero: dA flows
-        for key, p in model.named_parameters():
+        for key, p in drawn.named_parameters():
             role = "trainable (LoRA factor)" if p.trainable else "frozen"
             case.input(f"param.{key}", p.data.copy(), f"parameter {key!r}, {role}")
         x = case.input("x", _normal(rng, (6, 4), dtype), "input batch, shape (6, 4)")
         target = case.input("target", _normal(rng, (6, 3), dtype), "regression target, shape (6, 3)")
-        pred = model(x)
-        loss, dpred = F.mse_loss(pred, target)
+        model, _ = lora_mlp(np.float64, np.random.default_rng(0))  # the step itself runs in float64
+        model.load_state_dict({k: p.data.astype(np.float64) for k, p in drawn.named_parameters()})
+        pred = model(x.astype(np.float64))
+        loss, dpred = F.mse_loss(pred, target.astype(np.float64))
         model.backward(dpred)
         trainable = [(k, p) for k, p in model.named_parameters() if p.trainable]
         Adam(trainable, lr=lr, betas=betas, eps=eps).step()
         case.output("pred", pred, "model output before the step, shape (6, 3)")
-        case.output("loss", np.float64(loss), "0-d float64, before the step")
+        case.output("loss", np.float64(loss), "0-d float64, before the step", dtype=np.float64)
         for key, p in trainable:
             case.output(f"grad.{key}", p.grad, f"gradient of the loss with respect to {key!r}")
             case.output(f"updated.{key}", p.data, f"{key!r} after one Adam step")
@@ -394,7 +445,7 @@ def _factorization_cases(rng: np.random.Generator) -> list[_Case]:
         U, _ = np.linalg.qr(rng.standard_normal((7, 5)))
         V, _ = np.linalg.qr(rng.standard_normal((5, 5)))
         M = case.input("M", ((U * np.arange(5.0, 0.0, -1.0)) @ V.T).astype(dtype), "the matrix, shape (7, 5)")
-        svd = truncated_svd(M, rank)
+        svd = truncated_svd(M.astype(np.float64), rank)
         case.output("s", svd.s, "the 3 largest singular values, descending")
         case.output("reconstruction", svd.to_dense(), "U @ diag(s) @ Vt, shape (7, 5)")
         cases.append(case)
@@ -476,9 +527,26 @@ class CheckRow(NamedTuple):
 
 
 class CheckReport(NamedTuple):
-    """The result of :func:`check_vectors`: one row per case and output tensor."""
+    """The result of :func:`check_vectors`: one row per selected case and output tensor.
+
+    Attributes
+    ----------
+    rows : list of CheckRow
+    selected : tuple of str
+        The names of the cases compared, in manifest order.
+    skipped : tuple of str
+        The names of the reference's cases left out by ``kinds`` or ``cases``.
+    kinds : tuple of str or None
+        The selection asked for (None: every kind).
+    cases : str or None
+        The glob pattern asked for (None: every case).
+    """
 
     rows: list[CheckRow]
+    selected: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()
+    kinds: tuple[str, ...] | None = None
+    cases: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -490,8 +558,15 @@ class CheckReport(NamedTuple):
         """The rows that did not pass."""
         return [row for row in self.rows if not row.ok]
 
+    def summary(self) -> str:
+        """One line: the verdict, the tensors that match, the cases selected and skipped."""
+        n_rows, n_fail = len(self.rows), len(self.failures)
+        verdict = "PASSED" if self.passed else "FAILED"
+        line = f"{verdict}: {n_rows - n_fail} of {n_rows} tensors match"
+        return line + f" in {len(self.selected)} selected cases ({len(self.skipped)} skipped)"
+
     def format(self) -> str:
-        """A plain-text table, one line per row, and a summary line."""
+        """A plain-text table, one line per row, and the :meth:`summary` line."""
         header = ("case", "tensor", "max_abs", "max_rel", "result")
         lines = [header]
         for row in self.rows:
@@ -502,23 +577,59 @@ class CheckReport(NamedTuple):
         widths = [max(len(line[i]) for line in lines) for i in range(4)]
         text = ["  ".join(cell.ljust(w) for cell, w in zip(line[:4], widths, strict=True)) + "  " + line[4]
                 for line in lines]
-        n_fail = len(self.failures)
-        verdict = "PASSED" if self.passed else "FAILED"
-        text.append(f"{verdict}: {len(self.rows) - n_fail} of {len(self.rows)} tensors match")
+        text.append(self.summary())
         return "\n".join(text)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON types (NaN errors become None), for ``lowrank vectors check --json``.
+
+        Returns
+        -------
+        dict
+            ``passed``, ``summary``, ``selection`` (``kinds``, ``cases``),
+            ``selected`` and ``skipped`` (case names), ``n_tensors``,
+            ``n_failed`` and ``rows``: one object per tensor with ``case``,
+            ``tensor``, ``max_abs``, ``max_rel``, ``ok`` and ``note``.
+        """
+
+        def number(v: float) -> float | None:
+            return None if np.isnan(v) else float(v)
+
+        return {
+            "passed": self.passed,
+            "summary": self.summary(),
+            "selection": {"kinds": None if self.kinds is None else list(self.kinds), "cases": self.cases},
+            "selected": list(self.selected),
+            "skipped": list(self.skipped),
+            "n_tensors": len(self.rows),
+            "n_failed": len(self.failures),
+            "rows": [{"case": r.case, "tensor": r.tensor, "max_abs": number(r.max_abs),
+                      "max_rel": number(r.max_rel), "ok": r.ok, "note": r.note} for r in self.rows],
+        }  # fmt: skip
 
 
 def _manifest_error(path: Path, rule: str) -> ValueError:
     return ValueError(f"{path} is not a lowrank vectors manifest: {rule}")
 
 
+def _is_tolerance(value: Any) -> bool:
+    """A JSON number (not a bool, which Python counts as an int), finite and >= 0."""
+    return type(value) in (int, float) and math.isfinite(value) and value >= 0
+
+
 def read_manifest(directory: PathLike) -> dict[str, Any]:
     """Read and validate ``directory/manifest.json``.
+
+    Every case must have a name, a plain file name, a kind, outputs, and
+    ``rtol`` and ``atol`` that are real numbers, finite and >= 0 (JSON
+    ``true`` is not a number here); so must every entry of the top-level
+    ``tolerances`` table.
 
     Raises
     ------
     ValueError
-        A missing, corrupt or truncated manifest, or one of another format, in one line.
+        A missing, corrupt or truncated manifest, one of another format, or
+        one breaking a rule above, in one line naming the case and the field.
     """
     folder = Path(directory)
     path = folder / MANIFEST_NAME
@@ -537,12 +648,89 @@ def read_manifest(directory: PathLike) -> dict[str, Any]:
         raise _manifest_error(path, "'cases' must be a non-empty list")
     for i, case in enumerate(cases):
         ok = (isinstance(case, dict) and isinstance(case.get("name"), str) and isinstance(case.get("file"), str)
-              and isinstance(case.get("outputs"), dict) and case["outputs"]
-              and all(isinstance(case.get(k), (int, float)) and case[k] >= 0 for k in ("rtol", "atol"))
+              and isinstance(case.get("kind"), str) and isinstance(case.get("outputs"), dict) and case["outputs"]
+              and all(k in case for k in ("rtol", "atol"))
               and Path(case["file"]).name == case["file"])  # fmt: skip
         if not ok:
-            raise _manifest_error(path, f"case {i} lacks a name, a plain file name, outputs, rtol or atol")
+            raise _manifest_error(path, f"case {i} lacks a name, a plain file name, a kind, outputs, rtol or atol")
+        for field in ("rtol", "atol"):
+            if not _is_tolerance(case[field]):
+                raise _manifest_error(path, f"case {i} ({case['name']!r}): {field!r} must be a real number, "
+                                            f"finite and >= 0, got {case[field]!r}")  # fmt: skip
+    table = manifest.get("tolerances", {})
+    if not isinstance(table, dict):
+        raise _manifest_error(path, f"'tolerances' must be an object, got {table!r}")
+    for dtype, row in table.items():
+        for field, value in (row.items() if isinstance(row, dict) else [("row", row)]):
+            if not _is_tolerance(value):
+                raise _manifest_error(path, f"'tolerances' {dtype!r} {field!r} must be a real number, "
+                                            f"finite and >= 0, got {value!r}")  # fmt: skip
     return manifest
+
+
+def _kinds_list(kinds: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    """``kinds`` as a tuple of names: a string is a comma-separated list, as on the command line."""
+    if kinds is None:
+        return None
+    if isinstance(kinds, str):
+        kinds = kinds.split(",")
+    names = tuple(kinds)
+    if not all(isinstance(k, str) for k in names):
+        raise TypeError(f"kinds must be a comma-separated string or strings, got {names!r}")
+    names = tuple(k.strip() for k in names)
+    if not names or not all(names):
+        raise ValueError(f"kinds must name at least one kind and no empty one, got {','.join(names)!r}")
+    return names
+
+
+def select_cases(
+    manifest: dict[str, Any], *, kinds: str | Iterable[str] | None = None, cases: str | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split a manifest's cases into those selected by ``kinds`` and ``cases`` and the others.
+
+    Parameters
+    ----------
+    manifest : dict
+        As :func:`read_manifest` returns it.
+    kinds : str or iterable of str, optional
+        Keep the cases of these kinds (``"linear,lora_linear"`` or
+        ``["linear", "lora_linear"]``); every kind named must occur in the manifest.
+    cases : str, optional
+        Keep the cases whose name matches this shell-style glob
+        (:func:`fnmatch.fnmatchcase`: ``*``, ``?``, ``[seq]``; case-sensitive),
+        e.g. ``"lora_linear_*_f32"``.
+
+    Returns
+    -------
+    selected, skipped : list of dict
+        Manifest entries, in manifest order.
+
+    Raises
+    ------
+    ValueError
+        A kind the manifest does not hold (the message lists those it
+        holds), or a selection that leaves no case.
+    TypeError
+        ``cases`` not a string, or ``kinds`` holding something other than strings.
+    """
+    wanted = _kinds_list(kinds)
+    if cases is not None and not isinstance(cases, str):
+        raise TypeError(f"cases must be a glob pattern string, got {type(cases).__name__} {cases!r}")
+    present = list(dict.fromkeys(c["kind"] for c in manifest["cases"]))
+    if wanted is not None:
+        unknown = [k for k in wanted if k not in present]
+        if unknown:
+            raise ValueError(f"kinds: no case of kind {', '.join(map(repr, unknown))} in the reference; "
+                             f"its kinds are {', '.join(present)}")  # fmt: skip
+    selected: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for case in manifest["cases"]:
+        keep = (wanted is None or case["kind"] in wanted) and (cases is None or fnmatchcase(case["name"], cases))
+        (selected if keep else skipped).append(case)
+    if not selected:
+        raise ValueError(f"no case of the reference matches the selection (kinds {','.join(wanted or ['*'])}, "
+                         f"cases {cases or '*'!r})")  # fmt: skip
+    return selected, skipped
 
 
 def _compare(case: str, tensor: str, got: np.ndarray, want: np.ndarray, rtol: float, atol: float) -> CheckRow:
@@ -550,41 +738,63 @@ def _compare(case: str, tensor: str, got: np.ndarray, want: np.ndarray, rtol: fl
     return CheckRow(case, tensor, c.max_abs, c.max_rel, c.ok, c.note)
 
 
-def check_vectors(ref_dir: PathLike, candidate_dir: PathLike) -> CheckReport:
-    """Compare a candidate's outputs with the reference, per case and output tensor.
+def check_vectors(
+    ref_dir: PathLike,
+    candidate_dir: PathLike,
+    *,
+    kinds: str | Iterable[str] | None = None,
+    cases: str | None = None,
+) -> CheckReport:
+    """Compare a candidate's outputs with the reference, per selected case and output tensor.
 
-    For each case of ``ref_dir/manifest.json`` the candidate file
+    For each selected case of ``ref_dir/manifest.json`` the candidate file
     ``candidate_dir/<case>.safetensors`` must hold every output tensor of
-    the case under its name, of the expected shape, within the case's
-    ``rtol``/``atol`` under :func:`lowrank.reference.compare.compare`'s rule
-    (``|got - want| <= atol * max|want| + rtol * |want|`` elementwise).
-    A missing file or tensor is a failed row; extra tensors are ignored.
+    the case under its name, of the expected shape and dtype, within the
+    case's ``rtol``/``atol`` under :func:`lowrank.reference.compare.compare`'s
+    rule (``|got - want| <= atol * max|want| + rtol * |want|`` elementwise).
+    A missing file or tensor, another dtype, a complex or non-numeric
+    tensor, a wrong shape or a NaN is a failed row with the reason in its
+    note; extra tensors are ignored. Cases left out by ``kinds`` and
+    ``cases`` are not read at all (their files need not exist on either
+    side) and are listed in the report's ``skipped``.
 
     Parameters
     ----------
     ref_dir : str or os.PathLike
         A folder written by :func:`write_vectors`.
     candidate_dir : str or os.PathLike
+    kinds : str or iterable of str, optional
+        Check only the cases of these kinds, for a candidate that implements
+        only some: ``"linear,lora_linear"``. See :func:`select_cases`.
+    cases : str, optional
+        Check only the cases whose name matches this shell-style glob
+        (``fnmatch``, case-sensitive), e.g. ``"*_f32"``.
 
     Returns
     -------
     CheckReport
-        ``.passed``, ``.rows`` of ``(case, tensor, max_abs, max_rel, ok, note)``, ``.format()``.
+        ``.passed``, ``.rows`` of ``(case, tensor, max_abs, max_rel, ok, note)``,
+        ``.selected``, ``.skipped``, ``.format()``, ``.to_dict()``.
 
     Raises
     ------
     ValueError
         In one line: a missing folder, a missing, corrupt or truncated
-        manifest or reference file (each reference file's sha256 is checked
-        against the manifest), or a corrupt or truncated candidate file.
+        manifest (or one whose tolerances are not real numbers) or reference
+        file (each selected reference file's sha256 is checked against the
+        manifest), a corrupt or truncated candidate file, a kind the
+        reference does not hold, or a selection that leaves no case.
+    TypeError
+        ``kinds`` or ``cases`` of the wrong type.
     """
     ref, cand = Path(ref_dir), Path(candidate_dir)
     manifest = read_manifest(ref)
+    selected, skipped = select_cases(manifest, kinds=kinds, cases=cases)
     if not cand.is_dir():
         raise ValueError(f"no such candidate folder: {cand}")
     rows: list[CheckRow] = []
     nan = float("nan")
-    for case in manifest["cases"]:
+    for case in selected:
         name, file = case["name"], case["file"]
         ref_path = ref / file
         if not ref_path.is_file():
@@ -606,4 +816,10 @@ def check_vectors(ref_dir: PathLike, candidate_dir: PathLike) -> CheckReport:
                 rows.append(CheckRow(name, tensor, nan, nan, False, "missing tensor"))
                 continue
             rows.append(_compare(name, tensor, got_all[tensor], want_all[tensor], case["rtol"], case["atol"]))
-    return CheckReport(rows)
+    return CheckReport(
+        rows,
+        selected=tuple(c["name"] for c in selected),
+        skipped=tuple(c["name"] for c in skipped),
+        kinds=_kinds_list(kinds),
+        cases=cases,
+    )
