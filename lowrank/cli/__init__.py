@@ -12,13 +12,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from lowrank.cli import demo, factor, reference
+from lowrank.cli import adapter, demo, factor, reference
 from lowrank.cli.common import CLIError, Parser
 
 __all__ = ["CLIError", "build_parser", "main"]
 
 # Each module adds its commands; a new command group is a new module here.
-COMMAND_GROUPS = (demo, factor, reference)
+COMMAND_GROUPS = (demo, factor, reference, adapter)
 
 
 def build_parser() -> Parser:

@@ -844,7 +844,8 @@ def check_adapter(adapter: Adapter) -> tuple[list[ModuleReport], list[str]]:
                     f"{stored_arr.shape[axis]} "
                     f"disagrees with the config's {source} = {settings.r}"
                 )
-        ok = fits and A is not None and B is not None and A.size > 0 and B.size > 0
+        ok = A is not None and B is not None and fits and A.size > 0 and B.size > 0
+        ok = ok and A is not None and B is not None and bool(np.isfinite(A).all() and np.isfinite(B).all())
         stored = sorted({adapter.dtypes[k] for k in (keys.A, keys.B) if k is not None})
         modules.append(
             ModuleReport(
