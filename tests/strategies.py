@@ -236,6 +236,25 @@ def lowrank_factors(draw, dtype=None, max_side: int = 12, max_rank: int = 6):
     return draw(laid_out(dtype, (m, r))), draw(laid_out(dtype, (r, n)))
 
 
+def canonical(U: np.ndarray, Vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Singular vectors under the sign rule, written independently of the package: the largest-|.|
+    entry of each column of U (the first one on ties) made positive, Vt's rows flipped to match."""
+    U, Vt = U.copy(), Vt.copy()
+    for j in range(U.shape[1]):
+        i = int(np.argmax(np.abs(U[:, j])))
+        if U[i, j] < 0:
+            U[:, j] *= -1
+            Vt[j] *= -1
+    return U, Vt
+
+
+def assert_sign_rule(U: np.ndarray) -> None:
+    """Each column of U has its largest-|.| entry (the first one on ties) positive."""
+    for j in range(U.shape[1]):
+        i = int(np.argmax(np.abs(U[:, j])))
+        assert U[i, j] > 0, f"column {j}: largest-magnitude entry {U[i, j]} at row {i} is not positive"
+
+
 def planted(m: int, n: int, rank: int, seed: int, dtype=np.float64, decay: float | None = None):
     """A rank-``rank`` matrix U diag(s) V^T with orthonormal U, V, from a seed: for fixed,
     parametrized cases (hypothesis tests use :func:`planted_matrices`).

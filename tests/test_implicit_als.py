@@ -59,6 +59,13 @@ def as_format(R, fmt):
     return {"coo": coo, "csr": coo.tocsr(), "csc": coo.tocsc(), "csr_array": sparse.csr_array(coo)}[fmt]
 
 
+def fit_every_sweep(problem, fmt, cg_steps, max_iter):
+    """implicit_als on a problem drawn by ``interactions``, R in format ``fmt``, ``tol=0``: all ``max_iter`` sweeps."""
+    R, rank, alpha, reg, weighted_reg, seed = problem
+    return implicit_als(as_format(R, fmt), rank, alpha=alpha, reg=reg, weighted_reg=weighted_reg,
+                        cg_steps=cg_steps, max_iter=max_iter, tol=0.0, random_state=seed)  # fmt: skip
+
+
 def loss_tol(dtype) -> float:
     return 1e-9 if np.dtype(dtype) == np.float64 else 1e-4
 
@@ -96,18 +103,8 @@ def test_without_penalty_the_half_step_is_a_least_squares_minimizer(problem):
 
 @given(interactions(), st.sampled_from(["dense", "csr", "csc"]), st.sampled_from([None, 1, 3]))
 def test_losses_are_the_objective_at_the_returned_factors(problem, fmt, cg_steps):
-    R, rank, alpha, reg, weighted_reg, seed = problem
-    fit = implicit_als(
-        as_format(R, fmt),
-        rank,
-        alpha=alpha,
-        reg=reg,
-        weighted_reg=weighted_reg,
-        max_iter=3,
-        tol=0.0,
-        cg_steps=cg_steps,
-        random_state=seed,
-    )
+    R, _, alpha, reg, weighted_reg, _ = problem
+    fit = fit_every_sweep(problem, fmt, cg_steps, max_iter=3)
     want = dense_objective(R, fit.left, fit.right, alpha, reg, weighted_reg)
     assert fit.losses[-1] == pytest.approx(want, rel=loss_tol(R.dtype), abs=1e-9)
 
@@ -140,19 +137,8 @@ def test_the_objective_of_a_known_case():
 @given(interactions(), st.sampled_from(["dense", "csr"]), st.sampled_from([None, 1, 2]))
 def test_loss_never_increases(problem, fmt, cg_steps):
     # exact half-steps minimize; CG steps from the warm start only ever lower each row's quadratic
-    R, rank, alpha, reg, weighted_reg, seed = problem
-    fit = implicit_als(
-        as_format(R, fmt),
-        rank,
-        alpha=alpha,
-        reg=reg,
-        weighted_reg=weighted_reg,
-        cg_steps=cg_steps,
-        max_iter=12,
-        tol=0.0,
-        random_state=seed,
-    )
-    losses = fit.losses
+    R = problem[0]
+    losses = fit_every_sweep(problem, fmt, cg_steps, max_iter=12).losses
     assert losses.dtype == np.float64 and np.all(np.isfinite(losses)) and np.all(losses >= 0)
     slack = loss_tol(R.dtype)
     for t in range(len(losses) - 1):

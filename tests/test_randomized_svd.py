@@ -14,6 +14,8 @@ from strategies import (
     SEEDS,
     any_dtype_matrices,
     as_layout,
+    assert_sign_rule,
+    canonical,
     decaying_matrices,
     expected_float_dtype,
     lapack_tol,
@@ -39,12 +41,6 @@ def frobenius_error(M: np.ndarray, svd) -> float:
     return float(np.linalg.norm(M64 - (svd.U.astype(np.float64) * svd.s) @ svd.Vt.astype(np.float64)))
 
 
-def assert_sign_rule(U: np.ndarray) -> None:
-    for j in range(U.shape[1]):
-        i = int(np.argmax(np.abs(U[:, j])))
-        assert U[i, j] > 0, f"column {j}: largest-magnitude entry {U[i, j]} is not positive"
-
-
 def decaying(m: int, n: int, seed: int, kind: str, dtype=np.float64) -> np.ndarray:
     """A matrix with a decaying spectrum plus a little dense noise."""
     p = min(m, n)
@@ -58,17 +54,6 @@ def decaying(m: int, n: int, seed: int, kind: str, dtype=np.float64) -> np.ndarr
 def gapped_spectrum(p: int) -> np.ndarray:
     """Top five singular values 10, 9, 8, 7, 6, then a tail below 0.5: a wide spectral gap."""
     return np.concatenate([[10.0, 9.0, 8.0, 7.0, 6.0], 0.5 * 0.9 ** np.arange(p - 5)])
-
-
-def canonical(U: np.ndarray, Vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The sign rule written out independently: the largest-|.| entry of each column of U positive."""
-    U, Vt = U.copy(), Vt.copy()
-    for j in range(U.shape[1]):
-        i = int(np.argmax(np.abs(U[:, j])))
-        if U[i, j] < 0:
-            U[:, j] *= -1
-            Vt[j] *= -1
-    return U, Vt
 
 
 def subspace_distance(Q: np.ndarray, U: np.ndarray) -> float:

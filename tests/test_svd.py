@@ -13,6 +13,8 @@ from strategies import (
     FLOAT_DTYPES,
     any_dtype_matrices,
     as_layout,
+    assert_sign_rule,
+    canonical,
     expected_float_dtype,
     lapack_tol,
     matrices_and_ranks,
@@ -30,25 +32,6 @@ from lowrank import eckart_young_errors, energy_kept, rank_for_energy, truncated
 def reference_s(M: np.ndarray) -> np.ndarray:
     """All singular values of M, computed independently in float64."""
     return np.linalg.svd(np.asarray(M, dtype=np.float64), compute_uv=False)
-
-
-def canonical(U: np.ndarray, Vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The sign rule, written independently of the package: the largest-|.| entry of
-    each column of U is positive (the first one on ties), Vt's rows flipped to match."""
-    U, Vt = U.copy(), Vt.copy()
-    for j in range(U.shape[1]):
-        i = int(np.argmax(np.abs(U[:, j])))
-        if U[i, j] < 0:
-            U[:, j] *= -1
-            Vt[j] *= -1
-    return U, Vt
-
-
-def assert_sign_rule(U: np.ndarray) -> None:
-    for j in range(U.shape[1]):
-        col = U[:, j]
-        i = int(np.argmax(np.abs(col)))  # the first largest on ties
-        assert col[i] > 0, f"column {j}: largest-magnitude entry {col[i]} at row {i} is not positive"
 
 
 # ---------------------------------------------------------------- shapes, orthonormality, values
