@@ -9,7 +9,8 @@ reversed along an axis) so the code under test meets non-contiguous and
 negative-stride views. Shapes and values are bounded so that each example is
 cheap and none overflows. ``SEEDS`` remains, for the ``random_state``
 argument of the functions under test. Add new strategies to the section of
-the part of the package they serve.
+the part of the package they serve. A few plain helpers that several test
+files share sit beside them (tolerances, the SVD sign rule written out).
 """
 
 from __future__ import annotations
