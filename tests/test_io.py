@@ -394,3 +394,232 @@ def test_load_checks_random_state_before_changing_anything(tmp_path):
     with pytest.raises(TypeError, match=r"random_state must be None, an int or a numpy\.random\.Generator"):
         load_peft_adapter(model, folder, random_state="seed")
     assert not isinstance(model[0], nn.LoRALinear)
+
+
+# ---------------------------------------------------------------- PEFT's fields, from hand-written files
+# Each adapter below is written here with NumPy and JSON alone (no save_peft_adapter), and the
+# expected output is computed here in float64 from the same numbers.
+
+
+def _relu_mlp(dtype=np.float64):
+    """Linear layers at "0", "2", "4" (4 -> 6 -> 5 -> 3)."""
+    return nn.Sequential(nn.Linear(4, 6, dtype=dtype, random_state=0), nn.ReLU(),
+                         nn.Linear(6, 5, dtype=dtype, random_state=1), nn.ReLU(),
+                         nn.Linear(5, 3, dtype=dtype, random_state=2))
+
+
+def _dyadic(rng, shape):
+    """Multiples of 1/8 in [-2, 2]: exact in bfloat16, float16 and float32, so every file dtype holds them."""
+    return rng.integers(-16, 17, shape).astype(np.float64) / 8
+
+
+def _hand_written_adapter(folder, file_dtype, bias):
+    """r=2, lora_alpha=4, rank_pattern {"2": 3}, alpha_pattern {"0": 1}, modules_to_save ["4"], as PEFT writes it."""
+    rng = np.random.default_rng(5)
+    t = {"0.lora_A.weight": _dyadic(rng, (2, 4)), "0.lora_B.weight": _dyadic(rng, (6, 2)),
+         "2.lora_A.weight": _dyadic(rng, (3, 6)), "2.lora_B.weight": _dyadic(rng, (5, 3)),
+         "4.weight": _dyadic(rng, (3, 5)), "4.bias": _dyadic(rng, (3,))}
+    if bias != "none":
+        t["0.base_layer.bias"], t["2.base_layer.bias"] = _dyadic(rng, (6,)), _dyadic(rng, (5,))
+    folder.mkdir()
+    cast = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}[file_dtype]
+    save_safetensors(folder / PEFT_WEIGHTS_NAME, {f"base_model.model.{k}": v.astype(cast) for k, v in t.items()},
+                     {"format": "pt"}, dtypes="bfloat16" if file_dtype == "bfloat16" else None)
+    config = {"peft_type": "LORA", "task_type": None, "r": 2, "lora_alpha": 4, "lora_dropout": 0.0,
+              "target_modules": ["0", "2"], "rank_pattern": {"2": 3}, "alpha_pattern": {"0": 1},
+              "bias": bias, "modules_to_save": ["4"], "fan_in_fan_out": False, "use_rslora": False}
+    (folder / PEFT_CONFIG_NAME).write_text(json.dumps(config))
+    return t
+
+
+@pytest.mark.parametrize("file_dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("bias", ["none", "lora_only", "all"])
+def test_a_hand_written_adapter_with_patterns_bias_and_modules_to_save_gives_the_hand_output(
+        tmp_path, file_dtype, bias):
+    t = _hand_written_adapter(tmp_path / "ad", file_dtype, bias)
+    model = _relu_mlp()
+    W = {i: model[i].weight.data.copy() for i in (0, 2)}
+    b = {i: model[i].bias.data.copy() for i in (0, 2)}
+    load_peft_adapter(model, tmp_path / "ad")
+    assert (model[0].r, model[0].alpha, model[2].r, model[2].alpha) == (2, 1.0, 3, 4.0)
+    x = np.random.default_rng(0).standard_normal((7, 4))
+    h = x
+    for i, scaling in ((0, 1.0 / 2), (2, 4.0 / 3)):  # alpha / r per layer, from the patterns
+        bias_i = t[f"{i}.base_layer.bias"] if bias != "none" else b[i]
+        h = np.maximum(h @ (W[i] + scaling * t[f"{i}.lora_B.weight"] @ t[f"{i}.lora_A.weight"]).T + bias_i, 0.0)
+    h = h @ t["4.weight"].T + t["4.bias"]  # the saved module, whole
+    np.testing.assert_allclose(model(x), h, rtol=1e-12, atol=1e-12)
+    trainable = sorted(k for k, p in model.named_parameters() if p.trainable)
+    biases = {"none": [], "lora_only": ["0.bias", "2.bias"], "all": ["0.bias", "2.bias"]}[bias]
+    assert trainable == sorted([f"{i}.lora_{f}.weight" for i in (0, 2) for f in "AB"] + biases + ["4.bias", "4.weight"])
+
+
+@pytest.mark.parametrize("file_dtype", ["float16", "bfloat16"])
+def test_half_precision_files_load_exactly_into_float32_layers(tmp_path, file_dtype):
+    t = _hand_written_adapter(tmp_path / "ad", file_dtype, "none")
+    model = load_peft_adapter(_relu_mlp(np.float32), tmp_path / "ad")
+    assert model[0].A.dtype == np.float32 and model[4].weight.dtype == np.float32
+    np.testing.assert_array_equal(model[2].B.data, t["2.lora_B.weight"])  # every bf16/fp16 value is a float32
+
+
+def test_save_writes_patterns_bias_and_modules_to_save_under_peft_names(tmp_path):
+    model = nn.inject_lora(_relu_mlp(), r={"0": 2, "2": 3}, alpha={"0": 1.0, "2": 4.0}, targets=["0", "2"],
+                           bias="all", modules_to_save=["4"], random_state=0)
+    rng = np.random.default_rng(1)
+    for i in (0, 2):
+        model[i].B.data = rng.standard_normal(model[i].B.shape)
+        model[i].bias.data = rng.standard_normal(model[i].bias.shape)
+    model[4].weight.data = rng.standard_normal((3, 5))
+    save_peft_adapter(model, tmp_path / "ad", bias="all", modules_to_save=["4"])
+    config = json.loads((tmp_path / "ad" / PEFT_CONFIG_NAME).read_text())
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"], config["alpha_pattern"]) == (
+        2, 1.0, {"2": 3}, {"2": 4.0})
+    assert (config["bias"], config["modules_to_save"], config["target_modules"]) == ("all", ["4"], ["0", "2"])
+    stored = load_safetensors(tmp_path / "ad" / PEFT_WEIGHTS_NAME)
+    assert set(stored) == {f"base_model.model.{k}" for k in (
+        "0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight",
+        "0.base_layer.bias", "2.base_layer.bias", "4.weight", "4.bias")}
+    np.testing.assert_array_equal(stored["base_model.model.4.weight"], model[4].weight.data)
+    fresh = load_peft_adapter(_relu_mlp(), tmp_path / "ad")
+    x = rng.standard_normal((3, 4))
+    np.testing.assert_array_equal(fresh(x), model(x))
+    with pytest.raises(ValueError, match=r"modules_to_save names '9', which is not a module"):
+        save_peft_adapter(model, tmp_path / "b", modules_to_save=["9"])
+    with pytest.raises(ValueError, match=r"modules_to_save names '0', which is adapted"):
+        save_peft_adapter(model, tmp_path / "b", modules_to_save=["0"])
+    with pytest.raises(ValueError, match="bias must be one of"):
+        save_peft_adapter(model, tmp_path / "b", bias="some")
+    assert not (tmp_path / "b").exists()
+
+
+def test_save_pattern_keys_select_one_layer_under_peft_rule(tmp_path):
+    # "0" and "1.0" both adapted with different ranks: the key for "0" must not also match "1.0"
+    model = nn.Sequential(nn.Linear(4, 4, dtype=np.float64), _mlp())
+    nn.inject_lora(model, r={"0": 1, "1.0": 2, "1.2": 2}, alpha=2.0, targets=["0", "1.0", "1.2"], random_state=0)
+    save_peft_adapter(model, tmp_path / "ad")
+    config = json.loads((tmp_path / "ad" / PEFT_CONFIG_NAME).read_text())
+    assert config["r"] == 2 and config["rank_pattern"] == {"^0": 1}
+    loaded = load_peft_adapter(nn.Sequential(nn.Linear(4, 4, dtype=np.float64), _mlp()), tmp_path / "ad")
+    assert (loaded[0].r, loaded[1][0].r, loaded[1][2].r) == (1, 2, 2)
+
+
+def test_load_refuses_file_tensors_the_config_does_not_train(tmp_path):
+    _hand_written_adapter(tmp_path / "ad", "float32", "none")
+    config = json.loads((tmp_path / "ad" / PEFT_CONFIG_NAME).read_text())
+    config["modules_to_save"] = None
+    (tmp_path / "ad" / PEFT_CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"key 'base_model.model.4.bias' is neither a LoRA factor nor a tensor"):
+        load_peft_adapter(_relu_mlp(), tmp_path / "ad")
+
+
+def test_a_pickled_adapter_is_refused_with_how_to_convert(tmp_path):
+    folder = _write_adapter(tmp_path / "ad")
+    (folder / PEFT_WEIGHTS_NAME).rename(folder / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"adapter_model.bin is a pickle file.*safetensors"):
+        load_peft_adapter(_mlp(), folder)
+
+
+# ---------------------------------------------------------------- an adapter is a unit (issue 15, item 1)
+
+
+def test_a_crash_between_the_two_writes_leaves_the_old_adapter_intact_and_loadable(tmp_path, monkeypatch):
+    import lowrank.io.peft as peft_io
+
+    old = _adapted(alpha=5.0)
+    save_peft_adapter(old, tmp_path / "ad")
+    (tmp_path / "ad" / "README.md").write_text("kept")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()}
+
+    def crash(*args, **kwargs):
+        raise OSError("killed between the weights and the config")
+
+    monkeypatch.setattr(peft_io, "save_json", crash)  # the second write of a save
+    with pytest.raises(OSError, match="killed"):
+        save_peft_adapter(_adapted(seed=3, alpha=7.0), tmp_path / "ad")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ad").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]  # no temporary folder left behind
+    monkeypatch.undo()
+    loaded = load_peft_adapter(_mlp(), tmp_path / "ad")
+    x = np.random.default_rng(0).standard_normal((3, 4))
+    np.testing.assert_array_equal(loaded(x), old(x))
+    save_peft_adapter(_adapted(seed=3, alpha=7.0), tmp_path / "ad")  # a save that completes replaces both
+    assert (tmp_path / "ad" / "README.md").read_text() == "kept"
+    assert load_peft_adapter(_mlp(), tmp_path / "ad")[0].alpha == 7.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
+
+
+def test_weights_beside_another_adapters_config_are_refused(tmp_path):
+    save_peft_adapter(_adapted(alpha=5.0), tmp_path / "a")
+    save_peft_adapter(_adapted(seed=1, alpha=7.0), tmp_path / "b")  # same shapes: only the digest tells them apart
+    (tmp_path / "a" / PEFT_WEIGHTS_NAME).write_bytes((tmp_path / "b" / PEFT_WEIGHTS_NAME).read_bytes())
+    model = _mlp()
+    with pytest.raises(ValueError, match=r"was saved with another adapter_config.json than the one beside it") as info:
+        load_peft_adapter(model, tmp_path / "a")
+    assert "\n" not in str(info.value) and not isinstance(model[0], nn.LoRALinear)
+    config = json.loads((tmp_path / "b" / PEFT_CONFIG_NAME).read_text())
+    config["base_model_name_or_path"] = "elsewhere"  # bookkeeping: not part of the digest
+    (tmp_path / "b" / PEFT_CONFIG_NAME).write_text(json.dumps(config))
+    assert load_peft_adapter(_mlp(), tmp_path / "b")[0].alpha == 7.0
+
+
+def test_save_refuses_a_path_that_is_a_file(tmp_path):
+    (tmp_path / "ad").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        save_peft_adapter(_adapted(), tmp_path / "ad")
+
+
+# ---------------------------------------------------------------- hostile patterns (issue 15, item 2)
+
+
+class _Box(nn.Module):
+    """One Linear under a 28-character name."""
+
+    NAME = "a" * 28
+
+    def __init__(self):
+        super().__init__()
+        setattr(self, self.NAME, nn.Linear(2, 2, dtype=np.float64, random_state=0))
+
+    def forward(self, x):
+        return getattr(self, self.NAME)(x)
+
+
+@pytest.mark.parametrize("field", ["target_modules", "rank_pattern", "alpha_pattern"])
+def test_a_catastrophic_regex_is_refused_before_it_runs(tmp_path, field):
+    """'(a*)*b' against the 28-character name takes seconds in Python's re, doubling per character:
+    refused before any match (without the check this test hangs)."""
+    folder = tmp_path / "ad"
+    folder.mkdir()
+    name = _Box.NAME
+    save_safetensors(folder / PEFT_WEIGHTS_NAME, {f"base_model.model.{name}.lora_A.weight": np.ones((1, 2)),
+                                                  f"base_model.model.{name}.lora_B.weight": np.ones((2, 1))})
+    config = {"peft_type": "LORA", "r": 1, "lora_alpha": 1, "target_modules": [name]}
+    config["target_modules" if field == "target_modules" else field] = (
+        "(a*)*b" if field == "target_modules" else {"(a*)*b": 2})
+    (folder / PEFT_CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"adapter_config.json: .*'\(a\*\)\*b' repeats a group") as info:
+        load_peft_adapter(_Box(), folder)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("pattern", ["(a*)*b", "(a+)+", "(a|a)*", "(?:x?)+y", "((ab)*c)+", "(a|b){2,}",
+                                     ".*a.*b.*c.*d"])
+def test_check_regex_is_safe_refuses_nested_repeats(pattern):
+    from lowrank.io.peft import check_regex_is_safe
+
+    with pytest.raises(ValueError, match="target_modules"):
+        check_regex_is_safe(pattern, "target_modules")
+
+
+@pytest.mark.parametrize("pattern", [r".*\.(q_proj|v_proj)", r"layers\.\d+\.attn\.(q|v)", "[(]*a", r"\(a*\)*",
+                                     "a{2}", "(ab)*", "(a|b)?", r"^(?:0|2\.fc)$", "x{", "(?P<n>a)+"])
+def test_check_regex_is_safe_accepts_the_usual_patterns(pattern):
+    from lowrank.io.peft import check_regex_is_safe
+
+    check_regex_is_safe(pattern, "target_modules")
+
+
+def test_load_looks_names_up_in_the_model_before_matching(tmp_path):
+    folder = _write_adapter(tmp_path / "ad", {"target_modules": "9"})  # matches neither "0" nor "2"
+    with pytest.raises(ValueError, match="adapts '0', which must be a Linear of model, got ReLU"):
+        load_peft_adapter(nn.Sequential(nn.ReLU()), folder)
