@@ -171,3 +171,70 @@ def test_inject_lora_freezes_what_get_peft_model_freezes():
                     for n, p in pm.named_parameters() if p.requires_grad)  # fmt: skip
     assert sorted(k for k, p in ours.named_parameters() if p.trainable) == theirs
     assert len(theirs) == 2
+
+
+# ---------------------------------------------------------------- PEFT's fields: patterns, bias, modules_to_save,
+# half-precision files
+
+
+def _torch_deep(seed):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear
+    return torch.nn.Sequential(lin(4, 8), torch.nn.ReLU(), lin(8, 6), torch.nn.ReLU(), lin(6, 3)).double()
+
+
+def _ours_deep(torch_model):
+    model = nn.Sequential(nn.Linear(4, 8, dtype=np.float64), nn.ReLU(), nn.Linear(8, 6, dtype=np.float64),
+                          nn.ReLU(), nn.Linear(6, 3, dtype=np.float64))
+    model.load_state_dict({k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()})
+    return model
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@pytest.mark.parametrize(("file_dtype", "bias"), [("float32", "none"), ("float16", "lora_only"),
+                                                  ("bfloat16", "all"), ("float32", "all")])
+def test_an_adapter_peft_saved_with_patterns_bias_and_modules_to_save_loads_here(tmp_path, file_dtype, bias):
+    """PEFT's adapter in float32, float16 or bfloat16 (its trained tensors cast before save_pretrained):
+    loaded here (float64 model), the outputs are PEFT's with the same stored values."""
+    base = _torch_deep(0)
+    ours = _ours_deep(base)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], rank_pattern={"2": 3},
+                             alpha_pattern={"0": 1.5}, modules_to_save=["4"], bias=bias)
+    pm = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:  # B = 0, untouched biases and head would hide every mistake
+                p.copy_(torch.randn_like(p))
+                p.data = p.data.to(_TORCH_DTYPES[file_dtype])
+    pm.save_pretrained(tmp_path / "adapter")
+    with torch.no_grad():
+        for p in pm.parameters():
+            p.data = p.data.double()  # the stored values, exactly, for PEFT's float64 forward
+    pm.eval()
+    ours = load_peft_adapter(ours, tmp_path / "adapter")
+    assert (ours[0].r, ours[0].alpha, ours[2].r, ours[2].alpha) == (2, 1.5, 3, 4.0)
+    x = np.random.default_rng(1).standard_normal((5, 4))
+    np.testing.assert_allclose(ours(x), pm(torch.tensor(x)).detach().numpy(), rtol=1e-12, atol=1e-12)
+    theirs = sorted(n.replace("base_model.model.", "").replace(".default", "").replace("base_layer.", "")
+                    .replace("modules_to_save.", "") for n, p in pm.named_parameters() if p.requires_grad)
+    assert sorted(n for n, p in ours.named_parameters() if p.trainable) == theirs
+
+
+def test_an_adapter_saved_here_with_patterns_bias_and_modules_to_save_loads_in_peft(tmp_path):
+    base = _torch_deep(1)
+    ours = nn.inject_lora(_ours_deep(base), r={"0": 2, "2": 3}, alpha={"0": 1.5, "2": 4.0}, targets=["0", "2"],
+                          use_rslora=True, bias="all", modules_to_save=["4"], random_state=0)
+    rng = np.random.default_rng(2)
+    for p in ours.parameters():
+        if p.trainable:
+            p.data = rng.standard_normal(p.shape)
+    save_peft_adapter(ours, tmp_path / "adapter", bias="all", modules_to_save=["4"])
+    pm = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
+    pm.eval()
+    layers = pm.base_model.model
+    assert (layers[0].r["default"], layers[2].r["default"]) == (2, 3)
+    assert layers[2].scaling["default"] == 4.0 / np.sqrt(3)
+    x = rng.standard_normal((6, 4))
+    np.testing.assert_allclose(ours(x), pm(torch.tensor(x)).detach().numpy(), rtol=1e-12, atol=1e-12)
