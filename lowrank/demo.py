@@ -311,17 +311,18 @@ def _format_adaptation(a: dict[str, Any]) -> list[str]:
 
 
 def check_plot_path(path: str) -> None:
-    """Fail fast, before the demo runs: matplotlib must import and ``path``'s folder must be writable."""
-    import os
-    from pathlib import Path
+    """Fail fast, before the demo runs: matplotlib must import and ``path`` must be writable.
 
+    See :func:`lowrank.io.files.check_writable` for what writable means and
+    what each failure raises (an empty ``path`` is a ValueError).
+    """
+    from lowrank.io.files import check_writable
+
+    check_writable(path, "--plot")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise ImportError("--plot needs matplotlib: pip install 'lowrank[plot]'") from None
-    folder = Path(path).parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise OSError(f"cannot write {path}: the folder {folder} does not exist or is not writable")
 
 
 def plot(results: dict[str, Any], path: str) -> None:

@@ -1,19 +1,22 @@
 """The ``lowrank`` command: ``demo``, ``factorize``, ``params``, ``gradcheck``, ``vectors``.
 
 Every failure the user can cause (a missing file, a bad rank, a flag out of
-range, a malformed command line) ends in one line on stderr, ``lowrank:
-error: …``, and exit code 2: the command could not run. Never a traceback.
+range, a malformed command line, a hostile file) ends in one line on stderr,
+``lowrank: error: …``, and exit code 2: the command could not run. So does
+any other exception, named as a bug to report. Never a traceback, unless
+``LOWRANK_DEBUG=1`` is set.
 Exit code 1 means only that a checking command (``gradcheck``, ``vectors
 check``) ran and found a failure.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
 from lowrank.cli import adapter, demo, factor, reference
-from lowrank.cli.common import CLIError, Parser
+from lowrank.cli.common import CLIError, Parser, error_line
 
 __all__ = ["CLIError", "build_parser", "main"]
 
@@ -46,19 +49,27 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``lowrank`` command line; returns the exit code."""
+    """Run the ``lowrank`` command line; returns the exit code.
+
+    Any exception a command raises becomes one line on stderr and exit code
+    2 (see :func:`lowrank.cli.common.error_line`); Ctrl-C exits with 130.
+    With the environment variable ``LOWRANK_DEBUG=1`` the exception
+    propagates instead, with its traceback.
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         return args.run(args)
     except SystemExit as exc:  # argparse: --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else 1
-    except (CLIError, ValueError, TypeError, OSError, ImportError, FloatingPointError) as exc:
-        print(f"lowrank: error: {exc}", file=sys.stderr)  # FloatingPointError: a result overflowed
-        return 2
     except KeyboardInterrupt:
         print("lowrank: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if os.environ.get("LOWRANK_DEBUG", "") not in ("", "0"):
+            raise
+        print(error_line(exc), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

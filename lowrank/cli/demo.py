@@ -9,7 +9,7 @@ import json
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lowrank.demo import check_plot_path, format_report, plot, run_demo
 
-    if args.plot:
+    if args.plot is not None:  # --plot "" is refused, not ignored
         check_plot_path(args.plot)
     results = run_demo(seed=args.seed, quick=args.quick)
     if args.plot:

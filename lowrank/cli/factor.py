@@ -13,6 +13,8 @@ from lowrank.cli.common import CLIError
 
 
 def _load_matrix(path: str) -> np.ndarray:
+    from lowrank.io.files import load_npy
+
     file = Path(path)
     if file.is_dir():
         raise CLIError(f"cannot read {path}: it is a folder, not a .npy file")
@@ -23,8 +25,10 @@ def _load_matrix(path: str) -> np.ndarray:
             magic = f.read(6)
         if magic != b"\x93NUMPY":
             raise CLIError(f"cannot read {path}: not a .npy file (write one with numpy.save)")
-        return np.load(file, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+        return load_npy(file)  # checks the claimed shape against the file's size before allocating
+    except ValueError as exc:  # names the file and the rule it breaks
+        raise CLIError(str(exc)) from None
+    except OSError as exc:
         raise CLIError(f"cannot read {path} as a .npy array: {exc}") from None
 
 
@@ -56,6 +60,10 @@ def _relative_errors(M: np.ndarray, lr: Any, s_all: np.ndarray, rank: int) -> tu
 def _cmd_factorize(args: argparse.Namespace) -> int:
     import lowrank
 
+    if args.out is not None:  # before the work, so a typo costs nothing
+        from lowrank.io.files import check_writable
+
+        check_writable(args.out, "--out")
     M = _load_matrix(args.file)
     M = lowrank.utils.validation.check_matrix(M, f"the matrix in {args.file}")
     m, n = M.shape
@@ -87,7 +95,7 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
         f"error     ‖M − L R‖_F / ‖M‖_F = {error:.6e}",
         f"bound     Eckart–Young optimum at rank {rank}: {bound:.6e} (error / optimum = {ratio})",
     ]
-    if args.out:  # written before anything is printed, so a failed write prints only its error
+    if args.out is not None:  # written before anything is printed, so a failed write prints only its error
         from lowrank.io.files import save_npz
 
         path = save_npz(args.out, factors)
