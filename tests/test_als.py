@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from strategies import (
     SEEDS,
     als_problems,
+    expected_float_dtype,
     gapped_problems,
     legacy_global_state,
     matrices,
@@ -49,6 +50,11 @@ def to_sparse(M, mask, fmt):
         "csr": coo.tocsr(),
         "csc": coo.tocsc(),
         "csr_array": sparse.csr_array(coo),
+        "bsr": coo.tobsr(blocksize=(1, 1)),  # 1×1 blocks: a larger block would store unobserved zeros
+        "dok": coo.todok(),
+        "lil": coo.tolil(),
+        "dok_array": sparse.dok_array(coo),
+        "lil_array": sparse.lil_array(coo),
     }[fmt]
 
 
@@ -321,8 +327,10 @@ def test_sparse_input_gives_the_same_result_as_the_dense_mask(problem, reg, fmt)
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("fmt", ["coo", "csr"])
+@pytest.mark.parametrize("fmt", ["coo", "csr", "bsr", "dok", "lil", "dok_array", "lil_array"])
 def test_sparse_input_without_regularization_matches_the_dense_mask(seed, fmt):
+    # every scipy.sparse format is converted to CSR (DOK and LIL used to fail with AttributeError
+    # or "got dtype object")
     # over-determined (every row and column observed well over rank times), so reg = 0 is well-posed
     M = np.random.default_rng(seed).standard_normal((14, 11))
     mask = random_mask(M.shape, 0.7, seed)
@@ -353,6 +361,35 @@ def test_sparse_float32_and_integer_follow_the_dtype_rule(init):
     for dtype, want in ((np.float32, np.float32), (np.int64, np.float64)):
         fit = als(to_sparse(M.astype(dtype), mask, "csr"), 2, init=init, max_iter=3, random_state=0)
         assert fit.left.dtype == want and fit.right.dtype == want
+
+
+@pytest.mark.parametrize("fmt", ["dok", "lil"])
+def test_sparse_formats_without_a_data_array_keep_explicit_zeros_and_the_dtype_rule(fmt):
+    rng = np.random.default_rng(5)
+    M = rng.integers(-3, 4, (7, 6))
+    mask = random_mask(M.shape, 0.7, 5)
+    M[mask & (rng.random(M.shape) < 0.3)] = 0  # observed zeros, stored explicitly
+    kw = dict(init="random", max_iter=5, tol=0.0, random_state=1, reg=0.1)
+    fit = als(to_sparse(M, mask, fmt), 2, **kw)
+    dense = als(np.where(mask, M, 0).astype(np.float64), 2, mask=mask, **kw)
+    assert fit.left.dtype == np.float64  # integers become float64
+    np.testing.assert_allclose(fit.losses, dense.losses, rtol=1e-10)
+    fit32 = als(to_sparse(M.astype(np.float32), mask, fmt), 2, **kw)
+    assert fit32.left.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", [">f8", ">f4", ">i4"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_big_endian_input_is_factorized_in_native_byte_order(dtype, masked):
+    """Byte order is normalised to native: >f8 is float64, as it used to be refused as 'not real'."""
+    M = planted(9, 7, 2, seed=4)
+    mask = random_mask(M.shape, 0.8, 4) if masked else None
+    foreign = (M * 100).astype(dtype) if dtype == ">i4" else M.astype(dtype)
+    native = foreign.astype(foreign.dtype.newbyteorder("="))
+    a = als(foreign, 2, mask=mask, random_state=0, max_iter=5)
+    b = als(native, 2, mask=mask, random_state=0, max_iter=5)
+    assert a.left.dtype.isnative and a.left.dtype == expected_float_dtype(native.dtype)
+    assert a.left.tobytes() == b.left.tobytes() and a.losses.tobytes() == b.losses.tobytes()
 
 
 def test_sparse_with_a_mask_is_refused():
@@ -515,26 +552,46 @@ def test_bad_random_state(random_state):
         als(M, 2, random_state=random_state)
 
 
-def test_entries_too_large_for_the_dtype_are_a_floating_point_error_naming_the_magnitude():
+def test_float32_entries_near_1e19_factorize_as_in_float64():
+    """Their Gram matrices (~1e38 · n) overflow float32; ALS works on M scaled by a power of two instead."""
     rng = np.random.default_rng(0)
     M = (rng.standard_normal((20, 15)) * 1e19).astype(np.float32)
     mask = rng.random(M.shape) < 0.5
-    largest = f"{np.abs(M[mask]).max():.3g}".replace("+", r"\+")
-    with pytest.raises(FloatingPointError, match=rf"largest magnitude {largest}\) are too large for ALS in float32"):
-        als(M, 2, mask=mask, random_state=0)
-    fit = als(M.astype(np.float64), 2, mask=mask, random_state=0, max_iter=5)
-    assert np.all(np.isfinite(fit.losses))
+    fit32 = als(M, 2, mask=mask, random_state=0, max_iter=5, tol=0.0)
+    fit64 = als(M.astype(np.float64), 2, mask=mask, random_state=0, max_iter=5, tol=0.0)
+    assert fit32.left.dtype == np.float32 and np.all(np.isfinite(fit32.losses))
+    np.testing.assert_allclose(fit32.losses, fit64.losses, rtol=1e-3)  # the same run, to float32 rounding
+    predicted = fit32.left.astype(np.float64) @ fit32.right.astype(np.float64)
+    np.testing.assert_allclose(predicted, fit64.left @ fit64.right, rtol=1e-3, atol=1e-3 * np.abs(M).max())
 
 
 @pytest.mark.parametrize("as_sparse", [False, True])
-def test_a_spectral_start_that_overflows_is_a_floating_point_error(as_sparse):
-    M = np.full((6, 5), 3e38, np.float32)  # finite; the zero-filled, rescaled matrix is not
+def test_a_spectral_start_near_the_float32_limit_is_right(as_sparse):
+    """The zero-filled, rescaled matrix's singular value (~1.7e39) overflows float32, the answer does not."""
+    M = np.full((6, 5), 3e38, np.float32)
     mask = np.ones(M.shape, bool)
     mask[0, 0] = False
     data = to_sparse(M, mask, "csr") if as_sparse else M
-    want = r"largest magnitude 3e\+38\) are too large for ALS in float32: the spectral start overflowed"
-    with pytest.raises(FloatingPointError, match=want):
-        als(data, 1, mask=None if as_sparse else mask, init="svd", random_state=0)
+    fit = als(data, 1, mask=None if as_sparse else mask, init="svd", random_state=0)
+    predicted = fit.left.astype(np.float64) @ fit.right.astype(np.float64)  # (6, 5)
+    np.testing.assert_allclose(predicted[mask], 3e38, rtol=1e-5)  # rank 1 fits exactly
+    assert fit.converged and fit.losses[-1] <= (1e-5 * 3e38) ** 2 * mask.sum()
+
+
+def test_losses_beyond_float64_read_inf_and_the_factors_are_right():
+    """The objective of float64 M near 1e160 is ~1e320: it reads inf, the factors are those of M / 2**532."""
+    rng = np.random.default_rng(1)
+    M = rng.standard_normal((8, 6))
+    mask = rng.random(M.shape) < 0.8
+    small = als(M, 2, mask=mask, random_state=0)
+    large = als(M * 2.0**532, 2, mask=mask, random_state=0)  # exact: the same problem
+    np.testing.assert_array_equal(large.left, small.left * 2.0**266)
+    np.testing.assert_array_equal(large.right, small.right * 2.0**266)
+    assert large.converged == small.converged and large.n_iter == small.n_iter
+    with np.errstate(over="ignore"):
+        expected = np.ldexp(small.losses, 2 * 532)  # inf where beyond float64, exact elsewhere
+    assert np.isposinf(expected[0])
+    np.testing.assert_array_equal(large.losses, expected)
 
 
 @pytest.mark.parametrize("flag", ["no", 1, None])

@@ -378,8 +378,11 @@ def test_entries_too_large_for_the_dtype_are_a_floating_point_error_naming_the_m
         lambda: truncated_svd(M, 1),
         lambda: randomized_svd(M, 1, random_state=0),
         lambda: randomized_svd(M[:, :2], 1, random_state=0),  # wide after the transpose too
-        lambda: randomized_range_finder(M, 2, n_iter=1, random_state=0),
     ):
         with pytest.raises(FloatingPointError, match=r"largest magnitude 3e\+38\) are too large for .* in float32"):
             fit()
     assert np.isclose(truncated_svd(M.astype(np.float64), 1).s[0], 9e38)  # float64 holds it
+    Q = randomized_range_finder(M, 2, n_iter=1, random_state=0)  # orthonormal: nothing in it can overflow
+    assert Q.dtype == np.float32
+    np.testing.assert_allclose(Q.T.astype(np.float64) @ Q, np.eye(2), atol=1e-6)
+    np.testing.assert_allclose(np.abs(Q[:, 0]), 1 / np.sqrt(3), rtol=1e-6)  # the range of M: the ones vector

@@ -11,6 +11,19 @@ pattern ``P`` with the outer products of the columns of ``right``, so nothing
 of size ``nnz × r × r`` is ever built and no Python loop runs over rows. Then
 the same with the roles swapped. Each half-step minimizes the objective
 exactly over one factor, so the loss never increases.
+
+Scale. ALS runs on ``M' = M / 2**e``, with ``2**e`` the power of two just
+above the largest observed magnitude, so that no Gram matrix, residual or
+loss over- or underflows whatever ``M``'s scale. With ``left = 2**a left'``,
+``right = 2**b right'`` (``a = floor(e/2)``, ``b = e − a``) the objective is
+
+    Σ (M − left right)² + λ (‖left‖² + ‖right‖²)
+        = 4**e [Σ (M' − left' right')² + λ 4**-b ‖left'‖² + λ 4**-a ‖right'‖²]
+
+the same problem with the penalties ``λ 4**-b`` on ``left'`` and
+``λ 4**-a`` on ``right'``. Multiplying by a power of two is exact in binary
+floating point, so this costs one O(nnz) pass and changes no bit of the
+arithmetic, only the range it happens in.
 """
 
 from __future__ import annotations
@@ -22,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from lowrank.factor.lowrank_matrix import LowRank
+from lowrank.factor.lowrank_matrix import LowRank, magnitude_exponent, times_power_of_two
 from lowrank.factor.svd import SVDResult, subspace_iteration, svd_in_range, truncated_svd
 from lowrank.utils.validation import (
     RandomState,
@@ -36,7 +49,6 @@ from lowrank.utils.validation import (
     check_rank,
     check_real,
     first_non_finite,
-    float_dtype_of,
     non_finite_message,
 )
 
@@ -115,23 +127,34 @@ def _is_scipy_sparse(M: Any) -> bool:
     return type(M).__module__.startswith("scipy.sparse")
 
 
-def _observe_dense(M: Any, mask: Any) -> tuple[_Observed, _Observed]:
+def _observe_dense(M: Any, mask: Any) -> tuple[_Observed, _Observed, int]:
+    """Both sides of dense ``M``, its observed values divided by ``2**e``; and ``e``."""
     if mask is None:
         M = check_matrix(M, "M")
+        e = magnitude_exponent(M)
+        values = times_power_of_two(M, -e)  # (m, n), largest magnitude in [0.5, 1)
         ones = np.ones(M.shape, dtype=M.dtype)
-        return _Observed(M, ones, True), _Observed(M.T, ones.T, True)
+        return _Observed(values, ones, True), _Observed(values.T, ones.T, True), e
     M = as_float_array(M, "M")
     if M.ndim == 2 and M.size:  # otherwise check_matrix names M's own fault first
         mask = check_mask(mask, M.shape)
     M = check_matrix(M, "M", mask=mask)
     values = np.where(mask, M, 0).astype(M.dtype, copy=False)  # unobserved entries never read
+    e = magnitude_exponent(values)
+    values = times_power_of_two(values, -e)  # (m, n)
     pattern = mask.astype(M.dtype)
     full = bool(mask.all())
-    return _Observed(values, pattern, full), _Observed(values.T, pattern.T, full)
+    return _Observed(values, pattern, full), _Observed(values.T, pattern.T, full), e
 
 
-def _observe_sparse(M: Any) -> tuple[_Observed, _Observed]:
-    values = M.tocsr().astype(float_dtype_of(np.asarray(M.data), "M"))  # a copy: M is never modified
+def _observe_sparse(M: Any) -> tuple[_Observed, _Observed, int]:
+    """Both sides of scipy.sparse ``M`` (any format), its stored values divided by ``2**e``; and ``e``."""
+    try:  # every scipy.sparse format (csr, csc, coo, bsr, dia, dok, lil) converts; only CSR is read
+        csr = M.tocsr()
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise ValueError(f"M must be a 2-D scipy.sparse matrix, got {type(M).__name__}: {exc}") from None
+    dtype = as_float_array(csr.data, "M").dtype  # the dtype rule; byte order normalised to native
+    values = csr.astype(dtype, copy=True)  # a copy: M is never modified
     values.sum_duplicates()
     if values.ndim != 2 or 0 in values.shape:
         raise ValueError(f"M must be a non-empty 2-D matrix, got shape {values.shape}")
@@ -143,10 +166,12 @@ def _observe_sparse(M: Any) -> tuple[_Observed, _Observed]:
         row = int(np.searchsorted(values.indptr, k, side="right")) - 1
         count = int(np.count_nonzero(~np.isfinite(values.data)))
         raise ValueError(non_finite_message("M", values.data[k], (row, int(values.indices[k])), count, observed=True))
+    e = magnitude_exponent(values.data)
+    values.data = times_power_of_two(values.data, -e)  # (nnz,)
     pattern = values.copy()
     pattern.data = np.ones_like(values.data)
     full = values.nnz == values.shape[0] * values.shape[1]
-    return _Observed(values, pattern, full), _Observed(values.T.tocsr(), pattern.T.tocsr(), full)
+    return _Observed(values, pattern, full), _Observed(values.T.tocsr(), pattern.T.tocsr(), full), e
 
 
 def _solve_rows(obs: _Observed, F: np.ndarray, reg: float, weighted_reg: bool) -> np.ndarray:
@@ -222,19 +247,39 @@ def _spectral_init(rows: _Observed, rank: int, rng: np.random.Generator) -> SVDR
     return svd_in_range(scaled, Q, rank)
 
 
-def _overflowed(rows: _Observed, where: str) -> FloatingPointError:
-    largest = float(np.max(np.abs(_observed_values(rows))))
+def _diverged(where: str, dtype: np.dtype) -> FloatingPointError:
     return FloatingPointError(
-        f"M's observed entries (largest magnitude {largest:.3g}) are too large for ALS in "
-        f"{rows.values.dtype}: {where} overflowed; scale M down (the factors scale with sqrt of it) "
-        "or pass float64"
+        f"ALS in {dtype} overflowed in {where}, although it runs on M scaled to a largest magnitude in "
+        "[0.5, 1): the factors grew without bound (unregularized ALS can diverge on an ill-posed "
+        "completion problem); pass reg > 0, init='svd'" + (" or float64" if dtype == np.float32 else "")
     )
 
 
+def _penalty_weight(reg: float, k: int, dtype: np.dtype, size: int) -> float:
+    """``reg * 2**k``, the penalty of the scaled problem, capped where it would overflow ``dtype``.
+
+    The cap, ``sqrt(max float) / size``, is far above every singular value
+    of the scaled matrix (at most ``size``), where the optimum is already
+    the zero factorization; it keeps ``reg * count`` added to a Gram matrix
+    finite.
+    """
+    try:
+        value = math.ldexp(reg, k)
+    except OverflowError:
+        value = math.inf
+    return min(value, math.sqrt(float(np.finfo(dtype).max)) / size)
+
+
 def _loss(
-    rows: _Observed, left: np.ndarray, right: np.ndarray, reg: float, weighted_reg: bool, cols: _Observed
+    rows: _Observed,
+    left: np.ndarray,
+    right: np.ndarray,
+    reg_left: float,
+    reg_right: float,
+    weighted_reg: bool,
+    cols: _Observed,
 ) -> float:
-    """The objective: squared error over observed entries plus the penalty, in float64."""
+    """The objective of the scaled problem: squared error over observed entries plus the penalties, in float64."""
     values = rows.values
     left, right = left.astype(np.float64), right.astype(np.float64)  # the loss is exact for float32 too
     if isinstance(values, np.ndarray):
@@ -249,13 +294,13 @@ def _loss(
             i, j = rows.entry_rows[chunk], values.indices[chunk]  # CSR order: row by row
             pred = np.einsum("kr,rk->k", left[i], right[:, j])  # (chunk,)
             data += float(np.sum(np.square(values.data[chunk] - pred)))
-    if reg == 0:
+    if reg_left == 0 and reg_right == 0:
         return data
     left_sq = np.sum(np.square(left), axis=1)  # (m,)
     right_sq = np.sum(np.square(right), axis=0)  # (n,)
     if weighted_reg:
-        return data + reg * float(rows.counts @ left_sq + cols.counts @ right_sq)
-    return data + reg * float(left_sq.sum() + right_sq.sum())
+        return data + reg_left * float(rows.counts @ left_sq) + reg_right * float(cols.counts @ right_sq)
+    return data + reg_left * float(left_sq.sum()) + reg_right * float(right_sq.sum())
 
 
 def als(
@@ -286,8 +331,11 @@ def als(
     Parameters
     ----------
     M : array_like of shape (m, n), or scipy.sparse matrix
-        The matrix to factorize. A scipy.sparse matrix's stored entries
-        (explicit zeros included) are the observed ones.
+        The matrix to factorize, at any scale the dtype holds (see Notes).
+        A scipy.sparse matrix or array of any format (CSR, CSC, COO, BSR,
+        DIA, DOK, LIL; converted to CSR) has its stored entries, explicit
+        zeros included, as the observed ones (DIA: its nonzero entries,
+        since scipy drops a DIA matrix's zeros when converting it).
     rank : int in [1, min(m, n)]
     mask : ndarray of bool of shape (m, n), optional
         True where ``M`` is observed; default all. Entries where it is False
@@ -306,7 +354,8 @@ def als(
         initialization of Jain et al. 2013, the reliable choice for matrix
         completion: from a random start, unregularized ALS can stall in a
         poor stationary point). "random" starts from a Gaussian ``right``
-        with unit-length columns, as Spark MLlib does. "auto" picks "svd" when ``M`` is fully
+        with columns of length ``2**b`` (unit length for ``M`` scaled as in
+        Notes, as Spark MLlib starts). "auto" picks "svd" when ``M`` is fully
         observed, else "random".
     random_state : None, int or numpy.random.Generator
         Seeds the random init. The same seed gives the same bits.
@@ -316,7 +365,11 @@ def als(
     ALSResult
         ``left (m, r)``, ``right (r, n)`` in ``M``'s float dtype; ``losses``,
         ``converged``, ``n_iter`` (``losses`` is evaluated in float64 at the
-        returned factors, also for float32 input). Rows of ``M`` with no observed entry get
+        returned factors, also for float32 input; for float64 ``M`` with
+        entries beyond about 1e154 the objective itself can exceed float64
+        and reads inf, and below about 1e-154 it can round to 0: the
+        factors and the stopping rule, computed on the scaled problem, are
+        unaffected). Rows of ``M`` with no observed entry get
         a zero row in ``left``, and columns with none a zero column in
         ``right``. Without regularization, a row or column with fewer than
         ``r`` observations is under-determined and gets the minimum-norm
@@ -333,9 +386,9 @@ def als(
         observes nothing, a sparse ``M`` comes with a ``mask`` or stores
         nothing, or an option is out of range.
     FloatingPointError
-        ``M`` is finite but the start or the normal equations overflow its
-        dtype (float32 entries near 1e19 and above); the message names the
-        largest observed entry.
+        The factors grow beyond the dtype's range relative to ``M``'s
+        largest entry (unregularized ALS diverging); finite ``M`` at any
+        scale is not a reason.
 
     Notes
     -----
@@ -345,6 +398,15 @@ def als(
     problems with 40 % observed, 40×30 to 100×80: from ``init="svd"`` it
     recovered 158 of 160; from ``init="random"`` 141 of 160. Use the
     spectral start, or ``reg > 0``, for completion.
+
+    Scale: ALS runs on ``M / 2**e``, ``2**e`` the power of two just above
+    the largest observed magnitude, with the penalties rescaled to match
+    (module docstring), and scales the factors back by ``2**a`` and ``2**b``
+    (``a = floor(e/2)``, ``b = e - a``). Exact in binary floating point, so
+    ``als(2**k * M, reg=2**k * reg)`` returns ``2**(k/2)``-scaled factors
+    (to within the split of ``2**k`` between them), the same ``converged``
+    and ``n_iter``, and ``4**k`` times the losses, for entries from the
+    smallest subnormal to the largest float. It costs one O(nnz) pass.
 
     Memory is O(nnz + (m + n) r²) for sparse input: the Gram matrices come
     from one sparse-dense product per half-step, and residuals are formed
@@ -356,9 +418,9 @@ def als(
                 "mask must be None when M is a scipy.sparse matrix (its stored entries are the observed ones), "
                 "got a mask"
             )
-        rows, cols = _observe_sparse(M)
+        rows, cols, e = _observe_sparse(M)
     else:
-        rows, cols = _observe_dense(M, mask)
+        rows, cols, e = _observe_dense(M, mask)
     m, n = rows.values.shape
     rank = check_rank(rank, (m, n))
     reg = check_real(reg, "reg", 0.0)
@@ -370,23 +432,31 @@ def als(
         init = "svd" if rows.full else "random"
     rng = check_random_state(random_state)
     dtype = rows.values.dtype
+    # From here on everything is the scaled problem (see the module docstring):
+    # M' = M / 2**e, left = 2**a left', right = 2**b right'.
+    a = e // 2
+    b = e - a
+    reg_left = _penalty_weight(reg, -2 * b, dtype, max(m, n))
+    reg_right = _penalty_weight(reg, -2 * a, dtype, max(m, n))
 
     if init == "svd":
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
             try:
                 svd = _spectral_init(rows, rank, rng)
             except (np.linalg.LinAlgError, FloatingPointError):  # NaN reached LAPACK, or the SVD overflowed
-                raise _overflowed(rows, "the spectral start") from None
+                raise _diverged("the spectral start", dtype) from None
         if not (np.all(np.isfinite(svd.s)) and np.all(np.isfinite(svd.U))):
-            raise _overflowed(rows, "the spectral start")
+            raise _diverged("the spectral start", dtype)
         root = np.sqrt(svd.s)
         left, right = svd.U * root, root[:, None] * svd.Vt  # (m, r), (r, n)
     else:
         # Only ``right`` matters: the first half-step solves for ``left``.
-        # Gaussian columns scaled to unit length, as Spark MLlib starts: with
-        # reg > 0 the start's scale matters, and on our 6000×4000 benchmark
-        # this one reached a lower objective in 10 sweeps than a start scaled
-        # to M's magnitude (71,400 against 72,600).
+        # Gaussian columns scaled to unit length in the scaled problem, as
+        # Spark MLlib starts (so ``2**b`` ≈ sqrt(max|M|) in M's units, which
+        # keeps the start's scale relative to ``reg`` the same at every scale
+        # of M): with reg > 0 the start's scale matters, and on our 6000×4000
+        # benchmark a unit start reached a lower objective in 10 sweeps than a
+        # start scaled to M's magnitude (71,400 against 72,600).
         right = rng.standard_normal((rank, n))  # (r, n)
         right = (right / np.linalg.norm(right, axis=0)).astype(dtype)
         left = np.zeros((m, rank), dtype=dtype)
@@ -396,25 +466,30 @@ def als(
     observed_sq = float(np.sum(np.square(_observed_values(rows), dtype=np.float64)))
     floor = (10 * float(np.finfo(dtype).eps)) ** 2 * observed_sq
 
-    losses: list[float] = []
+    losses: list[float] = []  # of the scaled problem: the objective divided by 4**e
     converged = False
     for _ in range(max_iter):
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
             try:
-                left = _solve_rows(rows, right.T, reg, weighted_reg)  # (m, r)
-                right = _solve_rows(cols, left, reg, weighted_reg).T  # (r, n)
-                losses.append(_loss(rows, left, right, reg, weighted_reg, cols))
+                left = _solve_rows(rows, right.T, reg_left, weighted_reg)  # (m, r)
+                right = _solve_rows(cols, left, reg_right, weighted_reg).T  # (r, n)
+                losses.append(_loss(rows, left, right, reg_left, reg_right, weighted_reg, cols))
             except np.linalg.LinAlgError:  # NaN from an overflow reached LAPACK
                 losses.append(math.nan)
         if not math.isfinite(losses[-1]):
-            raise _overflowed(rows, f"the normal equations in sweep {len(losses)}")
+            raise _diverged(f"the normal equations of sweep {len(losses)}", dtype)
         if losses[-1] <= floor or (len(losses) > 1 and abs(losses[-2] - losses[-1]) <= tol * losses[-2]):
             converged = True
             break
+    with np.errstate(over="ignore"):  # beyond float64, the objective reads inf (see Returns)
+        objective = np.ldexp(np.asarray(losses, dtype=np.float64), 2 * e)  # (n_iter,)
+    left, right = times_power_of_two(left, a), times_power_of_two(right, b)  # (m, r), (r, n)
+    if not (np.all(np.isfinite(left)) and np.all(np.isfinite(right))):  # only if left', right' grew huge
+        raise _diverged("scaling the factors back", dtype)
     return ALSResult(
         left=np.ascontiguousarray(left),
         right=np.ascontiguousarray(right),
-        losses=np.asarray(losses, dtype=np.float64),
+        losses=objective,
         converged=converged,
         n_iter=len(losses),
     )

@@ -1,14 +1,98 @@
-"""``LowRank``: a matrix stored as the product of two thin factors."""
+"""``LowRank``: a matrix stored as the product of two thin factors, and exact scaling by powers of two.
+
+Sums of squares overflow or underflow long before the numbers they sum do
+(``(1e160)**2`` is inf in float64, ``(1e-170)**2`` is 0). The factorizations
+therefore work on ``M`` divided by a power of two near its largest magnitude
+(:func:`magnitude_exponent`, :func:`times_power_of_two`) and scale the results
+back: in binary floating point that is exact, so the scaled problem is the
+same problem.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 from lowrank.utils.validation import as_float_array, check_int, check_matrix
 
-__all__ = ["LowRank", "lora_param_count"]
+__all__ = ["LowRank", "lora_param_count", "magnitude_exponent", "times_power_of_two"]
+
+
+def magnitude_exponent(x: np.ndarray) -> int:
+    """The exponent ``e`` of the largest magnitude of ``x``: ``max|x| = f * 2**e`` with ``0.5 <= f < 1``.
+
+    Parameters
+    ----------
+    x : ndarray of any shape
+        Finite float values (an empty or all-zero ``x`` gives 0).
+
+    Returns
+    -------
+    int
+        ``times_power_of_two(x, -e)`` has its largest magnitude in
+        ``[0.5, 1)``. Costs two passes over ``x`` and no temporary.
+
+    Examples
+    --------
+    >>> magnitude_exponent(np.array([3.0, -5.0])), magnitude_exponent(np.array([1e-300]))
+    (3, -996)
+    """
+    if x.size == 0:
+        return 0
+    largest = max(float(np.max(x)), -float(np.min(x)))  # no |x| temporary
+    return math.frexp(largest)[1]  # frexp(0.0) is (0.0, 0)
+
+
+def times_power_of_two(x: np.ndarray, e: int) -> np.ndarray:
+    """``x * 2**e`` in ``x``'s dtype: exact unless an entry leaves the dtype's range.
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64
+    e : int
+        Any exponent, also one whose ``2**e`` is not itself representable
+        (scaling a subnormal ``x`` up, say).
+
+    Returns
+    -------
+    ndarray of x's shape and dtype
+        ``x`` itself when ``e == 0``, else a new array. Entries beyond the
+        range become inf and entries below it round to subnormals or 0,
+        silently: the caller decides what an overflow means.
+    """
+    if e == 0:
+        return x
+    info = np.finfo(x.dtype)
+    if info.minexp <= e < info.maxexp:  # 2**e is a normal number: one multiply, 3.5x faster than ldexp
+        return x * x.dtype.type(2.0**e)
+    with np.errstate(over="ignore"):
+        return np.ldexp(x, e)
+
+
+def _scaled_norm(x: np.ndarray) -> tuple[float, int]:
+    """``(v, e)`` with ``‖x‖_F = v * 2**e``, the squares summed on ``x / 2**e`` (no over- or underflow).
+
+    ``v`` is inf when ``x`` holds inf (an overflowed difference).
+    """
+    if not np.all(np.isfinite(x)):
+        return math.inf, 0
+    e = magnitude_exponent(x)
+    return float(np.linalg.norm(times_power_of_two(x, -e))), e
+
+
+def _ldexp_or_raise(value: float, e: int, what: str) -> float:
+    """``value * 2**e`` as a float, or FloatingPointError naming ``what`` if it exceeds the float range."""
+    try:
+        result = math.ldexp(value, e)
+    except OverflowError:
+        result = math.inf
+    if not math.isfinite(result):
+        raise FloatingPointError(
+            f"{what} is too large for a float: about {value:.6g} * 2**{e}; scale M and the factors down"
+        )
+    return result
 
 
 class LowRank:
@@ -108,19 +192,39 @@ class LowRank:
     def error(self, M: Any, *, relative: bool = False) -> float:
         """Frobenius norm of ``M - left @ right``, divided by ``‖M‖_F`` if ``relative``.
 
+        Right at every finite scale: ``M``, ``left`` and ``right`` are each
+        divided by a power of two near their largest magnitude before any
+        square is formed (as LAPACK's ``nrm2`` scales), so the answer for
+        ``c * M`` is ``c`` times the answer for ``M`` (the relative one is
+        the same) whenever it is representable.
+
         Parameters
         ----------
         M : array_like of shape (m, n)
         relative : bool, default False
+            For a zero ``M``: 0 if the factors are zero too, else inf.
+
+        Raises
+        ------
+        FloatingPointError
+            The absolute error exceeds the largest float (``M`` and the
+            product both near it); ``relative=True`` still works.
         """
         M = check_matrix(M, "M")
         if M.shape != self.shape:
             raise ValueError(f"M must have the factorization's shape {self.shape}, got {M.shape}")
-        err = float(np.linalg.norm(M - self.to_dense()))
+        e_m, e_l, e_r = magnitude_exponent(M), magnitude_exponent(self.left), magnitude_exponent(self.right)
+        dtype = np.result_type(M.dtype, self.dtype)
+        product = times_power_of_two(self.left, -e_l) @ times_power_of_two(self.right, -e_r)  # (m, n), |.| <= r
+        with np.errstate(over="ignore", invalid="ignore"):  # a difference beyond the range is refused below
+            diff = times_power_of_two(M, -e_m) - times_power_of_two(product.astype(dtype), e_l + e_r - e_m)  # (m, n)
+        err, e_d = _scaled_norm(diff)  # ‖M − L R‖_F = err * 2**(e_d + e_m)
         if relative:
-            norm = float(np.linalg.norm(M))
-            return err / norm if norm > 0 else (0.0 if err == 0 else float("inf"))
-        return err
+            norm, _ = _scaled_norm(times_power_of_two(M, -e_m))  # ‖M‖_F / 2**e_m, no rescaling needed
+            if norm == 0:
+                return 0.0 if err == 0 else math.inf
+            return _ldexp_or_raise(err / norm, e_d, "the relative error")
+        return _ldexp_or_raise(err, e_d + e_m, "the error ‖M − left @ right‖_F")
 
     def __repr__(self) -> str:
         m, n = self.shape

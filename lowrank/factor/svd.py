@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lowrank.factor.lowrank_matrix import LowRank
+from lowrank.factor.lowrank_matrix import LowRank, magnitude_exponent, times_power_of_two
 from lowrank.utils.validation import (
     RandomState,
     as_float_array,
@@ -117,6 +117,10 @@ def _check_spectrum(s: Any) -> np.ndarray:
 def eckart_young_errors(s: Any, ord: Literal["fro", 2] = "fro") -> np.ndarray:
     """The error of the best rank-``k`` approximation, for every ``k``.
 
+    The squares are summed on ``s / 2**e`` with ``2**e`` near ``s[0]`` and
+    the sums scaled back (exact), so nothing overflows or underflows before
+    the result does: the errors of ``c * s`` are ``c`` times those of ``s``.
+
     Parameters
     ----------
     s : array_like of shape (p,)
@@ -128,7 +132,15 @@ def eckart_young_errors(s: Any, ord: Literal["fro", 2] = "fro") -> np.ndarray:
     -------
     ndarray of shape (p + 1,)
         Entry ``k`` is ``sqrt(sum(s[k:]**2))`` ("fro") or ``s[k]`` (2), and
-        entry ``p`` is 0.
+        entry ``p`` is 0, in float64.
+
+    Raises
+    ------
+    ValueError
+        ``s`` is not a finite, non-negative, descending 1-D array, or ``ord``
+        is neither "fro" nor 2.
+    FloatingPointError
+        ``sqrt(sum(s**2))`` exceeds the float64 range (``s`` near 1e308).
 
     Examples
     --------
@@ -137,8 +149,17 @@ def eckart_young_errors(s: Any, ord: Literal["fro", 2] = "fro") -> np.ndarray:
     """
     s = _check_spectrum(s).astype(np.float64)
     if ord == "fro":
-        tail = np.cumsum((s**2)[::-1])[::-1]  # tail[k] = sum(s[k:]**2)
-        return np.sqrt(np.append(tail, 0.0))
+        e = magnitude_exponent(s[:1])
+        t = times_power_of_two(s, -e)  # (p,), t[0] in [0.5, 1)
+        tail = np.sqrt(np.cumsum(np.square(t)[::-1])[::-1])  # tail[k] = sqrt(sum(t[k:]**2)), <= sqrt(p)
+        with np.errstate(over="ignore"):  # an overflow is refused just below
+            errors = times_power_of_two(np.append(tail, 0.0), e)  # (p + 1,)
+        if not np.isfinite(errors[0]):
+            raise FloatingPointError(
+                f"the Frobenius error of rank 0, ‖s‖_2 = {tail[0]:.6g} * 2**{e}, is too large for float64; "
+                "scale s down"
+            )
+        return errors
     if ord == 2:
         return np.append(s, 0.0)
     raise ValueError(f"ord must be 'fro' or 2, got {ord!r}")
@@ -146,6 +167,10 @@ def eckart_young_errors(s: Any, ord: Literal["fro", 2] = "fro") -> np.ndarray:
 
 def energy_kept(s: Any) -> np.ndarray:
     """The fraction of ``‖M‖_F²`` that the best rank-``k`` approximation keeps, for every ``k``.
+
+    Computed from ``s / 2**e`` with ``2**e`` near ``s[0]`` (a ratio does not
+    depend on the scale), so singular values near the float limits do not
+    overflow or underflow when squared.
 
     Parameters
     ----------
@@ -159,8 +184,9 @@ def energy_kept(s: Any) -> np.ndarray:
         zero matrix every rank keeps everything (entries 1… are 1).
     """
     s = _check_spectrum(s).astype(np.float64)
-    total = float(np.sum(s**2))
-    kept = np.concatenate([[0.0], np.cumsum(s**2)])
+    t = times_power_of_two(s, -magnitude_exponent(s[:1]))  # (p,), t[0] in [0.5, 1): t**2 cannot overflow
+    kept = np.concatenate([[0.0], np.cumsum(np.square(t))])  # (p + 1,)
+    total = float(kept[-1])
     if total == 0.0:
         kept[1:] = 1.0
         return kept
@@ -183,10 +209,12 @@ def rank_for_energy(s: Any, energy: float) -> int:
     return int(np.argmax(kept[1:] >= energy - _ENERGY_RTOL)) + 1
 
 
-def _overflowed(M: np.ndarray, what: str = "an SVD") -> FloatingPointError:
+def _overflowed(
+    M: np.ndarray, what: str = "an SVD", why: str = "its singular values overflow"
+) -> FloatingPointError:
     return FloatingPointError(
         f"M's entries (largest magnitude {np.max(np.abs(M)):.3g}) are too large for {what} in {M.dtype}: "
-        "the computation overflowed; scale M down or pass float64"
+        f"{why}; scale M down" + (" or pass float64" if M.dtype == np.float32 else "")
     )
 
 
@@ -366,13 +394,15 @@ def randomized_range_finder(
     size = check_int(size, "size", 1, min(M.shape), rule="[1, min(m, n)]")
     n_iter = check_int(n_iter, "n_iter", 0)
     rng = check_random_state(random_state)
+    # Q spans the same space for M / 2**e: iterate on that, whose products cannot overflow (one O(m n) pass).
+    scaled = times_power_of_two(M, -magnitude_exponent(M))  # (m, n), largest magnitude in [0.5, 1)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
         try:
-            Q = subspace_iteration(M, size, n_iter, rng)  # (m, size)
+            Q = subspace_iteration(scaled, size, n_iter, rng)  # (m, size)
         except np.linalg.LinAlgError:  # NaN from an overflowed product reached LAPACK
-            raise _overflowed(M, "a range finder") from None
+            raise _overflowed(M, "a range finder", "the products overflowed") from None
     if not np.all(np.isfinite(Q)):
-        raise _overflowed(M, "a range finder")
+        raise _overflowed(M, "a range finder", "the products overflowed")
     return Q
 
 
@@ -470,14 +500,20 @@ def randomized_svd(
     transpose = M.shape[0] < M.shape[1]
     A = M.T if transpose else M  # (m, n) with m >= n: a view, not a copy
     k = min(rank + oversample, A.shape[1])
+    # Iterate on A / 2**e, largest magnitude in [0.5, 1): no product can overflow or lose its
+    # small entries, and s * 2**e is exact. One O(m n) pass, about 1 % of the 800×600 benchmark.
+    e = magnitude_exponent(A)
+    A = times_power_of_two(A, -e)  # (m, n)
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
         try:
             Q = subspace_iteration(A, k, n_iter, rng)  # (m, k)
             svd = svd_in_range(A, Q, rank)
-        except np.linalg.LinAlgError:  # NaN from an overflowed product reached LAPACK
+        except np.linalg.LinAlgError:  # NaN from a degenerate product reached LAPACK
             raise _overflowed(M) from None
-    if not (np.all(np.isfinite(svd.s)) and np.all(np.isfinite(svd.U))):
+        s = times_power_of_two(svd.s, e)  # (rank,): only here can the result itself overflow
+    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(svd.U))):
         raise _overflowed(M)
+    svd = SVDResult(U=svd.U, s=s, Vt=svd.Vt)
     if transpose:  # Mᵀ = U s Vt, so M = Vtᵀ s Uᵀ: swap the factors and put the sign rule on the new U
         U, Vt = _flip_signs(svd.Vt.T, svd.U.T)
         svd = SVDResult(U=U, s=svd.s, Vt=Vt)

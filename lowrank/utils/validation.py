@@ -81,6 +81,8 @@ def as_float_array(x: Any, name: str, dtype: np.dtype | None = None) -> np.ndarr
         arr = np.asarray(x)
     except (ValueError, TypeError) as exc:  # ragged nested lists and the like
         raise TypeError(f"{name} must be an array of real numbers, got {type(x).__name__}: {exc}") from None
+    if not arr.dtype.isnative:  # byte order normalised to native: >f8 is float64 like any other
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     target = float_dtype_of(arr, name) if dtype is None else np.dtype(dtype)
     return arr.astype(target, copy=False)
 
