@@ -96,6 +96,18 @@ def test_a_zip_bomb_is_refused_before_it_is_inflated(zip_bomb):
     assert peak < 4 * 2**20, f"peak {peak:,} bytes for a refused file"
 
 
+def test_a_zip_bomb_given_as_resume_is_refused_by_fit(zip_bomb):
+    from lowrank import nn
+    from lowrank.train import fit
+
+    model = nn.Sequential(nn.Linear(2, 2, dtype=np.float64, random_state=0))
+    X, y = np.zeros((4, 2)), np.zeros((4, 2))
+    message = "bomb.npz is not a readable .npz file: member 'w.npy' is compressed"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fit(model, X, y, loss="mse", optimizer=nn.optim.SGD(model.parameters(), lr=0.1), epochs=1, batch_size=2,
+            resume=zip_bomb, verbose=False)
+
+
 def test_a_member_claiming_shape_2_40_is_a_value_error_not_a_memory_error(tmp_path):
     path = tmp_path / "claims.npz"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
