@@ -69,7 +69,8 @@ CONVENTIONS = {
         "Each case is one safetensors file holding its input tensors and its expected output tensors, "
         "under the names listed in this manifest. Your implementation reads the inputs, computes the "
         "outputs and writes them, under the same names, to a file of the same name in a folder of its own; "
-        "then `lowrank vectors check REFERENCE_DIR YOUR_DIR` compares them. Scalars are 0-d tensors."
+        "then `lowrank vectors check REFERENCE_DIR YOUR_DIR` compares them (add `--kinds linear,lora_linear` or "
+        "`--cases 'GLOB'` to check only the cases you implement). Scalars are 0-d tensors."
     ),
     "shapes": (
         "Matrices are row-major. A layer input x has shape (..., in_features): any number of leading batch "
