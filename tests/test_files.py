@@ -535,3 +535,10 @@ def test_a_crash_between_the_renames_is_cleaned_by_the_next_write(tmp_path):
     atomic_write_folder(tmp_path / "d", lambda d: (d / "w").write_text("newer"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
     assert (tmp_path / "d" / "w").read_text() == "newer"
+
+
+def test_every_test_named_in_the_reliability_doc_exists():
+    root = Path(__file__).resolve().parents[1]
+    named = set(re.findall(r"\b(test_\w+)\b(?!\.py)", (root / "docs" / "reliability.md").read_text()))
+    defined = {m for f in root.glob("tests/**/*.py") for m in re.findall(r"^def (test_\w+)", f.read_text(), re.M)}
+    assert named and named <= defined, sorted(named - defined)
