@@ -25,6 +25,7 @@ import copy
 import json
 import math
 import os
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -296,14 +297,8 @@ def _history_field(arrays: Mapping[str, np.ndarray], where: str, epoch: int) -> 
         raise _field_error(where, "history.*", f"is not a History: {exc}") from None
     if history.epoch != list(range(1, epoch + 1)) or len(history.train_loss) != epoch:
         raise _field_error(where, "history.epoch", f"must count the {epoch} epochs completed, "
-                                                   f"got {_short(history.epoch)}")
+                                                   f"got {reprlib.repr(history.epoch)}")
     return history
-
-
-def _short(obj: Any) -> str:
-    """``repr(obj)`` cut to 60 characters, for a one-line message."""
-    text = repr(obj)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_compatible(arrays: Mapping[str, np.ndarray], state: TrainState, where: str) -> None:

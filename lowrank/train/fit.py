@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import os
+import reprlib
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -112,13 +113,13 @@ def _call_loss(loss_fn: LossFn, out: np.ndarray, y: np.ndarray) -> tuple[float, 
     result = loss_fn(out, y)
     if not isinstance(result, tuple) or len(result) != 2:
         raise TypeError(f"loss must follow loss(out, y) -> (loss, dout), a pair; "
-                        f"the loss returned {type(result).__name__} {_short(result)}")
+                        f"the loss returned {type(result).__name__} {reprlib.repr(result)}")
     value, dout = result
     if isinstance(value, np.ndarray) and value.shape == ():
         value = value[()]  # a 0-d array is a number too
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"loss must follow loss(out, y) -> (loss, dout) with the loss a real number; "
-                        f"it returned {type(value).__name__} {_short(value)} as the loss")
+                        f"it returned {type(value).__name__} {reprlib.repr(value)} as the loss")
     if not isinstance(dout, np.ndarray):
         raise TypeError(f"loss must follow loss(out, y) -> (loss, dout) with dout an ndarray; "
                         f"it returned {type(dout).__name__} as dout")
@@ -126,12 +127,6 @@ def _call_loss(loss_fn: LossFn, out: np.ndarray, y: np.ndarray) -> tuple[float, 
         raise ValueError(f"loss must follow loss(out, y) -> (loss, dout) with dout of out's shape {out.shape}; "
                          f"it returned dout of shape {dout.shape}")
     return float(value), dout
-
-
-def _short(obj: Any) -> str:
-    """``repr(obj)`` cut to 60 characters, for a one-line message."""
-    text = repr(obj).replace("\n", " ")
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @contextmanager
