@@ -125,6 +125,18 @@ def _patch_central_size(data: bytes, size: int) -> bytes:
     return data[:at] + size.to_bytes(4, "little") + data[at + 4:]
 
 
+@pytest.mark.parametrize(("shape", "descr", "data"), [
+    ((2**40, 2**40), "|V0", b""),  # zero bytes claimed and held, but no array that big exists
+    ((-2, -4), "|u1", bytes(8)),  # a negative product that matches the data
+])
+def test_a_member_with_an_impossible_shape_is_a_value_error(tmp_path, shape, descr, data):
+    path = tmp_path / "odd.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("w.npy", npy_header(shape, descr) + data)
+    with pytest.raises(ValueError, match=re.escape("odd.npz is not a readable .npz file")):
+        load_npz(path)
+
+
 def test_a_member_whose_claimed_size_differs_from_its_stored_size_is_refused(tmp_path):
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
@@ -433,9 +445,13 @@ def test_writing_through_a_symlink_writes_its_target_and_keeps_the_link(tmp_path
         save_json(loop, [])
 
 
-def test_writing_onto_a_folder_is_refused(tmp_path):
+def test_writing_onto_a_folder_or_a_pipe_is_refused(tmp_path):
     with pytest.raises(IsADirectoryError, match="it is a folder"):
         atomic_write(tmp_path, lambda f: f.write(b"x"))
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="neither a regular file nor a folder"):
+        save_json(tmp_path / "pipe", {})
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
 
 
 def _age(path: Path, seconds: float = 60.0) -> None:

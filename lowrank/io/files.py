@@ -156,6 +156,8 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
         If the folder of ``path`` does not exist.
     IsADirectoryError
         If ``path`` is a folder.
+    ValueError
+        If ``path`` is something else that is not a regular file (a device, a pipe).
     """
     path = Path(path)
     target = _follow_link(path)
@@ -164,6 +166,8 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
         raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
     if target.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a folder")
+    if target.exists() and not target.is_file():  # os.replace would put a file in place of a device or pipe
+        raise ValueError(f"cannot write {path}: it is neither a regular file nor a folder")
     start = time.time()
     mode = stat.S_IMODE(os.stat(target).st_mode) if target.exists() else None
     fd, tmp = _create_temp(target, "tmp", folder=False)
