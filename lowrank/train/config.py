@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from lowrank.io.files import check_writable
 from lowrank.nn import functional as F
 from lowrank.utils.validation import check_bool, check_int, check_real
 
@@ -100,8 +100,8 @@ class FitConfig:
     early_stopping : int or None, default None
         Patience, >= 1; needs ``has_val``.
     checkpoint : str, path-like or None, default None
-        A file path (not a folder) whose folder exists and is writable;
-        kept as a str.
+        A file path (not a folder) whose folder exists and is writable
+        (``lowrank.io.files.check_writable``); kept as a str.
     resume : str, path-like or None, default None
         Kept as a str.
     verbose : bool or str, default True
@@ -171,21 +171,9 @@ class FitConfig:
 def _checked_checkpoint(checkpoint: Any) -> str | None:
     """``checkpoint`` as a str path that fit can write at the end of every epoch, or None.
 
-    Checked before any training, so a bad path fails in a second, not after
-    the first epoch: a file path (not empty, not ending in a separator, not
-    an existing folder) whose folder exists and lets a file be created in it.
+    Checked before any training (``lowrank.io.files.check_writable``), so a
+    bad path fails in a second, not after the first epoch.
     """
     if checkpoint is None:
         return None
-    path = os.fsdecode(checkpoint)
-    if not path or path.endswith((os.sep, "/")) or os.path.isdir(path):
-        raise ValueError(f"checkpoint must be a file path, got {path!r}"
-                         + (", a folder" if path and os.path.isdir(path) else ""))
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"checkpoint={path!r}: the folder {folder} does not exist")
-    try:  # a real write: os.access says yes to root on read-only mounts
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as exc:  # PermissionError mostly; the system's own class otherwise (read-only, full)
-        raise type(exc)(f"checkpoint={path!r}: cannot write in the folder {folder}: {exc.strerror or exc}") from None
-    return path
+    return os.fsdecode(check_writable(checkpoint, "checkpoint"))

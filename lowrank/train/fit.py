@@ -504,9 +504,11 @@ def fit(
         or holds one that is not the model's; a ``resume`` file that is
         corrupt (the message names the file and the field) or has done
         more epochs than ``epochs``.
-    FileNotFoundError, PermissionError
-        ``checkpoint``'s folder does not exist or cannot be written;
-        ``resume`` does not exist.
+    OSError
+        ``checkpoint`` is a folder (IsADirectoryError), its folder does not
+        exist (FileNotFoundError) or cannot be written (PermissionError):
+        checked before the first epoch; ``resume`` does not exist
+        (FileNotFoundError).
     NonFiniteError
         The model's output, the loss or a gradient became inf or NaN; the
         message names the epoch and step (and the parameter). Checkpoints
