@@ -1071,6 +1071,10 @@ def merge_adapter(base: PathLike, adapter_dir: PathLike, out: PathLike, *, dtype
                     src.seek(header.data_start + info.begin)
                     _copy_bytes(src, f, info.end - info.begin, buffer, base)
                     continue
+                if p.source == "convert":  # chunk by chunk: never the whole tensor, nor its temporaries
+                    src.seek(header.data_start + info.begin)
+                    _convert_bytes(src, f, info, p, base)
+                    continue
                 if p.source == "replace":
                     values = adapter.tensors[replaced[p.name]]  # float64
                 else:
@@ -1139,6 +1143,31 @@ def _header_json(plan: list[_Planned], metadata: Mapping[str, str]) -> bytes:
         offset += nbytes
     text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return text + b" " * (-len(text) % 8)
+
+
+_NUMPY_OF = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+_CONVERT_ITEMS = 1 << 20  # elements per chunk when converting: 4 MiB of float32
+
+
+def _convert_bytes(src: Any, dst: IO[bytes], info: TensorInfo, p: _Planned, path: Path) -> None:
+    """Write the float tensor at ``src``'s position, stored as ``info.dtype``, as ``p.stored``, by chunks."""
+    itemsize = _ITEMSIZE[info.dtype]
+    left = math.prod(info.shape)
+    while left:
+        n = min(left, _CONVERT_ITEMS)
+        raw = src.read(n * itemsize)
+        if len(raw) != n * itemsize:
+            raise ValueError(f"{path}: the file ended inside {p.name!r} (it changed while being merged)")
+        values = np.frombuffer(raw, _NUMPY_OF[info.dtype])  # (n,)
+        if info.dtype == "BF16":
+            values = bfloat16_to_float32(values)  # exact
+        stored = _round_to(values, p.stored)
+        if np.any(~np.isfinite(_values(stored, p.stored)) & np.isfinite(values)):
+            raise FloatingPointError(
+                f"writing {p.name!r} as {p.stored} overflows: a value is past the largest {p.stored}"
+            )
+        dst.write(stored.data)
+        left -= n
 
 
 def _copy_bytes(src: Any, dst: IO[bytes], nbytes: int, buffer: bytearray, path: Path) -> None:
