@@ -6,6 +6,7 @@ formula); the classes here hold parameters and call them.
 
 from lowrank.nn import functional
 from lowrank.nn.lora import (
+    LORA_BIAS,
     LoRALinear,
     check_lora_config,
     check_pissa_rank,
@@ -30,6 +31,7 @@ from lowrank.nn.modules import (
 
 __all__ = [
     "GELU",
+    "LORA_BIAS",
     "MLP",
     "Linear",
     "LoRALinear",

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from lowrank.io.adapter import match_target_modules  # the one matcher (bottom layer, model-free)
+from lowrank.io.adapter import BIAS_MODES, match_target_modules  # the one matcher (bottom layer, model-free)
 from lowrank.nn import functional as F
 from lowrank.nn.modules import (
     Linear,
@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
-LORA_BIAS = ("none", "lora_only", "all")  # PEFT's LoraConfig.bias: which biases train beside the factors
+LORA_BIAS = BIAS_MODES  # PEFT's LoraConfig.bias: which biases train beside the factors, defined with the config
 
 # A per-layer setting (r or alpha in inject_lora): one value for every layer, a mapping from
 # layer name to value, or a function of the layer name.
