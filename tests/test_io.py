@@ -623,3 +623,14 @@ def test_load_looks_names_up_in_the_model_before_matching(tmp_path):
     folder = _write_adapter(tmp_path / "ad", {"target_modules": "9"})  # matches neither "0" nor "2"
     with pytest.raises(ValueError, match="adapts '0', which must be a Linear of model, got ReLU"):
         load_peft_adapter(nn.Sequential(nn.ReLU()), folder)
+
+
+def test_modules_to_save_that_selects_an_adapted_layer_is_refused_before_any_change(tmp_path):
+    _hand_written_adapter(tmp_path / "ad", "float32", "none")
+    config = json.loads((tmp_path / "ad" / PEFT_CONFIG_NAME).read_text())
+    config["modules_to_save"] = ["4", "2"]
+    (tmp_path / "ad" / PEFT_CONFIG_NAME).write_text(json.dumps(config))
+    model = _relu_mlp()
+    with pytest.raises(ValueError, match=r"modules_to_save \['4', '2'\] selects \['2'\], which the adapter adapts"):
+        load_peft_adapter(model, tmp_path / "ad")
+    assert not any(isinstance(m, nn.LoRALinear) for m in model.modules())

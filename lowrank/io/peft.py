@@ -205,10 +205,19 @@ def _finite_floats(arr: np.ndarray, key: str, where: Path) -> np.ndarray:
     return arr
 
 
-def _saved_modules(config: AdapterConfig, modules: dict[str, Module]) -> list[str]:
-    """The model's modules that ``modules_to_save`` wraps: PEFT's suffix rule, outermost only."""
-    found = [n for n in modules if n and config.saves_module(n)]
-    return [n for n in found if not any(n.startswith(f"{o}.") for o in found if o != n)]
+def _saved_modules(config: AdapterConfig, modules: dict[str, Module], adapted: set[str], where: Path) -> list[str]:
+    """The model's modules that ``modules_to_save`` wraps: PEFT's suffix rule, outermost only, none adapted."""
+    lora = [n for n, m in modules.items() if isinstance(m, LoRALinear)]
+    inside_lora = {n for n in modules if any(n.startswith(f"{o}.") for o in lora if o)}  # lora_A, lora_B
+    found = [n for n in modules if n and n not in inside_lora and config.saves_module(n)]
+    found = [n for n in found if not any(n.startswith(f"{o}.") for o in found if o != n)]
+    clash = [n for n in found if n in adapted or n in lora]
+    if clash:
+        raise ValueError(
+            f"{where}: modules_to_save {list(config.modules_to_save)} selects {clash}, which the adapter adapts "
+            f"or which are LoRA layers: a module is adapted or trained whole, not both"
+        )
+    return found
 
 
 def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -> Any:
@@ -356,7 +365,7 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
         checked[name] = (_finite_floats(A, keys.A, weights_path), _finite_floats(B, keys.B, weights_path))
         settings[name] = layer_settings
 
-    saved_modules = _saved_modules(config, modules)
+    saved_modules = _saved_modules(config, modules, set(checked), config_path)
     full = _check_full_tensors(adapter, model, set(checked), saved_modules)
 
     # Everything checked, nothing changed yet: inject as inject_lora does, then set the file's tensors.
