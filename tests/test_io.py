@@ -564,7 +564,7 @@ def test_weights_beside_another_adapters_config_are_refused(tmp_path):
 
 def test_save_refuses_a_path_that_is_a_file(tmp_path):
     (tmp_path / "ad").write_text("x")
-    with pytest.raises(ValueError, match="exists and is not a folder"):
+    with pytest.raises(NotADirectoryError, match="it is a file"):
         save_peft_adapter(_adapted(), tmp_path / "ad")
 
 

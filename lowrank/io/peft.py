@@ -6,7 +6,8 @@ given factors, so it swaps layers through the same path as
 key grammar, the reader) is :mod:`lowrank.io.adapter`, which needs no model.
 
 An adapter is saved as a unit: both files are written into a temporary
-folder beside the target, which then takes the target's place, and the
+folder beside the target, which then takes the target's place
+(:func:`lowrank.io.files.atomic_write_folder`), and the
 weights file records a digest of the config it was written with
 (``__metadata__["lowrank_config_sha256"]``), checked on load, so weights and
 a config from two different saves are never loaded together.
@@ -16,9 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,7 @@ from lowrank.io.adapter import (
     AdapterConfig,
     read_adapter,
 )
-from lowrank.io.files import PathLike, save_json, save_safetensors
+from lowrank.io.files import PathLike, atomic_write_folder, save_json, save_safetensors
 from lowrank.nn.lora import (
     LORA_BIAS,
     LoRALinear,
@@ -467,19 +465,15 @@ def save_peft_adapter(
     torch model must hold the same base weights (for a PiSSA layer, the
     residual ``layer.weight``).
 
-    The folder is written as a unit: both files go into a temporary folder
-    beside it (``.<name>.tmp-*``), and that folder takes the target's place:
-    with no folder there, by one rename; over an existing folder, by renaming
-    the old one away (``.<name>.old-*``), the new one in, then removing the
-    old (POSIX cannot rename a folder onto a non-empty one). Files of the old
-    folder other than the two adapter files are copied into the new one
-    first. A crash leaves either the old adapter, or the new one, or (between
-    the two renames) no folder under the name and the old adapter complete
-    as ``.<name>.old-*/<name>``; never two files of two saves under the name.
-    A failed save removes its temporary folder and leaves the old adapter.
-    Besides, the weights file records the sha256 of its config
-    (``__metadata__["lowrank_config_sha256"]``) and :func:`load_peft_adapter`
-    refuses a pair that disagrees.
+    The folder is written as a unit, by
+    :func:`lowrank.io.files.atomic_write_folder`: both files go into a
+    temporary folder beside it, which then takes the target's place, so a
+    crash leaves the old adapter or the new one (or, for the microseconds
+    between two renames, none under the name), never the weights of one save
+    beside the config of another; other files of an existing folder (a
+    README) are kept. Besides, the weights file records the sha256 of its
+    config (``__metadata__["lowrank_config_sha256"]``) and
+    :func:`load_peft_adapter` refuses a pair that disagrees.
 
     Parameters
     ----------
@@ -510,11 +504,12 @@ def save_peft_adapter(
         ``model`` is not a Module, or ``modules_to_save`` is not a list of str.
     ValueError
         No LoRALinear, layers with different ``use_rslora`` or ``dropout``,
-        an unknown ``bias``, a ``modules_to_save`` name that is not a module,
-        is adapted, or is ambiguous under PEFT's rule, or a path that exists
-        and is not a folder.
+        an unknown ``bias``, or a ``modules_to_save`` name that is not a
+        module, is adapted, or is ambiguous under PEFT's rule.
     RuntimeError
         A merged LoRALinear.
+    FileNotFoundError, NotADirectoryError
+        The parent folder is missing, or ``path`` is a file.
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
@@ -580,7 +575,12 @@ def save_peft_adapter(
             if pname.rpartition(".")[2] == "bias" and pname not in adapted_biases and not inside_saved:
                 tensors[f"{KEY_PREFIX}{pname}"] = p.data
     metadata = {"format": "pt", CONFIG_DIGEST_KEY: _config_digest(adapter_config)}
-    return _write_folder(Path(path), tensors, metadata, config)
+
+    def write(folder: Path) -> None:
+        save_safetensors(folder / PEFT_WEIGHTS_NAME, tensors, metadata=metadata)
+        save_json(folder / PEFT_CONFIG_NAME, config)
+
+    return Path(atomic_write_folder(path, write))
 
 
 def _check_modules_to_save(modules_to_save: Any, modules: dict[str, Module], adapted: list[str]) -> list[str]:
@@ -604,38 +604,3 @@ def _check_modules_to_save(modules_to_save: Any, modules: dict[str, Module], ada
                 f"module whose name ends with the entry); rename or save those too"
             )
     return list(modules_to_save)
-
-
-def _write_folder(folder: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str], config: dict) -> Path:
-    """Write the adapter into a temporary folder beside ``folder``, then swap it in (see save_peft_adapter)."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"path {folder} exists and is not a folder: an adapter is a folder")
-    parent = folder.parent
-    if not parent.is_dir():
-        raise FileNotFoundError(f"no such folder: {parent} (the adapter folder's parent must exist)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=parent))
-    try:
-        save_safetensors(tmp / PEFT_WEIGHTS_NAME, tensors, metadata=metadata)
-        save_json(tmp / PEFT_CONFIG_NAME, config)
-        if not folder.exists():
-            os.rename(tmp, folder)
-            return folder
-        for entry in folder.iterdir():  # keep what else the folder holds (a README, a tokenizer)
-            if entry.name in (PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME):
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.copytree(entry, tmp / entry.name, symlinks=True)
-            else:
-                shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
-        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=parent))
-        os.rename(folder, old / folder.name)  # the crash window: no folder under the name, the old one in `old`
-        try:
-            os.rename(tmp, folder)
-        except BaseException:
-            os.rename(old / folder.name, folder)  # put the old adapter back
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
