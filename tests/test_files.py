@@ -558,3 +558,51 @@ def test_every_test_named_in_the_reliability_doc_exists():
     named = set(re.findall(r"\b(test_\w+)\b(?!\.py)", (root / "docs" / "reliability.md").read_text()))
     defined = {m for f in root.glob("tests/**/*.py") for m in re.findall(r"^def (test_\w+)", f.read_text(), re.M)}
     assert named and named <= defined, sorted(named - defined)
+
+
+def test_concurrent_writers_never_leave_a_mixed_unit_or_a_leftover(tmp_path):
+    import threading
+
+    target = tmp_path / "unit"
+    mixed, errors = [], []
+
+    def writer(k):
+        try:
+            for i in range(15):
+                atomic_write_folder(target, lambda d, tag=f"{k}.{i}": [(d / n).write_text(tag) for n in ("w", "c")])
+                save_json(tmp_path / "a.json", {"k": k, "i": i})
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    def read(folder_fd, name):
+        with open(name, opener=lambda path, flags: os.open(path, flags, dir_fd=folder_fd)) as f:
+            return f.read()
+
+    def reader(stop):  # opens the folder once, as a consistent reader must (paths read one by one can
+        while not stop.is_set():  # straddle a swap that happens between them)
+            try:
+                folder_fd = os.open(target, os.O_RDONLY)
+            except FileNotFoundError:  # between the two renames, or before the first write
+                continue
+            try:
+                w, c = read(folder_fd, "w"), read(folder_fd, "c")
+            except FileNotFoundError:  # the old folder, removed after its swap
+                continue
+            finally:
+                os.close(folder_fd)
+            if w != c:
+                mixed.append((w, c))
+
+    stop = threading.Event()
+    watch = threading.Thread(target=reader, args=(stop,))
+    watch.start()
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    watch.join()
+    assert errors == [] and mixed == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "unit"]
+    assert sorted(p.name for p in target.iterdir()) == ["c", "w"]

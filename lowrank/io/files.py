@@ -210,7 +210,12 @@ def atomic_write_folder(path: PathLike, write: Callable[[Path], None]) -> Path:
        (possibly half removed) in the ``.old``.
 
     A reader may thus find ``path`` missing (state 2), never a mix of the
-    two versions. A symbolic link at ``path`` is followed.
+    two versions after a crash. Writers of the same folder may run at once:
+    the renames take turns (a lock on the parent folder), the last swap
+    wins. A reader that opens the folder once and reads its files relative
+    to it (``dir_fd``) sees one version; one that reads paths one by one
+    while another process writes can straddle a swap. A symbolic link at
+    ``path`` is followed.
 
     Parameters
     ----------
@@ -239,16 +244,18 @@ def atomic_write_folder(path: PathLike, write: Callable[[Path], None]) -> Path:
     target = _follow_link(path)
     if not target.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: the folder {target.parent} does not exist")
-    if target.exists() and not target.is_dir():
+    if not _is_folder_or_missing(target):
         raise NotADirectoryError(f"cannot write the folder {path}: it is a file")
     start = time.time()
     _, tmp = _create_temp(target, "tmpdir", folder=True)
     tmp_lock = _open_locked(tmp)
     try:
         write(tmp)
-        if target.is_dir():
+        try:
             _carry_over(target, tmp)
             os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+        except FileNotFoundError:  # no old folder (or another writer is swapping it): nothing to keep
+            pass
         _fsync_tree(tmp)
         _swap_in(tmp, target)
     except BaseException:
@@ -260,23 +267,42 @@ def atomic_write_folder(path: PathLike, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def _is_folder_or_missing(path: Path) -> bool:
+    """True if ``path`` is a folder or nothing (one ``stat``: no window between two questions)."""
+    try:
+        return stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return True
+
+
 def _swap_in(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an existing ``target`` is renamed away first, then removed."""
+    """Rename ``new`` to ``target``; an existing ``target`` is renamed away first, then removed.
+
+    The renames hold a lock on the parent folder, so two writers' renames
+    never interleave (without it, a second writer could fill the gap
+    between the first one's two renames). The folder renamed away stays
+    locked until it is removed, so no cleanup takes it for a leftover.
+    """
     import shutil
 
-    if not target.exists():
-        os.rename(new, target)
-        return
-    old_lock = _open_locked(target)  # waits for a concurrent swap of the same target
+    old_lock, old = -1, None
     try:
-        _, old = _create_temp(target, "old", folder=True)
-        os.rename(target, old)  # replaces the empty placeholder folder
+        parent_lock = _open_locked(target.parent)
         try:
-            os.rename(new, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+            if target.exists():
+                old_lock = _open_locked(target)
+                _, old = _create_temp(target, "old", folder=True)
+                os.rename(target, old)  # replaces the empty placeholder folder
+            try:
+                os.rename(new, target)
+            except BaseException:
+                if old is not None:
+                    os.rename(old, target)
+                raise
+        finally:
+            _close(parent_lock)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         _close(old_lock)
 
