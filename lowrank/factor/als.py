@@ -402,11 +402,15 @@ def als(
     Scale: ALS runs on ``M / 2**e``, ``2**e`` the power of two just above
     the largest observed magnitude, with the penalties rescaled to match
     (module docstring), and scales the factors back by ``2**a`` and ``2**b``
-    (``a = floor(e/2)``, ``b = e - a``). Exact in binary floating point, so
-    ``als(2**k * M, reg=2**k * reg)`` returns ``2**(k/2)``-scaled factors
-    (to within the split of ``2**k`` between them), the same ``converged``
-    and ``n_iter``, and ``4**k`` times the losses, for entries from the
-    smallest subnormal to the largest float. It costs one O(nnz) pass.
+    (``a = floor(e/2)``, ``b = e - a``). Exact in binary floating point:
+    with ``reg=0``, ``als(2**k * M)`` runs the same sweeps bit for bit as
+    ``als(M)`` (the product of the factors is ``2**k`` times, ``converged``
+    and ``n_iter`` are the same, the losses ``4**k`` times); with
+    ``reg > 0``, ``als(4**k * M, reg=4**k * reg)`` returns ``2**k`` times
+    the factors of ``als(M, reg=reg)`` (the problem at scale ``c`` is the
+    one at scale 1 with factors times ``sqrt(c)``). This holds for entries
+    from the smallest subnormal to the largest float, and costs one O(nnz)
+    pass.
 
     Memory is O(nnz + (m + n) r²) for sparse input: the Gram matrices come
     from one sparse-dense product per half-step, and residuals are formed
