@@ -30,7 +30,7 @@ from lowrank.factor.svd import (
 )
 
 _SUBMODULES = frozenset({
-    "factor", "io", "nn", "reference", "train", "utils",
+    "factor", "io", "nn", "precision", "reference", "train", "utils",
     "als", "data", "demo", "gradcheck", "lowrank_matrix", "svd", "testing", "vectors",
 })  # fmt: skip
 

@@ -22,6 +22,7 @@ LAYERS = {
     "lowrank.utils": 0,
     "lowrank.io.files": 0,
     "lowrank.io.safetensors": 0,
+    "lowrank.precision": 0,
     "lowrank.io.adapter": 0,
     "lowrank.factor": 1,
     "lowrank.nn": 2,

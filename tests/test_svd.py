@@ -338,7 +338,7 @@ def test_non_finite_entries(factorize, bad):
 
 @factorizers
 @pytest.mark.parametrize("dtype", BAD_DTYPES)
-def test_string_object_complex_and_float16_dtypes(factorize, dtype):
+def test_string_object_and_complex_dtypes(factorize, dtype):
     with pytest.raises(TypeError, match="M"):
         factorize(np.ones((3, 4), dtype=dtype), 1)
 

@@ -19,7 +19,8 @@ padded with spaces to a multiple of 8 bytes so every tensor starts aligned.
 bfloat16 has no NumPy dtype. Reading, BF16 becomes float32 exactly (each
 16-bit pattern is the high half of a float32's 32 bits). Writing, float
 tensors chosen with ``dtypes=`` are rounded to bfloat16 by
-:func:`bfloat16_bits`: round to nearest, ties to even, on the integer bits.
+:func:`bfloat16_bits`, which is :func:`lowrank.precision.to_bits`: round to
+nearest, ties to even, on the integer bits (the one place bfloat16 rounding lives).
 
 This module holds the format and nothing else: :func:`read_safetensors`
 reads, :func:`safetensors_writer` validates the tensors and returns the
@@ -42,6 +43,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from lowrank.precision.rounding import from_bits, to_bits
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -163,46 +166,12 @@ def bfloat16_bits(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype.kind != "f" or x.dtype.itemsize not in (2, 4, 8):
         raise TypeError(f"x must hold float16, float32 or float64 values, got dtype {x.dtype}")
-    flat = x.reshape(-1)  # (n,); at least 1-d, so uint32 arithmetic stays in arrays
-    if flat.dtype.itemsize == 8:
-        bits = _float32_bits_rounded_to_odd(flat)
-    else:
-        bits = flat.astype(np.float32).view(np.uint32)  # float16 -> float32 is exact
-    return _round_float32_bits(bits).reshape(x.shape)
+    return to_bits(x.astype(np.float32) if x.dtype.itemsize == 2 else x, "bfloat16")  # float16 -> float32: exact
 
 
 def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
     """The float32 values of bfloat16 bit patterns (exact: the bits become the high half)."""
-    bits = np.asarray(bits)
-    if bits.dtype.kind not in "ui" or bits.dtype.itemsize != 2:
-        raise TypeError(f"bits must be a 16-bit integer array, got dtype {bits.dtype}")
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def _round_float32_bits(bits: np.ndarray) -> np.ndarray:
-    """float32 bit patterns (uint32, 1-d) -> bfloat16 bit patterns (uint16), nearest-even."""
-    nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    lsb = (bits >> 16) & 1  # the bit that stays last: a tie goes to where it is 0
-    # Adding 0x7FFF + lsb then cutting the low half rounds to nearest, ties to even; a
-    # carry out of the mantissa bumps the exponent, so the largest values round to inf.
-    # NaN patterns may wrap around here; they are replaced below.
-    rounded = ((bits + (0x7FFF + lsb).astype(np.uint32)) >> 16).astype(np.uint16)
-    rounded[nan] = (bits[nan] >> 16).astype(np.uint16) | 0x0040  # quiet, sign and payload kept
-    return rounded
-
-
-def _float32_bits_rounded_to_odd(x: np.ndarray) -> np.ndarray:
-    """float64 values (1-d) -> the bits of float32 values rounded to odd."""
-    with np.errstate(over="ignore"):
-        nearest = x.astype(np.float32)  # round to nearest; beyond float32's range: inf
-    back = nearest.astype(np.float64)
-    bits = nearest.view(np.uint32)
-    # Where the cast rounded away from zero, step one unit back toward zero (the
-    # magnitude is the low 31 bits, so -1 on the pattern shrinks it whatever the sign),
-    # which truncates; then mark every inexact result by setting its last bit.
-    bits = bits - (np.abs(back) > np.abs(x)).astype(np.uint32)
-    bits |= (back != x).astype(np.uint32)  # NaN compares unequal: harmless, only low bits change
-    return bits
+    return from_bits(bits, "bfloat16")
 
 
 # ---------------------------------------------------------------- reading

@@ -7,7 +7,11 @@ message that names the argument, the rule and the value received::
     rank must be in [1, min(m, n)] = [1, 9], got 12
 
 The dtype rule: float32 and float64 are preserved, integer and
-bool input becomes float64, anything else is a ``TypeError``.
+bool input becomes float64, float16 input is computed in float32 and the
+result returned in float32 (exact: every float16 value is a float32 one; to
+compute *in* a 16-bit format, emulate it with :mod:`lowrank.precision`),
+anything else is a ``TypeError``. bfloat16 has no NumPy dtype: its values
+arrive as float32 (``lowrank.precision.from_bits``, ``load_safetensors``).
 """
 
 from __future__ import annotations
@@ -57,10 +61,12 @@ def float_dtype_of(x: np.ndarray, name: str) -> np.dtype:
     dtype = x.dtype
     if dtype in FLOAT_DTYPES:
         return dtype
+    if dtype.kind == "f" and dtype.itemsize == 2:  # float16: computed, and returned, in float32
+        return np.dtype(np.float32)
     if dtype.kind in "biu":
         return np.dtype(np.float64)
     raise TypeError(
-        f"{name} must hold real numbers (float32, float64, integer or bool), got dtype {dtype}"
+        f"{name} must hold real numbers (float16, float32, float64, integer or bool), got dtype {dtype}"
     )
 
 

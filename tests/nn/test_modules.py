@@ -82,7 +82,7 @@ def test_parameter_copies_and_follows_the_dtype_rule():
     assert "shape=(2, 3)" in repr(p)
 
 
-@pytest.mark.parametrize("bad", [np.ones(2, np.complex128), np.ones(2, np.float16), "abc"])
+@pytest.mark.parametrize("bad", [np.ones(2, np.complex128), "abc"])
 def test_parameter_refuses_non_real_data(bad):
     with pytest.raises(TypeError, match="data"):
         nn.Parameter(bad)
