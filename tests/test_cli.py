@@ -177,6 +177,29 @@ def test_factorize_reports_relative_errors_at_the_limits_of_float64(capsys, tmp_
     assert numbers_on_line(out, "optimum at rank 3")[-2] == pytest.approx(tail, rel=1e-5)
 
 
+@pytest.mark.parametrize("method", ["svd", "randomized", "als"])
+@pytest.mark.parametrize("scale, dtype", [(1e-170, np.float64), (1e160, np.float64), (1e-30, np.float32)])
+def test_factorize_reports_the_same_errors_at_extreme_scales(capsys, tmp_path, matrix_file, method, scale, dtype):
+    """Every method, and --energy: the report at scale c is the report at scale 1 (ALS printed 1.0 and 'ratio inf')."""
+    _, M, s = matrix_file
+    reports = []
+    for factor in (1.0, scale):
+        path = tmp_path / f"m{factor:g}.npy"
+        np.save(path, (M * factor).astype(dtype))
+        for how in (["--rank", "3"], ["--energy", "0.999"]):
+            code, out, err = run(["factorize", str(path), *how, "--method", method, "--seed", "1"], capsys)
+            assert code == 0 and err == "", err
+            reports.append((numbers_on_line(out, "/ ‖m‖_f =")[-1], numbers_on_line(out, "optimum at rank")))
+    (error, bound), (error_e, bound_e), (big, big_bound), (big_e, big_bound_e) = reports
+    rtol = 1e-5 if dtype == np.float64 else 1e-3
+    assert big == pytest.approx(error, rel=rtol) and big_e == pytest.approx(error_e, rel=rtol)
+    assert big_bound == pytest.approx(bound, rel=rtol) and big_bound_e == pytest.approx(bound_e, rel=rtol)
+    tail = np.sqrt(np.sum(s[3:] ** 2) / np.sum(s**2))  # Eckart–Young at rank 3, by hand
+    assert error == pytest.approx(tail, rel=rtol) and big == pytest.approx(tail, rel=rtol)
+    kept = np.cumsum(s**2) / np.sum(s**2)
+    assert big_bound_e[0] == int(np.argmax(kept >= 0.999)) + 1  # the rank --energy picked
+
+
 # ---------------------------------------------------------------- factorize: one-line errors
 
 

@@ -32,29 +32,20 @@ def _load_matrix(path: str) -> np.ndarray:
         raise CLIError(f"cannot read {path} as a .npy array: {exc}") from None
 
 
-def _power_of_two_scale(M: np.ndarray) -> np.floating:
-    """A power of two near ``max |M|`` (1 for a zero matrix), in M's dtype.
-
-    Dividing by it is exact, and the ratios the report prints (relative
-    errors, energy fractions) do not depend on it; it keeps their sums of
-    squares from overflowing or underflowing for entries near the limits of
-    the dtype.
-    """
-    largest = float(np.max(np.abs(M)))
-    return M.dtype.type(2.0 ** np.floor(np.log2(largest)) if largest > 0 else 1.0)
-
-
 def _relative_errors(M: np.ndarray, lr: Any, s_all: np.ndarray, rank: int) -> tuple[float, float]:
-    """``‖M − L R‖_F / ‖M‖_F`` and the Eckart–Young optimum on the same scale (both 0 for M = 0)."""
-    import lowrank
+    """``‖M − L R‖_F / ‖M‖_F`` and the Eckart–Young optimum on the same scale (both 0 for M = 0).
 
-    c = _power_of_two_scale(M)
-    norm = float(np.linalg.norm(M / c))
-    if norm == 0:
+    Both are ratios, right at any scale of M: ``LowRank.error`` scales before
+    squaring, and the optimum is taken from ``s / 2**e`` (exact), whose
+    absolute errors cannot overflow.
+    """
+    import lowrank
+    from lowrank.factor.lowrank_matrix import magnitude_exponent, times_power_of_two
+
+    if not np.any(M):
         return 0.0, 0.0
-    error = lowrank.LowRank(lr.left / c, lr.right).error(M / c)
-    bound = float(lowrank.eckart_young_errors(s_all / c)[rank])
-    return error / norm, bound / norm
+    errors = lowrank.eckart_young_errors(times_power_of_two(s_all, -magnitude_exponent(s_all)))  # (p + 1,)
+    return lr.error(M, relative=True), float(errors[rank] / errors[0])
 
 
 def _cmd_factorize(args: argparse.Namespace) -> int:
@@ -68,8 +59,8 @@ def _cmd_factorize(args: argparse.Namespace) -> int:
     M = lowrank.utils.validation.check_matrix(M, f"the matrix in {args.file}")
     m, n = M.shape
     s_all = np.linalg.svd(M, compute_uv=False)  # the whole spectrum, for the bound
-    if args.rank is None:  # energy fractions do not depend on the scale: measured on s / c, no overflow
-        rank = lowrank.rank_for_energy(s_all / _power_of_two_scale(M), args.energy)
+    if args.rank is None:  # right at any scale: rank_for_energy squares s / 2**e
+        rank = lowrank.rank_for_energy(s_all, args.energy)
     else:
         rank = args.rank
     rank = lowrank.utils.validation.check_rank(rank, M.shape, "--rank")
