@@ -627,3 +627,22 @@ def test_vectors_check_exit_codes(ref, candidate, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("lowrank: error: vectors check could not run:") and err.count("\n") == 1
         assert "Traceback" not in err
+
+
+def test_a_failed_write_leaves_the_previous_folder_whole(tmp_path, monkeypatch):
+    """The folder is one unit: a write that fails half-way (here, at the manifest)
+    leaves the previous run's files and manifest exactly as they were."""
+    import lowrank.reference.vectors as vectors
+
+    folder = tmp_path / "ref"
+    write_vectors(folder, random_state=0)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def crash(path, obj):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(vectors, "save_json", crash)
+    with pytest.raises(OSError, match="simulated"):
+        write_vectors(folder, random_state=1)  # other inputs: every case file would change
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ref"]  # no temporary folder left behind

@@ -40,7 +40,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from lowrank.io.files import PathLike, load_json, load_safetensors, save_json, save_safetensors
+from lowrank.io.files import (
+    PathLike,
+    atomic_write_folder,
+    check_writable,
+    load_json,
+    load_safetensors,
+    save_json,
+    save_safetensors,
+)
 from lowrank.reference.cases import LINEAR_CASES, LORA_CASES
 from lowrank.reference.compare import TOLERANCES, compare, error_stats, tolerance_for
 from lowrank.utils.validation import RandomState, check_random_state
@@ -481,14 +489,18 @@ def _build_cases(random_state: RandomState) -> list[_Case]:
 
 
 def write_vectors(directory: PathLike, *, random_state: RandomState = 0) -> list[str]:
-    """Write the reference cases and their manifest into ``directory`` (created if missing).
+    """Write the reference cases and their manifest into ``directory``, as one unit.
 
-    The same ``random_state`` (default 0) gives byte-identical files.
+    The same ``random_state`` (default 0) gives byte-identical files. The
+    folder is written with :func:`lowrank.io.files.atomic_write_folder`: a
+    crash or an error leaves the previous folder (or none), never case files
+    of one run beside the manifest of another.
 
     Parameters
     ----------
     directory : str or os.PathLike
-        Its parent must exist. Existing case files of the same names are replaced.
+        Created if missing; its parent must exist. Existing case files of the
+        same names are replaced; other files in it are kept.
     random_state : None, int or numpy.random.Generator, default 0
 
     Returns
@@ -496,20 +508,24 @@ def write_vectors(directory: PathLike, *, random_state: RandomState = 0) -> list
     list of str
         The case names, in manifest order.
     """
-    folder = Path(directory)
-    folder.mkdir(exist_ok=True)
-    entries = []
-    for case in _build_cases(random_state):
-        path = save_safetensors(folder / f"{case.name}.safetensors", {**case.inputs, **case.outputs},
-                                metadata={_FORMAT: case.name})  # one key: the header's order is then fixed
-        entries.append(case.manifest_entry(hashlib.sha256(path.read_bytes()).hexdigest()))
-    save_json(folder / MANIFEST_NAME, {
-        "format": _FORMAT,
-        "version": _VERSION,
-        "conventions": CONVENTIONS,
-        "tolerances": TOLERANCES,
-        "cases": entries,
-    })  # fmt: skip
+    check_writable(directory, "directory", folder=True)
+    cases = _build_cases(random_state)  # all the maths before anything touches the disk
+    entries: list[dict[str, Any]] = []
+
+    def write(folder: Path) -> None:
+        for case in cases:
+            path = save_safetensors(folder / f"{case.name}.safetensors", {**case.inputs, **case.outputs},
+                                    metadata={_FORMAT: case.name})  # one key: the header's order is then fixed
+            entries.append(case.manifest_entry(hashlib.sha256(path.read_bytes()).hexdigest()))
+        save_json(folder / MANIFEST_NAME, {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "conventions": CONVENTIONS,
+            "tolerances": TOLERANCES,
+            "cases": entries,
+        })  # fmt: skip
+
+    atomic_write_folder(directory, write)
     return [e["name"] for e in entries]
 
 
