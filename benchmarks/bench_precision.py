@@ -10,6 +10,11 @@ Run by hand: ``python benchmarks/bench_precision.py [--n 100000000] [--reps 3]``
    ``lowrank.nn.functional.lora_linear`` (goal: time ratio <= 3).
 
 Medians of interleaved repetitions; the minimums are printed too.
+
+Measured (2 cores, load average near 4 from other work, 10**8 values, 5 reps):
+round_to bfloat16 1.53 s against ml_dtypes' 0.91 s (ratio 1.68: 0.6x its speed, goal met);
+float16 4.17 s against 1.63 s (ratio 2.55: 0.39x, goal missed); the bfloat16 LoRA
+forward 0.45 s against float32's 0.28 s (ratio 1.63, goal met).
 """
 
 from __future__ import annotations
