@@ -314,7 +314,7 @@ def test_bad_input_is_refused_with_a_named_error(R, kwargs, error, match):
     ("values", "match"),
     [
         ([1.0, -2.0], r"R must be non-negative .*got -2.0 among its stored entries \(1 negative entries\)"),
-        ([1.0, np.nan], "R must be finite, got nan among its stored entries"),
+        ([1.0, np.nan], r"R must be finite, got nan at index \(1, 1\) \(1 non-finite entries\)"),
         ([0.0, 0.0], "R must have at least one positive entry"),
     ],
 )

@@ -39,7 +39,9 @@ from lowrank.utils.validation import (
     check_random_state,
     check_rank,
     check_real,
+    first_non_finite,
     float_dtype_of,
+    non_finite_message,
 )
 
 __all__ = ["ImplicitALSResult", "implicit_als", "implicit_als_objective"]
@@ -160,10 +162,12 @@ def _interactions(R: Any, alpha: float) -> tuple[_Side, _Side, float, np.dtype]:
         if csr.ndim != 2 or 0 in csr.shape:
             raise ValueError(f"R must be a non-empty 2-D matrix, got shape {csr.shape}")
         data = csr.data
-        if not np.all(np.isfinite(data)):
-            bad = int(np.count_nonzero(~np.isfinite(data)))
-            first = data[np.argmax(~np.isfinite(data))]
-            raise ValueError(f"R must be finite, got {first} among its stored entries ({bad} non-finite)")
+        bad = first_non_finite(data)
+        if bad is not None:  # name the entry by its (row, column): sum_duplicates sorted CSR into C order
+            k = bad[0]
+            row = int(np.searchsorted(csr.indptr, k, side="right")) - 1
+            count = int(np.count_nonzero(~np.isfinite(data)))
+            raise ValueError(non_finite_message("R", data[k], (row, int(csr.indices[k])), count))
         _check_non_negative(data, "among its stored entries")
         csr.eliminate_zeros()  # a stored 0 is an entry not observed
         rows, cols = _SparseSide(csr, alpha), _SparseSide(csr.T.tocsr(), alpha)
