@@ -333,6 +333,18 @@ def test_memory_runtime_errors_and_ctrl_c(capsys, monkeypatch, tmp_path, exc, co
     assert run(["factorize", str(tmp_path / "m.npy"), "--rank", "1"], capsys)[::2] == (code, line)
 
 
+def test_a_closed_output_pipe_ends_quietly_with_141():
+    # `lowrank ... | head`: the reader is gone before the command writes; no error line, no
+    # "Exception ignored" from the interpreter's final flush
+    cmd = [sys.executable, "-m", "lowrank", "precision", "bound", "--shape", "2,3,4,1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.stderr.close()
+    assert (proc.wait(timeout=60), err) == (141, b"")
+
+
 # ---------------------------------------------------------------- output paths, checked before the work
 
 

@@ -52,19 +52,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``lowrank`` command line; returns the exit code.
 
     Any exception a command raises becomes one line on stderr and exit code
-    2 (see :func:`lowrank.cli.common.error_line`); Ctrl-C exits with 130.
+    2 (see :func:`lowrank.cli.common.error_line`); Ctrl-C exits with 130, and a
+    closed output pipe (``| head``) with 141, silently.
     With the environment variable ``LOWRANK_DEBUG=1`` the exception
     propagates instead, with its traceback.
     """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
+        return code
     except SystemExit as exc:  # argparse: --help, --version, usage errors
         return exc.code if isinstance(exc.code, int) else 1
     except KeyboardInterrupt:
         print("lowrank: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`lowrank ... | head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # 128 + SIGPIPE, as 130 is 128 + SIGINT
     except Exception as exc:
         if os.environ.get("LOWRANK_DEBUG", "") not in ("", "0"):
             raise
