@@ -563,6 +563,24 @@ def test_cli_inspect_consistent_json_and_unreadable(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.parametrize("field", ["target_modules", "rank_pattern", "alpha_pattern"])
+def test_inspect_and_merge_refuse_a_catastrophic_regex_before_it_runs(tmp_path, capsys, field):
+    # '(a*)*b' against the file's own 28-character name took 15 s in `adapter inspect`
+    # (doubling per character); the model-free reader refuses it as load_peft_adapter does
+    rng = np.random.default_rng(12)
+    name = "a" * 28
+    config = {"r": 1, "target_modules": "(a*)*b" if field == "target_modules" else [name]}
+    if field != "target_modules":
+        config[field] = {"(a*)*b": 2}
+    folder = write_adapter(tmp_path / "ad", config, lora_pair(rng, name, 1, 2, 2))
+    assert main(["adapter", "inspect", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "adapter_config.json: " in err and "'(a*)*b' repeats a group" in err
+    base = save_safetensors(tmp_path / "base.safetensors", {f"{name}.weight": np.ones((2, 2))})
+    with pytest.raises(ValueError, match=r"adapter_config.json: .*'\(a\*\)\*b' repeats a group"):
+        merge_adapter(base, folder, tmp_path / "out.safetensors")
+
+
 def test_cli_merge_exit_codes(tmp_path, capsys):
     rng = np.random.default_rng(11)
     base = tmp_path / "base.safetensors"

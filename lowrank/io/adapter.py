@@ -52,6 +52,7 @@ from lowrank.utils.validation import check_bool, check_choice, check_int, check_
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
+    "MAX_UNBOUNDED_REPEATS",
     "Adapter",
     "AdapterConfig",
     "AdapterLayout",
@@ -60,6 +61,7 @@ __all__ = [
     "LayerSettings",
     "ModuleReport",
     "check_adapter",
+    "check_regex_is_safe",
     "delta_weight",
     "inspect_adapter",
     "match_pattern_key",
@@ -229,11 +231,110 @@ class LayerSettings:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
 
+# ---------------------------------------------------------------- hostile regular expressions
+
+# A regular expression in a file (target_modules, the keys of rank_pattern and alpha_pattern)
+# runs in Python's backtracking engine, where a repeated group that can match one text in
+# several ways ("(a*)*b", "(a|a)*") takes time exponential in the name's length: 9.5 s for a
+# 28-character name, doubling per character. Such patterns are refused before any match, and
+# the number of unbounded repeats is capped: k of them in sequence (".*a.*b.*c") cost up to
+# n**k steps per name.
+MAX_UNBOUNDED_REPEATS = 3
+
+
+def check_regex_is_safe(pattern: str, what: str) -> None:
+    r"""Refuse a regular expression that may backtrack exponentially or take polynomial time of high degree.
+
+    A static check, conservative on purpose: a repeated group (``*``, ``+``,
+    ``{m,n}``) that itself contains a repeat or an alternation (``(a*)*``,
+    ``(a+)+``, ``(a|b)*``, ``(?:x?)+``) is refused, and so is a pattern with
+    more than ``MAX_UNBOUNDED_REPEATS`` (3) unbounded repeats. PEFT's usual
+    patterns (``.*\.(q_proj|v_proj)``, ``layers\.\d+\.attn\.(q|v)``) pass.
+    Each refused pattern has an equivalent that passes (list the names, or
+    repeat a character class instead of a group).
+
+    Parameters
+    ----------
+    pattern : str
+        A pattern that compiles.
+    what : str
+        What the pattern is, named in the message (``"target_modules"``).
+
+    Raises
+    ------
+    ValueError
+        One line naming ``what``, the rule and the pattern.
+    """
+    stack: list[bool] = []  # one entry per open group: does it hold a repeat or an alternation?
+    closed_risky = False  # the atom just before this character is a group that does
+    unbounded = 0
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        atom_is_risky_group = False
+        if c == "\\":
+            i += 2
+        elif c == "[":  # a character class: nothing inside repeats or alternates
+            j = i + 1
+            j += pattern[j : j + 1] == "^"
+            j += pattern[j : j + 1] == "]"  # a leading "]" is a literal
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            i = j + 1
+        elif c == "(":
+            stack.append(False)
+            i += 1
+            if pattern[i : i + 1] == "?":  # (?:  (?P<name>  (?=  ...: that "?" is no repeat
+                i += 1
+        elif c == ")":
+            atom_is_risky_group = stack.pop() if stack else False
+            i += 1
+        elif c == "|":
+            stack[:] = [True] * len(stack)
+            i += 1
+        elif c in "*+?{":
+            end = pattern.find("}", i) if c == "{" else i
+            if c == "{" and (end < 0 or not _is_repeat_count(pattern[i + 1 : end])):
+                i += 1  # a literal "{"
+                closed_risky = False
+                continue
+            body = pattern[i + 1 : end] if c == "{" else ""
+            repeats = c in "*+" or (c == "{" and body != "0" and body != "1" and body not in ("0,1", "1,1"))
+            if c in "*+" or (c == "{" and body.endswith(",")):
+                unbounded += 1
+            if repeats and closed_risky:
+                raise ValueError(
+                    f"{what} {pattern!r} repeats a group that itself repeats or alternates (as in '(a*)*' or "
+                    f"'(a|b)*'), which can take time exponential in the name's length; list the module names "
+                    f"instead, or repeat a character class"
+                )
+            stack[:] = [True] * len(stack)  # every enclosing group now holds a repeat
+            i = end + 1
+            if pattern[i : i + 1] in ("?", "+"):  # lazy or possessive modifier
+                i += 1
+        else:
+            i += 1
+        closed_risky = atom_is_risky_group
+    if unbounded > MAX_UNBOUNDED_REPEATS:
+        raise ValueError(
+            f"{what} {pattern!r} has {unbounded} unbounded repeats ('*', '+', '{{m,}}'), more than "
+            f"{MAX_UNBOUNDED_REPEATS}: matching time grows as the name's length to that power; list the "
+            f"module names instead"
+        )
+
+
+def _is_repeat_count(body: str) -> bool:
+    """Whether ``body`` (between braces) is a repeat count: ``m``, ``m,``, ``,n`` or ``m,n``."""
+    low, comma, high = body.partition(",")
+    return bool(low or high) and (low.isdigit() or (bool(comma) and not low)) and (not high or high.isdigit())
+
+
 def _check_regex(pattern: str, what: str) -> None:
     try:
         re.compile(pattern)
     except re.error as exc:
         raise ValueError(f"{what} must be a valid regular expression, got {pattern!r}: {exc}") from None
+    check_regex_is_safe(pattern, what)
 
 
 @dataclass(frozen=True, eq=True)
@@ -333,6 +434,8 @@ class AdapterConfig:
             if isinstance(targets, list):
                 targets = tuple(targets)
             match_target_modules(targets, "")  # refuses the wrong kind or an invalid regular expression
+            if isinstance(targets, str):  # before any name of the file is matched: it could hang the matcher
+                check_regex_is_safe(targets, "target_modules")
             if targets is not None and not isinstance(targets, (str, tuple)):
                 raise TypeError(f"target_modules must be None, a str or a list of str, got {targets!r}")
             saved = obj.get("modules_to_save")
