@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -711,3 +712,18 @@ def test_the_example_in_docs_lora_md_runs():
     doc = (pathlib.Path(__file__).parents[2] / "docs" / "lora.md").read_text(encoding="utf-8")
     (example,) = re.findall(r"```python\n(.*?)```", doc, re.S)
     exec(compile(example, "docs/lora.md", "exec"), {})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_at_the_edge_of_the_range_warns_nothing_and_saturates(dtype, approximate):
+    """Far from 0 GELU is x (right) or 0 (left) and its derivative 1 or 0: the tanh form's x**3
+    and the derivative's x*x must not overflow on the way there (issue: RuntimeWarnings leaked)."""
+    big = np.finfo(dtype).max
+    x = np.array([-big, -1e13, 1e13, big], dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y, cache = F.gelu(x, approximate=approximate)
+        dx = F.gelu_backward(np.ones_like(x), cache)
+    np.testing.assert_array_equal(y, [0.0, 0.0, dtype(1e13), big])
+    np.testing.assert_array_equal(dx, [0.0, 0.0, 1.0, 1.0])

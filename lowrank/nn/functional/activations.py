@@ -233,6 +233,10 @@ def erfc(z: np.ndarray) -> np.ndarray:
 
 _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 _GELU_TANH_K = 0.044715
+# Past |x| = 100 the tanh form's tanh(...) is ±1 and the erf form's exp(-x²/2) is 0 in
+# float32 and float64 alike, so the polynomials may read x clipped there: the same values,
+# and no overflow (or RuntimeWarning) in x**3 or x*x for |x| up to the dtype's maximum.
+_GELU_SATURATES = 100.0
 
 
 def gelu(x: Any, approximate: str = "none") -> tuple[np.ndarray, GELUCache]:
@@ -261,7 +265,8 @@ def gelu_core(x: np.ndarray, approximate: str = "none") -> tuple[np.ndarray, GEL
         # float64 for erfc, whatever x's dtype; cast once
         cdf = (0.5 * erfc(x.astype(np.float64) * -math.sqrt(0.5))).astype(x.dtype, copy=False)
     else:
-        cdf = 0.5 * (1 + np.tanh(_SQRT_2_OVER_PI * (x + _GELU_TANH_K * x**3)))
+        xc = np.clip(x, -_GELU_SATURATES, _GELU_SATURATES)  # tanh is ±1 past the clip: same values
+        cdf = 0.5 * (1 + np.tanh(_SQRT_2_OVER_PI * (xc + _GELU_TANH_K * xc**3)))
     return x * cdf, GELUCache(x=x, cdf=cdf, approximate=approximate)
 
 
@@ -279,8 +284,9 @@ def gelu_backward(dy: Any, cache: GELUCache) -> np.ndarray:
 def gelu_backward_core(dy: np.ndarray, cache: GELUCache) -> np.ndarray:
     """:func:`gelu_backward` without validation: ``dy`` has ``x``'s shape and dtype."""
     x, cdf = cache.x, cache.cdf
+    xc = np.clip(x, -_GELU_SATURATES, _GELU_SATURATES)  # cdf' is exactly 0 past the clip: same values
     if cache.approximate == "none":
-        dcdf = np.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+        dcdf = np.exp(-0.5 * xc * xc) * (1 / math.sqrt(2 * math.pi))
     else:
-        dcdf = 2 * cdf * (1 - cdf) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_K * x * x)
+        dcdf = 2 * cdf * (1 - cdf) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_K * xc * xc)
     return dy * (cdf + x * dcdf)
