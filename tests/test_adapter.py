@@ -53,9 +53,15 @@ def lora_pair(rng, name, r, n_in, n_out, scale=1.0):
 
 
 def round_bf16(x):
-    """float64 -> the nearest bfloat16 value (ties to even), as float64: 8 significant bits by frexp/rint."""
-    mantissa, exponent = np.frexp(np.asarray(x, np.float64))  # x = m·2^e, 0.5 <= |m| < 1
-    return np.ldexp(np.rint(mantissa * 256.0), exponent - 8)  # rint rounds half to even
+    """float64 -> the nearest bfloat16 value (ties to even), as float64: 8 significant bits by frexp/rint.
+
+    Below bfloat16's smallest normal number, 2**-126, the spacing stays 2**-133 (subnormals).
+    """
+    x = np.asarray(x, np.float64)
+    mantissa, exponent = np.frexp(x)  # x = m·2^e, 0.5 <= |m| < 1
+    normal = np.ldexp(np.rint(mantissa * 256.0), exponent - 8)  # rint rounds half to even
+    subnormal = np.rint(x * 2.0**133) * 2.0**-133  # both products exact in float64
+    return np.where(np.abs(x) < 2.0**-126, subnormal, normal)
 
 
 def raw_bytes(path, name):
@@ -411,6 +417,19 @@ def test_merge_with_fan_in_fan_out_off_adds_b_a_untransposed(tmp_path):
     merged = read_safetensors(merge_adapter(base, folder, tmp_path / "out.safetensors"))
     A, B = adapter[f"{P}fc.lora_A.weight"], adapter[f"{P}fc.lora_B.weight"]
     np.testing.assert_array_equal(merged["fc.weight"], W + 2.0 * (B @ A))
+
+
+def test_merge_that_overflows_float64_is_refused_and_writes_nothing(tmp_path):
+    """A huge lora_alpha makes W + scaling * B @ A infinite even in float64: refused, OUT never written."""
+    rng = np.random.default_rng(6)
+    base = tmp_path / "base.safetensors"
+    save_safetensors(base, {"fc.weight": rng.standard_normal((5, 6))})
+    adapter = lora_pair(rng, "fc", 1, 6, 5, scale=1e200)  # B @ A ~ 1e400: past float64
+    folder = write_adapter(tmp_path / "ad", {"r": 1, "lora_alpha": 1, "target_modules": ["fc"]}, adapter)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(FloatingPointError, match="overflows float64"):
+        merge_adapter(base, folder, out)
+    assert not out.exists()
 
 
 small = st.floats(-4, 4, allow_nan=False, allow_infinity=False, width=32)

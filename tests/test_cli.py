@@ -313,3 +313,10 @@ def test_review_findings_each_get_a_one_line_error(capsys, tmp_path):
         assert captured.out == ""  # nothing printed before the refusal
         assert captured.err.startswith("lowrank: error:") and captured.err.count("\n") == 1
         assert message in captured.err
+
+
+def test_params_refuses_a_shape_beside_a_lora_budget(capsys):
+    """--shape and --d-model describe two different questions: refused as a conflict, not one ignored."""
+    assert main(["params", "--shape", "9x9", "--d-model", "12", "--layers", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--shape" in err and "--d-model, --layers" in err

@@ -110,6 +110,11 @@ def _cmd_params(args: argparse.Namespace) -> int:
     import lowrank
 
     if args.shape is not None:
+        budget = [flag for flag, value in (("--d-model", args.d_model), ("--layers", args.layers),
+                                           ("--total", args.total)) if value is not None]
+        if budget:
+            raise CLIError(f"params takes --shape or a LoRA budget (--d-model, --layers), not both: got --shape "
+                           f"with {', '.join(budget)}")
         m, n = args.shape
         rank = lowrank.utils.validation.check_rank(args.rank, (m, n), "--rank")
         dense, low = m * n, rank * (m + n)

@@ -1189,7 +1189,13 @@ def merge_adapter(base: PathLike, adapter_dir: PathLike, out: PathLike, *, dtype
                         raise ValueError(
                             f"{base}: tensor {p.name!r} holds non-finite values: refusing to merge into it"
                         )
-                    values += delta_weight(A, B, scaling, transpose=transpose)
+                    with np.errstate(over="ignore", invalid="ignore"):  # checked right below
+                        values += delta_weight(A, B, scaling, transpose=transpose)
+                    if not np.isfinite(values).all():
+                        raise FloatingPointError(
+                            f"merging into {p.name!r} overflows float64: W + scaling * B @ A is not finite "
+                            f"(scaling {scaling:g})"
+                        )
                 stored = _round_to(values, p.stored) if values.dtype.kind == "f" else values
                 if values.dtype.kind == "f" and np.any(~np.isfinite(_values(stored, p.stored)) & np.isfinite(values)):
                     raise FloatingPointError(

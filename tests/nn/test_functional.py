@@ -727,3 +727,10 @@ def test_gelu_at_the_edge_of_the_range_warns_nothing_and_saturates(dtype, approx
         dx = F.gelu_backward(np.ones_like(x), cache)
     np.testing.assert_array_equal(y, [0.0, 0.0, dtype(1e13), big])
     np.testing.assert_array_equal(dx, [0.0, 0.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("mask", [0.5, np.float32(0.5), np.array(0.5)])
+def test_dropout_refuses_a_probability_where_the_mask_goes(mask):
+    """torch.nn.functional.dropout(x, p) takes p; F.dropout(x, 0.5) would silently halve x."""
+    with pytest.raises(TypeError, match=r"dropout_mask\(x.shape, p\)"):
+        F.dropout(np.ones(3), mask)

@@ -87,6 +87,12 @@ def dropout(x: Any, mask: Any) -> tuple[np.ndarray, DropoutCache]:
     cache : DropoutCache
     """
     x = as_float_array(x, "x")
+    if np.ndim(mask) == 0 and not isinstance(mask, (str, bytes)):
+        # torch.nn.functional.dropout(x, p) takes a probability; here a number would just scale x
+        raise TypeError(
+            f"mask must be an array from dropout_mask(x.shape, p), not a number (got {mask!r}): "
+            f"unlike torch.nn.functional.dropout(x, p), dropout takes the mask itself"
+        )
     return dropout_core(x, as_mask(mask, x, "mask"))
 
 
