@@ -227,8 +227,34 @@ class LayerSettings:
 
     @property
     def scaling(self) -> float:
-        """The factor of ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (PEFT's ``update_layer``)."""
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+        """The factor of ``B @ A``: :func:`lora_scaling` of this layer's settings."""
+        return lora_scaling(self.alpha, self.r, self.use_rslora)
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """LoRA's factor of ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA.
+
+    The one statement of the rule (PEFT's ``LoraLayer.update_layer``;
+    rsLoRA: Kalajdzievski, 2023), used by :class:`lowrank.nn.LoRALinear`,
+    the adapter tools and the reference cases.
+
+    Parameters
+    ----------
+    alpha : float
+    r : int
+        The rank, ``>= 1`` (checked by the callers).
+    use_rslora : bool, default False
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> lora_scaling(16, 8), lora_scaling(16, 4, use_rslora=True)
+    (2.0, 8.0)
+    """
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
 # ---------------------------------------------------------------- hostile regular expressions

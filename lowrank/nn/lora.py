@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from lowrank.io.adapter import BIAS_MODES, match_target_modules  # the one matcher (bottom layer, model-free)
+from lowrank.io.adapter import BIAS_MODES, lora_scaling, match_target_modules  # the one matcher and scaling rule
 from lowrank.nn import functional as F
 from lowrank.nn.modules import (
     Linear,
@@ -231,7 +231,7 @@ class LoRALinear(Module):
         self.bias = base.bias
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.dropout, self.use_rslora, self.init = r, alpha, dropout, use_rslora, init
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(alpha, r, use_rslora)
         self.merged = False
         A, B = self._initial_factors()
         self.lora_A = _Factor(A)  # (r, in)

@@ -23,11 +23,12 @@ Example
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from lowrank.io.adapter import lora_scaling
 
 __all__ = [
     "DROPOUT_KINDS",
@@ -102,8 +103,8 @@ class LoRACase:
 
     @property
     def scaling(self) -> float:
-        """``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r``."""
-        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+        """``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r`` (:func:`lowrank.io.adapter.lora_scaling`)."""
+        return lora_scaling(self.alpha, self.r, self.use_rslora)
 
     @property
     def dropout_p(self) -> float:
