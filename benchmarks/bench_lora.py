@@ -149,22 +149,24 @@ def memory_report(lora: nn.LoRALinear, x: np.ndarray, dy: np.ndarray) -> list[st
         before = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
         y = lora(x)
-        cache = lora._pending[0]  # the forward's cache, inspected before backward consumes it
         after_forward = tracemalloc.get_traced_memory()[0] - before - y.nbytes
-        big_in_cache = [
-            f.name
-            for f in dataclasses.fields(cache)
-            if isinstance(getattr(cache, f.name), np.ndarray)
-            and getattr(cache, f.name).shape == (lora.out_features, lora.in_features)
-            and getattr(cache, f.name) is not lora.weight.data  # a reference to W is not a new array
-        ]
-        del cache
         dx = lora.backward(dy)
         peak = tracemalloc.get_traced_memory()[1] - before
         left = tracemalloc.get_traced_memory()[0] - before - y.nbytes - dx.nbytes
     finally:
         tracemalloc.stop()
     grads = lora.A.grad.nbytes + lora.B.grad.nbytes
+    # the cache the module keeps is the kernel's: build one the same way and look inside
+    bias = None if lora.bias is None else lora.bias.data
+    _, cache = F.lora_linear(x, lora.weight.data, bias, lora.A.data, lora.B.data, lora.scaling)
+    big_in_cache = [
+        f.name
+        for f in dataclasses.fields(cache)
+        if isinstance(getattr(cache, f.name), np.ndarray)
+        and getattr(cache, f.name).shape == (lora.out_features, lora.in_features)
+        and getattr(cache, f.name) is not lora.weight.data  # a reference to W is not a new array
+    ]
+    del cache
     assert not big_in_cache, f"(out, in)-sized arrays in the cache: {big_in_cache}"
     assert y.flags.c_contiguous and dx.flags.c_contiguous, "y and dx must be ordinary C-contiguous arrays"
     assert after_forward < w_bytes, f"{after_forward} bytes held after forward besides y"
