@@ -413,3 +413,17 @@ def test_reading_and_writing_need_numpy_alone(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[1.0, 1.0, 1.0]"
+
+
+@given(tensors=TENSORS, data=st.data())
+def test_every_truncation_of_a_safetensors_file_is_a_value_error(tmp_path_factory, tensors, data):
+    """A file cut short anywhere (a crash of a writer that was not atomic, a partial copy)
+    is refused with a one-line ValueError naming it, never read short or as a MemoryError."""
+    path = tmp_path_factory.mktemp("cut") / "t.safetensors"
+    save_safetensors(path, tensors)
+    whole = path.read_bytes()
+    cut = data.draw(st.integers(0, len(whole) - 1), label="bytes kept")
+    path.write_bytes(whole[:cut])
+    with pytest.raises(ValueError, match=re.escape(str(path))) as info:
+        load_safetensors(path)
+    assert "\n" not in str(info.value)
