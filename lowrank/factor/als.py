@@ -123,7 +123,8 @@ def _observed_values(obs: _Observed) -> np.ndarray:
     return obs.values.data
 
 
-def _is_scipy_sparse(M: Any) -> bool:
+def is_scipy_sparse(M: Any) -> bool:
+    """Whether ``M`` is a scipy.sparse matrix or array, told without importing scipy."""
     return type(M).__module__.startswith("scipy.sparse")
 
 
@@ -190,7 +191,7 @@ def _solve_rows(obs: _Observed, F: np.ndarray, reg: float, weighted_reg: bool) -
         G = F.T @ F + lam * eye  # (r, r)
         if lam > 0:
             return np.linalg.solve(G, b.T).T
-        return _solve_min_norm(G[None], b.T[None])[0].T  # F may be rank-deficient
+        return solve_min_norm(G[None], b.T[None])[0].T  # F may be rank-deficient
 
     outer = (F[:, :, None] * F[:, None, :]).reshape(F.shape[0], r * r)  # (l, r*r): f_j ⊗ f_j
     G = np.asarray(obs.pattern @ outer).reshape(-1, r, r)  # (k, r, r)
@@ -208,15 +209,17 @@ def _solve_rows(obs: _Observed, F: np.ndarray, reg: float, weighted_reg: bool) -
         except np.linalg.LinAlgError:  # a degenerate row among them: fall back for all
             posed[:] = False
     if not posed.all():
-        x[~posed] = _solve_min_norm(G[~posed], b[~posed][..., None])[..., 0]
+        x[~posed] = solve_min_norm(G[~posed], b[~posed][..., None])[..., 0]
     return x
 
 
-def _solve_min_norm(G: np.ndarray, b: np.ndarray) -> np.ndarray:
+def solve_min_norm(G: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Minimum-norm solutions of symmetric PSD systems ``G_i x_i = b_i``, shapes (k, r, r), (k, r, c).
 
     Through the eigendecomposition: components along eigenvalues below
     ``r * eps * max eigenvalue`` are dropped, as ``numpy.linalg.lstsq`` does.
+    Both ALS solvers fall back to it for rows whose system is singular.
+    No validation: the caller passes float arrays of matching shapes.
     """
     w, V = np.linalg.eigh(G)  # (k, r), (k, r, r)
     cutoff = G.shape[-1] * np.finfo(G.dtype).eps * np.max(w, axis=-1, keepdims=True)
@@ -417,7 +420,7 @@ def als(
     from one sparse-dense product per half-step, and residuals are formed
     in chunks.
     """
-    if _is_scipy_sparse(M):
+    if is_scipy_sparse(M):
         if mask is not None:
             raise ValueError(
                 "mask must be None when M is a scipy.sparse matrix (its stored entries are the observed ones), "

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from lowrank.factor.als import ALSResult
+from lowrank.factor.als import ALSResult, is_scipy_sparse, solve_min_norm
 from lowrank.utils.validation import (
     RandomState,
     check_bool,
@@ -156,7 +156,7 @@ def _interactions(R: Any, alpha: float) -> tuple[_Side, _Side, float, np.dtype]:
     """Validate ``R``; return its row side, its column side, ``Σ_observed c_ui`` (float64) and its float dtype."""
     rows: _Side
     cols: _Side
-    if type(R).__module__.startswith("scipy.sparse"):
+    if is_scipy_sparse(R):
         csr = R.tocsr().astype(float_dtype_of(np.asarray(R.data), "R"), copy=True)  # R is never modified
         csr.sum_duplicates()  # a COO matrix's repeated (u, i) pairs add up, as scipy's own conversion does
         if csr.ndim != 2 or 0 in csr.shape:
@@ -241,7 +241,7 @@ def _solve_exact(eq: _NormalEquations) -> np.ndarray:
             return _cholesky_solve(A, eq.b)
         except np.linalg.LinAlgError:  # positive definite in theory, not in rounding: fall back
             pass
-    return _solve_min_norm(A, eq.b)
+    return solve_min_norm(A, eq.b[..., None])[..., 0]  # singular or nearly: reg = 0 and F rank-deficient
 
 
 def _cholesky_solve(A: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -261,19 +261,6 @@ def _cholesky_solve(A: np.ndarray, b: np.ndarray) -> np.ndarray:
     for j in reversed(range(r)):  # Lᵀ x = z
         x[:, j] = (z[:, j] - np.einsum("kj,kj->k", L[:, j + 1 :, j], x[:, j + 1 :])) / L[:, j, j]
     return x
-
-
-def _solve_min_norm(A: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Minimum-norm solutions of symmetric PSD systems, (k, r, r) and (k, r), through ``eigh``.
-
-    Components along eigenvalues below ``r · eps · max eigenvalue`` are
-    dropped, as ``numpy.linalg.lstsq`` does. Only reached with ``reg = 0``.
-    """
-    w, V = np.linalg.eigh(A)  # (k, r), (k, r, r)
-    cutoff = A.shape[-1] * np.finfo(A.dtype).eps * np.max(w, axis=-1, keepdims=True)
-    inv_w = np.where(w > cutoff, 1.0 / np.where(w > cutoff, w, 1.0), 0.0)  # (k, r)
-    Vtb = np.einsum("kji,kj->ki", V, b)  # (k, r)
-    return np.einsum("kij,kj->ki", V, inv_w * Vtb)
 
 
 def _solve_cg(eq: _NormalEquations, X0: np.ndarray, steps: int) -> np.ndarray:
