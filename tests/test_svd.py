@@ -191,6 +191,7 @@ def brute_force_rank(s: np.ndarray, energy: float) -> int:
 def test_energy_picks_the_smallest_rank_keeping_that_fraction(Mr, energy):
     M, _ = Mr
     s = np.linalg.svd(M, compute_uv=False).astype(np.float64)
+    assume(s[0] > 0)  # a zero matrix keeps no fraction of no energy (tested on its own)
     kept = np.cumsum(s**2) / np.sum(s**2)
     # stay clear of the boundaries, where float tolerance decides (tested exactly below)
     margin = 1e-4 if M.dtype == np.float32 else 1e-9

@@ -914,10 +914,15 @@ def update_norm(A: np.ndarray, B: np.ndarray, scaling: float) -> float:
     float
     """
     A64, B64 = np.asarray(A, np.float64), np.asarray(B, np.float64)
+    a = float(np.max(np.abs(A64))) if A64.size else 0.0
+    b = float(np.max(np.abs(B64))) if B64.size else 0.0
+    if a == 0.0 or b == 0.0:
+        return 0.0
+    A64, B64 = A64 / a, B64 / b  # entries in [-1, 1]: the Gram products neither overflow nor underflow
     gram_B = B64.T @ B64  # (r, r)
     gram_A = A64 @ A64.T  # (r, r)
     squared = float(np.sum(gram_B * gram_A))  # trace(XY) = sum(X * Yᵀ), and gram_A is symmetric
-    return abs(scaling) * math.sqrt(max(squared, 0.0))
+    return abs(scaling) * a * b * math.sqrt(max(squared, 0.0))  # Python floats: inf past float64, no warning
 
 
 def _shown(name: str) -> str:
