@@ -140,13 +140,14 @@ def bench_memory(case: str, path: Path, size_mib: int) -> tuple[float, float]:
 
 
 def hugepages() -> str:
-    """The transparent-huge-page setting, which decides how fast fresh arrays fill.
+    """The transparent-huge-page setting, which decided how fast fresh NumPy arrays fill.
 
-    NumPy asks for huge pages on large arrays (madvise). Reading into them is
-    4x faster when the kernel has huge pages at hand (0.16 s per GiB here) and
-    several times slower when it must find fresh ones, which on this VM varied
-    from run to run (0.2 to 3 s per GiB); with NUMPY_MADVISE_HUGEPAGE=0 the
-    reader's times are steady and equal the package's, which does not madvise.
+    NumPy asks for huge pages on large arrays (madvise). With the kernel's
+    ``defrag`` on ``madvise``, each first touch may compact memory, and a read
+    into such an array ran at a third of the page cache's speed, varying from
+    run to run. lowrank's reader therefore reads large tensors into anonymous
+    memory maps of their own (``lowrank.io.safetensors._empty``), which NumPy
+    does not madvise; the line is printed so a surprising run can be explained.
     """
     try:
         enabled = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()

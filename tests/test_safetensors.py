@@ -427,3 +427,22 @@ def test_every_truncation_of_a_safetensors_file_is_a_value_error(tmp_path_factor
     with pytest.raises(ValueError, match=re.escape(str(path))) as info:
         load_safetensors(path)
     assert "\n" not in str(info.value)
+
+
+def test_large_tensors_read_into_writable_arrays_that_hold_the_files_values(tmp_path):
+    # above 4 MiB a tensor is read into a memory map of its own (not NumPy's allocator): the
+    # arrays must still be ordinary writable C-contiguous arrays with the file's exact values
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((1100, 1024)).astype(np.float32)  # 4.3 MiB, over the threshold
+    bits = rng.integers(0, 2**16, size=(1100, 1024), dtype=np.uint16)
+    bits[(bits & 0x7F80) == 0x7F80] = 0  # no NaN/inf patterns: compare values with ==
+    as_float = (bits.astype(np.uint32) << 16).view(np.float32)  # the exact bfloat16 values
+    path = tmp_path / "big.safetensors"
+    save_safetensors(path, {"f32": big, "bf16": as_float}, dtypes={"bf16": "bfloat16"})
+    got = load_safetensors(path)
+    for name, want in (("f32", big), ("bf16", as_float)):
+        assert got[name].dtype == np.float32 and got[name].shape == want.shape
+        assert got[name].flags.c_contiguous and got[name].flags.writeable
+        np.testing.assert_array_equal(got[name], want)
+        got[name][0, 0] = 7.0  # writable memory of its own
+        assert got[name][0, 0] == 7.0
