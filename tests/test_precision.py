@@ -100,15 +100,17 @@ def test_float32_values_round_to_the_nearest_value(values, fmt):
     np.testing.assert_array_equal(got, np.array([exact_round(float(v), fmt) for v in values], np.float32))
 
 
-def test_float64_to_float16_equals_numpys_direct_cast_on_a_million_values():
-    """NumPy casts float64 to float16 directly, rounding once: an independent reference."""
+@pytest.mark.parametrize("fmt", ["bfloat16", "float16"])
+def test_float64_ties_and_near_ties_round_once_as_exact_arithmetic_says(fmt):
+    """Exact float16/bfloat16 ties, and values 2**-40 past them, from the subnormals to overflow."""
     rng = np.random.default_rng(0)
-    x = np.ldexp(rng.uniform(-2, 2, 1 << 20), rng.integers(-30, 18, 1 << 20))  # subnormal to overflow
-    ties = (np.arange(-2048, 2048) + 0.5) * 2.0 ** rng.integers(-34, 6, 4096)  # exact float16 ties
-    x = np.concatenate([x, ties, ties + 2.0**-40 * np.sign(ties)])
-    with np.errstate(over="ignore"):
-        want = x.astype(np.float16).astype(np.float64)
-    np.testing.assert_array_equal(P.round_to(x, "float16"), want)
+    p = SPEC[fmt][0]
+    k = rng.integers(2 ** (p - 1), 2**p, 4096) * rng.choice([-1, 1], 4096)  # p-bit integers, either sign
+    ties = (k + np.sign(k) * 0.5) * 2.0 ** rng.integers(-40, 6, 4096)  # p + 1 bits: halfway between two
+    spread = np.ldexp(rng.uniform(-2, 2, 2048), rng.integers(-30, 18, 2048))  # subnormal to overflow
+    x = np.concatenate([ties, ties + 2.0**-40 * np.sign(ties), spread])
+    want = np.array([exact_round(float(v), fmt) for v in x])
+    np.testing.assert_array_equal(P.round_to(x, fmt), want)
 
 
 def test_unit_roundoff_and_smallest_subnormal():

@@ -1,25 +1,29 @@
-"""Rounding to bfloat16, float16 and float32, on the integer bits of float32.
+"""Rounding to bfloat16, float16 and float32.
+
+float16 is IEEE binary16, and NumPy's cast to it is correctly rounded (to
+nearest, ties to even, on the subnormal grid below ``2**-14``, to ±inf past
+65504, NaN kept with its sign), from float32 and from float64 alike: a
+float64 value is rounded once, not through float32. :func:`round_to` uses
+that cast. bfloat16 has no NumPy dtype; it is rounded by hand, on the
+integer bits of float32:
 
 Every float32 value is a bit pattern ``sign | exponent (8 bits) | fraction
 (23 bits)``, and for values of one sign the patterns are ordered like the
-values. Rounding to a format with ``p`` significand bits keeps the top ``24 -
-p`` bits fewer of the fraction: add half a unit of the last kept bit (minus
-one, plus that bit, so a tie goes to the even neighbour), then clear the
-dropped bits. A carry out of the fraction bumps the exponent, which is exactly
-the next binade's first value, and past the largest finite value it lands on
-infinity. Where the format is subnormal (float16 below ``2**-14``) its grid is
-coarser than the binade's, so more bits are dropped; below half its smallest
-subnormal everything rounds to zero.
+values. Rounding to bfloat16 (8 significand bits, float32's exponent range)
+keeps the top 7 of the 23 fraction bits: add half a unit of the last kept
+bit (minus one, plus that bit, so a tie goes to the even neighbour), then
+clear the 16 dropped bits. A carry out of the fraction bumps the exponent,
+which is exactly the next binade's first value, and past the largest finite
+value it lands on infinity.
 
 float64 input is rounded once, not twice: it is first rounded to float32
 *to odd* (truncated, with the last bit set when anything was cut off), which
 keeps enough information that the second rounding gives the correctly
 rounded result (Boldo and Melquiond, "Emulation of FMA and correctly rounded
-sums: proved algorithms using rounding to odd", 2008; float32 has 24 bits, at
-least two more than either 16-bit format), as ml_dtypes and NumPy's own
-float64 -> float16 cast do. PyTorch casts float64 through float32, rounding
-twice, which can land on the wrong side of a tie: ``1 + 2**-8 + 2**-30``
-becomes 1.0 there, ``1 + 2**-7`` here.
+sums: proved algorithms using rounding to odd", 2008; float32 has 24 bits,
+more than two beyond bfloat16's 8), as ml_dtypes does. PyTorch casts float64
+through float32, rounding twice, which can land on the wrong side of a tie:
+``1 + 2**-8 + 2**-30`` becomes 1.0 there, ``1 + 2**-7`` here.
 """
 
 from __future__ import annotations
@@ -38,14 +42,10 @@ FORMATS: tuple[str, ...] = ("bfloat16", "float16", "float32")
 
 # name: (p, the significand's bits with the implicit one; emin, the smallest normal exponent)
 _SPEC = {"bfloat16": (8, -126), "float16": (11, -14), "float32": (24, -126), "float64": (53, -1022)}
-# float32 bit patterns of the largest finite value of each 16-bit format
-_MAX_FINITE_BITS = {"bfloat16": 0x7F7F0000, "float16": 0x477FE000}
-_EXP_MASK, _MAG_MASK, _SIGN_MASK, _QUIET = 0x7F800000, 0x7FFFFFFF, 0x80000000, 0x00400000
+_EXP_MASK, _MAG_MASK, _QUIET = 0x7F800000, 0x7FFFFFFF, 0x00400000
 
-# Conversions stream in chunks of 2**18 elements, so the dozen uint32 temporaries
-# of the float16 path cost 1 MiB each instead of the whole array's size. Speed did
-# not decide it: on a loaded 2-core machine 2**18, 2**20, 2**22 and whole-array
-# passes over 2e7 values all took 0.09-0.33 s, with no consistent order.
+# bfloat16 conversions stream in chunks of 2**18 elements, so the uint32
+# temporaries cost 1 MiB each instead of the whole array's size.
 _CHUNK = 1 << 18
 
 
@@ -116,51 +116,31 @@ def round_to_core(x: np.ndarray, fmt: str) -> np.ndarray:
             return x.copy()
         with np.errstate(over="ignore", invalid="ignore"):
             return x.astype(np.float32).astype(np.float64)  # one correctly rounded cast
+    if fmt == "float16":
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to ±inf is the rounding asked for
+            return x.astype(np.float16).astype(x.dtype)  # NumPy's cast: correctly rounded, see above
     flat = x.reshape(-1)  # (n,)
     out = np.empty(flat.shape, np.uint32)
     for start in range(0, flat.size, _CHUNK):
         part = flat[start : start + _CHUNK]
         bits = float32_bits_rounded_to_odd(part) if part.dtype == np.float64 else part.view(np.uint32)
-        out[start : start + _CHUNK] = round_float32_bits(bits, fmt)
+        out[start : start + _CHUNK] = round_float32_bits_to_bfloat16(bits)
     rounded = out.view(np.float32).reshape(x.shape)
     return rounded if x.dtype == np.float32 else rounded.astype(np.float64)
 
 
-def round_float32_bits(bits: np.ndarray, fmt: str) -> np.ndarray:
-    """float32 bit patterns (uint32, 1-d) -> the float32 patterns of their values rounded to ``fmt``.
+def round_float32_bits_to_bfloat16(bits: np.ndarray) -> np.ndarray:
+    """float32 bit patterns (uint32, 1-d) -> the float32 patterns of their values rounded to bfloat16.
 
-    ``fmt`` is "bfloat16" or "float16". Ties go to even; see the module docstring.
+    Ties go to even; see the module docstring. bfloat16 has float32's
+    exponent range, so one grid serves every binade: 16 bits are dropped.
+    The sign bit rides along: a carry reaches it only from a NaN, replaced
+    by a quiet NaN of the same sign.
     """
+    rounded = bits + np.uint32(0x7FFF)
+    rounded += (bits >> 16) & 1
+    rounded &= np.uint32(0xFFFF0000)
     nan = (bits & _MAG_MASK) > _EXP_MASK
-    if fmt == "bfloat16":
-        # One grid for all binades (bfloat16 has float32's exponent range): 16 bits dropped.
-        # The sign bit rides along: a carry reaches it only from a NaN, replaced below.
-        rounded = bits + np.uint32(0x7FFF)
-        rounded += (bits >> 16) & 1
-        rounded &= np.uint32(0xFFFF0000)
-    else:
-        p, emin = _SPEC[fmt]
-        sign = bits & np.uint32(_SIGN_MASK)
-        mag = bits & np.uint32(_MAG_MASK)
-        # Bits to drop: 24 - p in the normal range, one more per binade below emin
-        # (a float32 subnormal, exponent field 0, lands past 23 with the tiny ones).
-        biased = mag >> 23
-        drop = np.uint32(24 - p + emin + 127) - np.minimum(biased, np.uint32(emin + 127))
-        tiny = drop >= 24  # below the smallest subnormal: rounds to 0 or to it
-        np.minimum(drop, np.uint32(23), out=drop)
-        last = ((mag | np.uint32(0x00800000)) >> drop) & np.uint32(1)  # the last kept bit (implicit one at 23)
-        last += (np.uint32(1) << (drop - np.uint32(1))) - np.uint32(1)
-        rounded = mag + last
-        rounded >>= drop
-        rounded <<= drop
-        if tiny.any():
-            # In [2**(q-1), 2**q), q the smallest subnormal's exponent, only the tie 2**(q-1)
-            # rounds down (to the even 0); everything above rounds up to 2**q.
-            at_half = (biased == emin - p + 127) & ((mag & np.uint32(0x007FFFFF)) != 0)
-            smallest = np.uint32((emin - p + 1 + 127) << 23)
-            rounded[tiny] = np.where(at_half[tiny], smallest, np.uint32(0))
-        rounded[rounded > np.uint32(_MAX_FINITE_BITS[fmt])] = np.uint32(_EXP_MASK)
-        rounded |= sign
     if nan.any():
         rounded[nan] = (bits[nan] & np.uint32(0xFFFF0000)) | _QUIET  # a quiet NaN, sign kept
     return rounded
