@@ -379,6 +379,70 @@ def test_cli_bound_reports_errors_within_bounds_and_exits_0(capsys):
     assert all(0 < row["max_error"] <= row["max_bound"] for row in report["forms"])
 
 
+def _adapter_and_base(tmp_path, fan_in_fan_out):
+    """A PEFT-style adapter on two Linear layers (one of them with r=2 by rank_pattern) and its base file."""
+    import json
+
+    from lowrank.io import save_safetensors
+
+    rng = np.random.default_rng(0)
+    shapes = {"h.0.attn": (24, 12), "h.1.mlp": (10, 24)}  # (out, in), none square: a transposition shows
+    base, tensors = {}, {}
+    for name, (n_out, n_in) in shapes.items():
+        W = rng.uniform(-0.3, 0.3, (n_out, n_in))
+        base[f"{name}.weight"] = W.T.copy() if fan_in_fan_out else W  # Conv1D stores (in, out)
+        r = 2 if name == "h.1.mlp" else 4
+        tensors[f"base_model.model.{name}.lora_A.weight"] = rng.standard_normal((r, n_in)) / 4
+        tensors[f"base_model.model.{name}.lora_B.weight"] = rng.standard_normal((n_out, r)) / 4
+    base["h.0.ln.weight"] = np.ones(12)
+    save_safetensors(tmp_path / "base.safetensors", base, dtypes="bfloat16")
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["attn", "mlp"],
+              "rank_pattern": {"h.1.mlp": 2}, "fan_in_fan_out": fan_in_fan_out}  # fmt: skip
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_safetensors(folder / "adapter_model.safetensors", tensors)
+    return folder, tmp_path / "base.safetensors"
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_cli_bound_of_a_real_adapter_reports_every_adapted_weight(tmp_path, capsys, fan_in_fan_out):
+    import json
+
+    from lowrank.cli import main
+
+    folder, base = _adapter_and_base(tmp_path, fan_in_fan_out)
+    argv = ["precision", "bound", "--adapter", str(folder), "--base", str(base), "--rows", "5", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["within_bounds"] and report["rows"] == 5
+    got = {m["module"]: (m["shape"], m["scaling"], m["stored"]) for m in report["modules"]}
+    assert got == {"h.0.attn": ([5, 12, 24, 4], 2.0, "BF16"), "h.1.mlp": ([5, 24, 10, 2], 4.0, "BF16")}
+    for m in report["modules"]:
+        assert [row["form"] for row in m["forms"]] == list(FORMS)
+        assert all(0 < row["max_error"] <= row["max_bound"] for row in m["forms"])
+    assert main(argv[:-1]) == 0
+    out = capsys.readouterr().out
+    assert "h.0.attn  (12x24, r=4, scaling=2, stored BF16)" in out and "every error within its bound" in out
+
+
+def test_cli_bound_of_an_adapter_refuses_what_does_not_fit_in_one_line(tmp_path, capsys):
+    import json
+
+    from lowrank.cli import main
+
+    folder, base = _adapter_and_base(tmp_path, fan_in_fan_out=True)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": False}))
+    assert main(["precision", "bound", "--adapter", str(folder), "--base", str(base)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fan_in_fan_out=True would fit" in err
+    for argv in (["--adapter", str(folder)], ["--adapter", str(folder), "--base", str(base), "--shape", "8,32,16,4"],
+                 ["--adapter", str(folder), "--base", str(base), "--alpha", "3"], []):  # fmt: skip
+        assert main(["precision", "bound", *argv]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     "argv",
     [["precision", "bound", "--shape", "8,32,16"], ["precision", "bound", "--shape", "8,32,16,64"],

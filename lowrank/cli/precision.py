@@ -4,8 +4,11 @@
 (and its bits); ``lowrank precision bound --shape 64,1024,1024,8 --fmt
 bfloat16`` builds a layer with typical magnitudes, runs the emulated forward
 unmerged, merged, and after merge-then-unmerge, and prints each one's
-largest error against the float64 result beside the derived bound. ``bound``
-is a checking command: exit 1 if an error exceeds its bound.
+largest error against the float64 result beside the derived bound;
+``lowrank precision bound --adapter DIR --base model.safetensors`` does the
+same for every adapted weight of a real model (its W, A, B and scaling, on a
+typical input). ``bound`` is a checking command: exit 1 if an error exceeds
+its bound.
 """
 
 from __future__ import annotations
@@ -72,18 +75,15 @@ def typical_layer(n: int, d_in: int, d_out: int, r: int, seed: int) -> dict[str,
     }
 
 
-def _cmd_bound(args: argparse.Namespace) -> int:
+def _layer_report(
+    x: np.ndarray, W: np.ndarray, bias: np.ndarray | None, A: np.ndarray, B: np.ndarray, scaling: float, fmt: str
+) -> dict[str, Any]:
+    """The emulated forward's error in each form beside its bound, and the merged-vs-unmerged drift."""
     from lowrank import precision
 
-    n, d_in, d_out, r = args.shape
-    if n * max(d_in, d_out) > 1 << 26:
-        raise CLIError(f"--shape {n},{d_in},{d_out},{r} is too large for a float64 reference: N*max(in, out) > 2**26")
-    if r > min(d_in, d_out):
-        raise CLIError(f"--shape: r must be at most min(in, out) = {min(d_in, d_out)}, got {r}")
-    scaling = (args.alpha if args.alpha is not None else 2.0 * r) / r
-    L = typical_layer(n, d_in, d_out, r, args.seed)
-    x, W, bias, A, B, fmt = L["x"], L["W"], L["bias"], L["A"], L["B"], args.fmt
-    base = x @ W.T + bias  # (N, out)
+    base = x @ W.T  # (N, out)
+    if bias is not None:
+        base += bias
     exact = base + scaling * ((x @ A.T) @ B.T)  # (N, out)
     merged = precision.lora_merge(W, A, B, scaling, fmt)  # (out, in)
     outputs = {
@@ -101,21 +101,74 @@ def _cmd_bound(args: argparse.Namespace) -> int:
             "max_error_over_bound": float((err / bound).max()),
         })  # fmt: skip
     drift = float(np.abs(outputs["merged"] - outputs["unmerged"]).max())
-    report = {
-        "fmt": fmt, "shape": [n, d_in, d_out, r], "scaling": scaling, "seed": args.seed,
-        "within_bounds": ok, "merged_vs_unmerged_drift": drift, "forms": rows,
-    }  # fmt: skip
+    return {"within_bounds": ok, "merged_vs_unmerged_drift": drift, "forms": rows}
+
+
+def _print_forms(report: dict[str, Any]) -> None:
+    print(f"{'form':<10} {'max error':>11} {'max bound':>11} {'error/bound':>12}")
+    for row in report["forms"]:
+        print(f"{row['form']:<10} {row['max_error']:>11.3g} {row['max_bound']:>11.3g} "
+              f"{row['max_error_over_bound']:>12.3g}")  # fmt: skip
+    print(f"merged vs unmerged drift: {report['merged_vs_unmerged_drift']:.3g}")
+
+
+def _cmd_bound(args: argparse.Namespace) -> int:
+    if (args.adapter is None) != (args.base is None):
+        raise CLIError("give --adapter and --base together (a PEFT adapter folder and its base .safetensors file)")
+    if (args.shape is None) == (args.adapter is None):
+        raise CLIError("give either --shape N,in,out,r (a typical layer) or --adapter DIR --base FILE, not both")
+    if args.adapter is not None:
+        return _bound_adapter(args)
+    n, d_in, d_out, r = args.shape
+    if n * max(d_in, d_out) > 1 << 26:
+        raise CLIError(f"--shape {n},{d_in},{d_out},{r} is too large for a float64 reference: N*max(in, out) > 2**26")
+    if r > min(d_in, d_out):
+        raise CLIError(f"--shape: r must be at most min(in, out) = {min(d_in, d_out)}, got {r}")
+    scaling = (args.alpha if args.alpha is not None else 2.0 * r) / r
+    L = typical_layer(n, d_in, d_out, r, args.seed)
+    report = _layer_report(L["x"], L["W"], L["bias"], L["A"], L["B"], scaling, args.fmt)
+    report = {"fmt": args.fmt, "shape": [n, d_in, d_out, r], "scaling": scaling, "seed": args.seed, **report}
+    ok = report["within_bounds"]
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{fmt} LoRA layer N={n} in={d_in} out={d_out} r={r} scaling={scaling:g} (seed {args.seed}); "
-              "error against float64, largest over the outputs")
-        print(f"{'form':<10} {'max error':>11} {'max bound':>11} {'error/bound':>12}")
-        for row in rows:
-            print(f"{row['form']:<10} {row['max_error']:>11.3g} {row['max_bound']:>11.3g} "
-                  f"{row['max_error_over_bound']:>12.3g}")
-        print(f"merged vs unmerged drift: {drift:.3g}")
+        print(f"{args.fmt} LoRA layer N={n} in={d_in} out={d_out} r={r} scaling={scaling:g} (seed {args.seed}); "
+              "error against float64, largest over the outputs")  # fmt: skip
+        _print_forms(report)
         print("every error within its bound" if ok else "FAILED: an error exceeds its bound")
+    return 0 if ok else 1
+
+
+def _bound_adapter(args: argparse.Namespace) -> int:
+    """``bound --adapter DIR --base FILE``: every adapted weight of a real model, on a typical input."""
+    from lowrank.io.adapter import adapted_weights, read_adapter
+
+    if args.alpha is not None:
+        raise CLIError("--alpha is for --shape: an adapter's scaling comes from its adapter_config.json")
+    if read_adapter(args.adapter).config.to_json().get("use_dora"):
+        raise CLIError(f"{args.adapter}: a DoRA adapter: the derived bounds are for LoRA's forward only")
+    n = args.rows
+    rng = np.random.default_rng(args.seed)
+    modules, ok = [], True
+    for layer in adapted_weights(args.base, args.adapter):
+        x = rng.standard_normal((n, layer.weight.shape[1]))  # (N, in): a typical input, N(0, 1)
+        report = _layer_report(x, layer.weight, None, layer.A, layer.B, layer.scaling, args.fmt)
+        shape = [n, layer.weight.shape[1], layer.weight.shape[0], layer.A.shape[0]]  # N, in, out, r
+        modules.append({"module": layer.name, "stored": layer.stored, "scaling": layer.scaling, "shape": shape,
+                        **report})  # fmt: skip
+        ok &= report["within_bounds"]
+    if not modules:
+        raise CLIError(f"{args.adapter}: no Linear or Conv1D module is adapted (Embedding adapters have no bound here)")
+    if args.json:
+        print(json.dumps({"fmt": args.fmt, "rows": n, "seed": args.seed, "within_bounds": ok, "modules": modules}))
+        return 0 if ok else 1
+    print(f"{args.fmt}: each adapted weight of {args.base} with {args.adapter}, on x ~ N(0, 1) of {n} rows "
+          f"(seed {args.seed}, bias left out); error against float64, largest over the outputs")  # fmt: skip
+    for m in modules:
+        shape = "x".join(str(d) for d in m["shape"][1:3])
+        print(f"\n{m['module']}  ({shape}, r={m['shape'][3]}, scaling={m['scaling']:g}, stored {m['stored']})")
+        _print_forms(m)
+    print("\nevery error within its bound" if ok else "\nFAILED: an error exceeds its bound")
     return 0 if ok else 1
 
 
@@ -131,8 +184,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     rnd.add_argument("--json", action="store_true", help="print one JSON object")
     rnd.set_defaults(run=_cmd_round)
 
-    bnd = what.add_parser("bound", help="a typical LoRA layer's rounding error beside its derived bound")
-    bnd.add_argument("--shape", type=_parse_layer_shape, required=True, help="N,in,out,r, e.g. 64,1024,1024,8")
+    bnd = what.add_parser(
+        "bound", help="a LoRA layer's rounding error beside its derived bound (a typical layer, or a real adapter's)"
+    )
+    bnd.add_argument("--shape", type=_parse_layer_shape, help="a typical layer: N,in,out,r, e.g. 64,1024,1024,8")
+    bnd.add_argument("--adapter", help="instead of --shape: a PEFT adapter folder (with --base)")
+    bnd.add_argument("--base", help="the base model's .safetensors file the adapter is for")
+    bnd.add_argument("--rows", type=int, default=16, help="with --adapter: rows of the typical input (default 16)")
     bnd.add_argument("--fmt", choices=FORMATS, default="bfloat16", help="default: bfloat16")
     bnd.add_argument("--alpha", type=float, help="LoRA alpha; scaling = alpha / r (default alpha = 2r)")
     bnd.add_argument("--seed", type=int, default=0, help="seed of the layer's random values (default 0)")

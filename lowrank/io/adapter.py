@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -53,6 +53,7 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "MAX_UNBOUNDED_REPEATS",
+    "AdaptedWeight",
     "Adapter",
     "AdapterConfig",
     "AdapterLayout",
@@ -60,6 +61,7 @@ __all__ = [
     "InspectReport",
     "LayerSettings",
     "ModuleReport",
+    "adapted_weights",
     "check_adapter",
     "check_regex_is_safe",
     "delta_weight",
@@ -1235,6 +1237,81 @@ def merge_adapter(base: PathLike, adapter_dir: PathLike, out: PathLike, *, dtype
                 f.write(np.ascontiguousarray(stored).reshape(-1).data)
 
     return atomic_write(out, write)
+
+
+@dataclass(frozen=True)
+class AdaptedWeight:
+    """One adapted Linear/Conv1D weight of a base file, with its adapter's factors (all float64).
+
+    Attributes
+    ----------
+    name : str
+        The module's dotted name.
+    weight : ndarray of shape (out, in)
+        The base weight, transposed from ``(in, out)`` for ``fan_in_fan_out``.
+    A : ndarray of shape (r, in)
+    B : ndarray of shape (out, r)
+    scaling : float
+    stored : str
+        The base weight's dtype in the file (``"BF16"``, ``"F32"``, ...).
+    """
+
+    name: str
+    weight: np.ndarray
+    A: np.ndarray
+    B: np.ndarray
+    scaling: float
+    stored: str
+
+
+def adapted_weights(base: PathLike, adapter_dir: PathLike) -> Iterator[AdaptedWeight]:
+    """Each adapted Linear/Conv1D weight of ``base`` with its factors, one at a time.
+
+    The adapter is checked as :func:`merge_adapter` checks it (the same
+    shape rules, fan_in_fan_out included); Embedding adapters are skipped
+    (their forward is a lookup, not a product). Only one base weight is
+    held at a time.
+
+    Parameters
+    ----------
+    base : str or os.PathLike
+        A ``.safetensors`` file of the model's ``state_dict``.
+    adapter_dir : str or os.PathLike
+        The PEFT adapter folder.
+
+    Yields
+    ------
+    AdaptedWeight
+        In the order of the module names.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As :func:`merge_adapter`, for the same problems.
+    """
+    base = Path(base)
+    if not base.is_file():
+        raise FileNotFoundError(f"no such base weights file: {base}")
+    adapter = read_adapter(adapter_dir, dtype="float64")
+    _, problems = check_adapter(adapter)
+    if problems:
+        raise ValueError(f"{adapter.path}: {problems[0]}")
+    header = read_safetensors_header(base)
+    deltas = _plan_deltas(adapter, header.tensors, base)
+    for name, keys in sorted(adapter.layout.factors.items()):
+        base_key = f"{name}.weight" if name else "weight"
+        if keys.embedding:
+            continue
+        A, B, scaling, transpose = deltas[base_key]
+        weight = read_safetensors(base, [base_key])[base_key].astype(np.float64)
+        yield AdaptedWeight(
+            name=name,
+            weight=weight.T if transpose else weight,
+            A=A,
+            B=B,
+            scaling=scaling,
+            stored=header.tensors[base_key].dtype,
+        )
 
 
 def _plan_deltas(
