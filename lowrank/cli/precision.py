@@ -165,8 +165,8 @@ def _bound_adapter(args: argparse.Namespace) -> int:
     print(f"{args.fmt}: each adapted weight of {args.base} with {args.adapter}, on x ~ N(0, 1) of {n} rows "
           f"(seed {args.seed}, bias left out); error against float64, largest over the outputs")  # fmt: skip
     for m in modules:
-        shape = "x".join(str(d) for d in m["shape"][1:3])
-        print(f"\n{m['module']}  ({shape}, r={m['shape'][3]}, scaling={m['scaling']:g}, stored {m['stored']})")
+        sizes = "x".join(str(d) for d in m["shape"][1:3])
+        print(f"\n{m['module']}  ({sizes}, r={m['shape'][3]}, scaling={m['scaling']:g}, stored {m['stored']})")
         _print_forms(m)
     print("\nevery error within its bound" if ok else "\nFAILED: an error exceeds its bound")
     return 0 if ok else 1
