@@ -68,6 +68,7 @@ RUNS = (("adam", 1e-2), ("sgd", 0.5))
 
 
 def main() -> None:
+    """Print one row per start and optimizer: first gradients and the loss after 0, 20 and 200 steps."""
     print(f"{'start':<17} {'optimizer':<12} {'|dA| step 1':>11} {'|dB| step 1':>11} "
           f"{'loss 0':>9} {'loss 20':>9} {'loss 200':>9}")
     for optimizer, lr in RUNS:
