@@ -150,3 +150,74 @@ def test_the_figure_script_draws_the_figures(tmp_path):
     for name in module.FIGURES:
         assert (tmp_path / name).read_text(encoding="utf-8").lstrip().startswith("<?xml")
         assert (DOCS / "figures" / name).exists()  # and the committed one is there
+
+
+# ---------------------------------------------------------------- the docs' formulas, evaluated
+
+
+def section(page: str, heading: str) -> str:
+    text = (DOCS / page).read_text(encoding="utf-8")
+    return text.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def plain_blocks(text: str) -> list[str]:
+    return re.findall(r"```\n(.*?)```", text, flags=re.S)
+
+
+def arrow_formulas(text: str) -> list[str]:
+    """The code forms ``name = expr`` after the last arrow of the ``… → name = expr  # shape`` lines."""
+    return [line.rsplit("→", 1)[1].split("#", 1)[0].strip()
+            for block in plain_blocks(text) for line in block.splitlines() if "→" in line]
+
+
+def test_lora_md_forward_and_backward_formulas_are_the_kernels():
+    """Evaluate the page's own lines with NumPy and hold them against F.lora_linear and its backward."""
+    from lowrank.nn import functional as F
+
+    rng = np.random.default_rng(5)
+    ns = {"np": np, "x": rng.standard_normal((6, 5)), "W": rng.standard_normal((4, 5)), "b": rng.standard_normal(4),
+          "A": rng.standard_normal((3, 5)), "B": rng.standard_normal((4, 3)), "scaling": 1.5,
+          "mask": F.dropout_mask((6, 5), 0.3, random_state=2), "dy": rng.standard_normal((6, 4))}
+    forward = plain_blocks(section("lora.md", "## Forward"))[0]
+    for line in forward.splitlines():
+        exec(line.split("#", 1)[0], ns)
+    backward = arrow_formulas(section("lora.md", "## Backward, step by step"))
+    assert [f.split(" =")[0] for f in backward] == ["dB", "dxa", "dA", "dxm", "dx", "dW", "db"]
+    for formula in backward:
+        exec(formula, ns)
+    y, cache = F.lora_linear(ns["x"], ns["W"], ns["b"], ns["A"], ns["B"], ns["scaling"], ns["mask"])
+    g = F.lora_linear_backward(ns["dy"], cache, base_trainable=True)
+    np.testing.assert_allclose(ns["y"], y, rtol=1e-12)
+    for name, got in (("dB", g.B), ("dA", g.A), ("dx", g.x), ("dW", g.weight), ("db", g.bias)):
+        np.testing.assert_allclose(ns[name], got, rtol=1e-12, err_msg=name)
+
+
+def test_backprop_md_linear_and_activation_formulas_are_the_kernels():
+    import math
+
+    from lowrank.nn import functional as F
+
+    rng = np.random.default_rng(6)
+    x, W, dy = rng.standard_normal((5, 3)), rng.standard_normal((2, 3)), rng.standard_normal((5, 2))
+    ns = {"np": np, "x": x, "W": W, "dy": dy}
+    linear = arrow_formulas(section("backprop.md", "## Linear: Y = X Wᵀ, the rule every product follows"))
+    assert [f.split(" =")[0] for f in linear] == ["dx", "dW", "db"]
+    for formula in linear:
+        exec(formula, ns)
+    g = F.linear_backward(dy, F.linear(x, W, np.zeros(2))[1])
+    for name, got in (("dx", g.x), ("dW", g.weight), ("db", g.bias)):
+        np.testing.assert_allclose(ns[name], got, rtol=1e-12, err_msg=name)
+
+    table = section("backprop.md", "## Activations (elementwise)")
+    rules = re.findall(r"^\|[^|]*\|[^|]*\| `(dx = [^`]*)` \|$", table, flags=re.M)
+    assert len(rules) == 4
+    z = rng.standard_normal((4, 3)) * 2
+    dz = rng.standard_normal((4, 3))
+    cdf = 0.5 * np.vectorize(math.erfc)(-z / math.sqrt(2))
+    kernels = [(F.relu, F.relu_backward), (F.tanh, F.tanh_backward), (F.sigmoid, F.sigmoid_backward),
+               (F.gelu, F.gelu_backward)]
+    for rule, (forward, backward) in zip(rules, kernels, strict=True):
+        y, cache = forward(z)
+        ns = {"np": np, "x": z, "y": y, "dy": dz, "cdf": cdf, "dcdf": np.exp(-z * z / 2) / math.sqrt(2 * math.pi)}
+        exec(rule, ns)
+        np.testing.assert_allclose(ns["dx"], backward(dz, cache), rtol=1e-12, atol=1e-15, err_msg=rule)
