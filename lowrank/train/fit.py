@@ -516,7 +516,8 @@ def fit(
         the clipping and the step equal the whole batch's to rounding, for
         a loss that is a mean over the rows (all of :data:`LOSSES`) and a
         model whose rows do not interact. Dropout masks are drawn per
-        micro-batch.
+        micro-batch, so with dropout the run is another draw of the same
+        distribution, not the same numbers.
     checkpoint : path, optional
         Rewritten atomically at the end of every epoch (see the module
         docstring). Checked before training starts: a file path (not a
