@@ -42,6 +42,35 @@ def test_nine_by_nine_errors_are_the_eckart_young_tail_sums(demo_json):
         assert row["relative_error"] == pytest.approx(tail, rel=1e-9, abs=1e-13)
 
 
+def test_nine_by_nine_randomized_and_als_are_never_below_the_optimum(demo_json):
+    """Eckart–Young is a floor: every rank-r factorization's error is at least the tail of np.linalg.svd's s."""
+    rng = np.random.default_rng(SEED)
+    k = np.arange(1.0, 10.0)
+    M = np.outer(k, k) + 0.5 * rng.standard_normal((9, 9))
+    s = np.linalg.svd(M, compute_uv=False)
+    for row in demo_json["nine_by_nine"]["ranks"]:
+        floor = np.sqrt(np.sum(s[row["rank"]:] ** 2)) / np.linalg.norm(M)
+        for key in ("randomized_q0", "randomized_q1", "als"):
+            assert row[key] >= floor * (1 - 1e-9) - 1e-12, (key, row)
+            assert row[key] <= 1.0  # a fit never worse than the zero matrix here
+        assert 1 <= row["als_sweeps"] <= 200
+
+
+def test_every_demo_part_ends_with_a_take_away(demo_json):
+    """Each numbered part of the text report ends with one 'Take-away:' sentence."""
+    from lowrank.demo import format_report
+
+    text = format_report(demo_json)
+    parts = [p for p in text.split("\n\n") if p[:2].rstrip(".").isdigit()]
+    numbered = {p.split(".")[0] for p in parts}
+    assert {"1", "2", "3", "4", "6"} <= numbered
+    for number in numbered:
+        block = text[text.index(f"{number}. "):]
+        nxt = [text.index(f"\n{m}. ") for m in numbered if int(m) > int(number) and f"\n{m}. " in text]
+        block = text[text.index(f"{number}. "):min(nxt)] if nxt else block
+        assert "Take-away:" in block, f"part {number} has no take-away"
+
+
 def test_completion_recovers_the_hidden_entries_of_the_planted_matrix(demo_json):
     c = demo_json["completion"]
     m, n, rank = 60, 40, 3  # --quick sizes

@@ -450,7 +450,7 @@ def test_fit_config_is_frozen_normalised_and_json(tmp_path):
     assert _config(n_samples=96).n_steps == 3
     assert json.loads(json.dumps(config.to_json())) == {
         "n_samples": 100, "epochs": 3, "batch_size": 32, "loss": "cross_entropy", "shuffle": True, "has_val": True,
-        "clip_grad_norm": 1.0, "early_stopping": 2, "checkpoint": str(tmp_path / "run.npz"),
+        "clip_grad_norm": 1.0, "early_stopping": 2, "accumulate": 1, "checkpoint": str(tmp_path / "run.npz"),
         "resume": str(tmp_path / "old.npz"), "verbose": "lines"}
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.epochs = 5  # type: ignore[misc]
@@ -473,7 +473,8 @@ def test_the_checkpoint_stores_the_runs_config(tmp_path):
     with np.load(path, allow_pickle=False) as f:
         saved = json.loads(str(f["config"]))
     assert saved == {"n_samples": 200, "epochs": 1, "batch_size": 32, "loss": "cross_entropy", "shuffle": True,
-                     "has_val": True, "clip_grad_norm": 1.0, "early_stopping": 3, "checkpoint": str(path),
+                     "has_val": True, "clip_grad_norm": 1.0, "early_stopping": 3, "accumulate": 1,
+                     "checkpoint": str(path),
                      "resume": None, "verbose": False}
 
 

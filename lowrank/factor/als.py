@@ -217,7 +217,13 @@ def solve_min_norm(G: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Minimum-norm solutions of symmetric PSD systems ``G_i x_i = b_i``, shapes (k, r, r), (k, r, c).
 
     Through the eigendecomposition: components along eigenvalues below
-    ``r * eps * max eigenvalue`` are dropped, as ``numpy.linalg.lstsq`` does.
+    ``r * eps * max eigenvalue`` are dropped. That is the cutoff of
+    ``numpy.linalg.lstsq(G_i, b_i, rcond=None)`` applied to the normal
+    matrix ``G_i = FᵀF + λI`` itself (its singular values are its
+    eigenvalues), *not* of ``lstsq`` on the least-squares problem in ``F``:
+    that one cuts ``F``'s singular values at ``eps`` relative, i.e. the
+    eigenvalues of ``FᵀF`` at about ``eps²`` relative, and so keeps
+    directions this solve drops.
     Both ALS solvers fall back to it for rows whose system is singular.
     No validation: the caller passes float arrays of matching shapes.
     """

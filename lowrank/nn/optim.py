@@ -3,7 +3,11 @@
 Every update rule below is the one PyTorch documents for ``torch.optim.SGD``,
 ``torch.optim.Adam`` and ``torch.optim.AdamW`` (the pseudo-code on each class's
 page), written out in NumPy, so a run here and a run there take the same
-steps. Notation: ``θ`` a parameter, ``g`` its gradient, ``γ`` the learning
+steps *to rounding*, not bit for bit: PyTorch evaluates the same formulas in
+another order (Adam's moments with ``lerp_``, its step with ``addcdiv_``,
+fused multi-tensor kernels), so each step may differ in the last bits, and
+the crosschecks in ``tests/nn/test_optim.py`` compare with a tolerance
+(1e-12 relative in float64, 1e-6 in float32). Notation: ``θ`` a parameter, ``g`` its gradient, ``γ`` the learning
 rate ``lr``, ``λ`` the weight decay, ``t`` the parameter's own step count.
 
 What an optimizer touches
@@ -43,6 +47,7 @@ Schedules
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -58,6 +63,7 @@ __all__ = [
     "CosineAnnealing",
     "LRSchedule",
     "LinearWarmup",
+    "NonFiniteNormError",
     "Optimizer",
     "WarmupCosine",
     "clip_grad_norm_",
@@ -388,7 +394,8 @@ class Adam(Optimizer):
         v ← β2 v + (1 − β2) g²              (v_0 = 0, buffer "exp_avg_sq")
         θ ← θ − γ m̂ / (√v̂ + ε)             m̂ = m / (1 − β1^t),  v̂ = v / (1 − β2^t)
 
-    computed as PyTorch does: ``θ -= (γ / (1 − β1^t)) m / (√v / √(1 − β2^t) + ε)``.
+    grouped as PyTorch groups it, ``θ -= (γ / (1 − β1^t)) m / (√v / √(1 − β2^t) + ε)``;
+    PyTorch's ``lerp_``/``addcdiv_`` round differently, so steps agree to rounding.
 
     Parameters
     ----------
@@ -480,28 +487,65 @@ def _check_betas(betas: Any) -> tuple[Any, Any]:
 # ---------------------------------------------------------------- clipping
 
 
-def clip_grad_norm_(params: Any, max_norm: float) -> float:
-    """Scale the gradients in place so that their global L2 norm is at most ``max_norm``.
+class NonFiniteNormError(FloatingPointError, RuntimeError):
+    """The gradients' total norm is inf or NaN and ``error_if_nonfinite=True`` was asked.
 
-    PyTorch's ``torch.nn.utils.clip_grad_norm_`` for the 2-norm: over the
-    trainable parameters that have a gradient, ``total = ‖(‖g_1‖, …, ‖g_n‖)‖``
-    (accumulated in float64), and when ``scale = max_norm / (total + 1e-6)``
-    is below 1 every such gradient is multiplied by it, in its own dtype. The
-    1e-6 is PyTorch's, kept so results compare 1:1.
+    Both a ``FloatingPointError`` (lowrank's word for a result that is not
+    finite) and a ``RuntimeError`` (what ``torch.nn.utils.clip_grad_norm_``
+    raises), so code written for either catches it.
+    """
+
+
+def clip_grad_norm_(params: Any, max_norm: float, norm_type: float = 2.0,
+                    error_if_nonfinite: bool = False) -> np.floating:
+    """Scale the gradients in place so that their global ``norm_type``-norm is at most ``max_norm``.
+
+    PyTorch's ``torch.nn.utils.clip_grad_norm_``, rule for rule. Over the
+    trainable parameters that have a gradient ``g_1, …, g_n``::
+
+        total = ‖(‖g_1‖_p, …, ‖g_n‖_p)‖_p        (‖·‖_∞ = max |·|)
+        coef  = min(max_norm / (total + 1e-6), 1)
+        g_i  ← coef · g_i                          (in place; coef rounded to g_i's dtype)
+
+    Each ``‖g_i‖_p`` is accumulated in float64 and rounded to ``g_i``'s dtype,
+    and ``total`` and ``coef`` are computed in the gradients' common dtype
+    (float32 for float32 gradients), as PyTorch on the CPU does; its own sums
+    are float32 with another order, so results agree to rounding (the
+    crosscheck in ``tests/crosscheck/test_clip_torch.py`` holds them to it). The
+    1e-6 is PyTorch's.
+
+    A non-finite ``total`` is treated as PyTorch treats it: with
+    ``error_if_nonfinite=False`` the gradients are multiplied by the
+    non-finite ``coef`` anyway (an inf total gives ``coef = 0``, so finite
+    entries become 0 and infinite ones NaN; a NaN total makes every entry
+    NaN), and the total is returned; with ``error_if_nonfinite=True``
+    :class:`NonFiniteNormError` is raised before anything changes.
 
     Parameters
     ----------
     params : Module, or iterable of Parameter, or of (name, Parameter) pairs
-        A module stands for its ``named_parameters()``.
+        A module stands for its ``named_parameters()``. Frozen parameters
+        are skipped even if they hold a gradient (PyTorch's frozen tensors
+        have none).
     max_norm : float
-        > 0.
+        > 0 and finite (PyTorch does not check it).
+    norm_type : float, default 2.0
+        p > 0, or ``math.inf`` / ``"inf"`` for the largest magnitude.
+        (PyTorch's ``vector_norm`` also takes p <= 0, which is no norm: refused.)
+    error_if_nonfinite : bool, default False
+        Raise instead of scaling by a non-finite coefficient.
 
     Returns
     -------
-    float
-        The total norm *before* clipping. If it is not finite (a gradient
-        holds inf or NaN) the gradients are left untouched, so the caller can
-        see it and stop.
+    numpy.float32 or numpy.float64
+        The total norm *before* clipping, a scalar of the gradients' common
+        dtype (PyTorch returns a 0-d tensor of that dtype); ``float32(0.0)``
+        when no parameter has a gradient, as ``torch.tensor(0.0)``.
+
+    Raises
+    ------
+    NonFiniteNormError
+        ``error_if_nonfinite=True`` and the total norm is inf or NaN.
 
     See Also
     --------
@@ -512,11 +556,40 @@ def clip_grad_norm_(params: Any, max_norm: float) -> float:
         params = params.named_parameters()
     pairs = _named_parameters(params)
     max_norm = check_real(max_norm, "max_norm", 0.0, low_open=True)
-    return clip_grads_([p for _, p in pairs], max_norm)
+    norm_type = _check_norm_type(norm_type)
+    error_if_nonfinite = check_bool(error_if_nonfinite, "error_if_nonfinite")
+    return clip_grads_([p for _, p in pairs], max_norm, norm_type, error_if_nonfinite)
 
 
-def clip_grads_(params: Sequence[Any], max_norm: float) -> float:
-    """:func:`clip_grad_norm_`'s unchecked core: ``params`` a list of Parameters, ``max_norm`` > 0.
+def _check_norm_type(norm_type: Any) -> float:
+    """``norm_type`` as a float p in (0, inf]; ``"inf"`` is inf, as in PyTorch."""
+    if isinstance(norm_type, str) and norm_type == "inf":
+        return math.inf
+    if isinstance(norm_type, (bool, np.bool_)) or not isinstance(norm_type, numbers.Real):
+        raise TypeError(f"norm_type must be a real number or 'inf', got {type(norm_type).__name__} {norm_type!r}")
+    p = float(norm_type)
+    if not p > 0:  # NaN too
+        raise ValueError(f"norm_type must be in (0, inf], got {p!r}")
+    return p
+
+
+def _p_norm(values: np.ndarray, p: float) -> float:
+    """``‖values‖_p`` accumulated in float64 (p > 0 or inf)."""
+    a = np.abs(values.astype(np.float64, copy=False))
+    if a.size == 0:
+        return 0.0
+    if p == math.inf:
+        return float(np.max(a))
+    if p == 2.0:
+        return math.sqrt(float(np.sum(a * a)))
+    if p == 1.0:
+        return float(np.sum(a))
+    return float(np.sum(a**p) ** (1.0 / p))
+
+
+def clip_grads_(params: Sequence[Any], max_norm: float, norm_type: float = 2.0,
+                error_if_nonfinite: bool = False) -> np.floating:
+    """:func:`clip_grad_norm_`'s unchecked core: ``params`` a list of Parameters, arguments checked.
 
     For a training loop that collected and checked its parameters once
     (``lowrank.train.fit`` does): checking them again at every step would
@@ -524,11 +597,20 @@ def clip_grads_(params: Sequence[Any], max_norm: float) -> float:
     result, same return value as :func:`clip_grad_norm_`.
     """
     grads = [p.grad for p in params if p.trainable and p.grad is not None]
-    total = math.sqrt(sum(float(np.sum(np.square(g, dtype=np.float64))) for g in grads))
-    scale = max_norm / (total + 1e-6)
-    if math.isfinite(total) and scale < 1:
-        for g in grads:
-            g *= scale  # in place, in the gradient's dtype
+    if not grads:
+        return np.float32(0.0)
+    dtype = np.result_type(*grads)
+    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite norm is the caller's to see
+        norms = np.array([g.dtype.type(_p_norm(g, norm_type)) for g in grads])
+        total = dtype.type(_p_norm(norms, norm_type))
+        if error_if_nonfinite and not np.isfinite(total):
+            raise NonFiniteNormError(
+                f"the total norm of order {norm_type} of the gradients must be finite to clip them, "
+                f"got {total}; pass error_if_nonfinite=False to scale by the non-finite norm anyway")
+        coef = min(dtype.type(max_norm) / (total + dtype.type(1e-6)), dtype.type(1.0))
+        if not coef == 1:  # a NaN coef multiplies too, as in PyTorch
+            for g in grads:
+                g *= g.dtype.type(coef)  # in place, in the gradient's dtype: coef rounded to it first, as torch
     return total
 
 

@@ -97,6 +97,8 @@ class FitConfig:
         Whether ``fit`` got validation data (early stopping needs it).
     clip_grad_norm : float or None, default None
         > 0.
+    accumulate : int, default 1
+        Micro-batches per batch, in ``[1, batch_size]``.
     early_stopping : int or None, default None
         Patience, >= 1; needs ``has_val``.
     checkpoint : str, path-like or None, default None
@@ -116,6 +118,7 @@ class FitConfig:
     has_val: bool = False
     clip_grad_norm: float | None = None
     early_stopping: int | None = None
+    accumulate: int = 1
     checkpoint: str | os.PathLike[str] | None = None  # stored as str
     resume: str | os.PathLike[str] | None = None  # stored as str
     verbose: bool | str = True
@@ -134,6 +137,8 @@ class FitConfig:
             "checkpoint": _checked_checkpoint(self.checkpoint),
             "resume": None if self.resume is None else os.fsdecode(self.resume),
         }
+        checked["accumulate"] = check_int(self.accumulate, "accumulate", 1, checked["batch_size"],
+                                          rule="[1, batch_size]")
         if self.loss is not None and self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))} or None, got {self.loss!r}")
         if self.clip_grad_norm is not None:

@@ -6,8 +6,11 @@
     for each epoch:
         model.train(); order = rng.permutation(n)           # one Generator, resolved once
         for each batch:
-            out = model(X_b); loss, dout = loss_fn(out, y_b)  # stop if out or loss is not finite
-            model.zero_grad(); model.backward(dout)          # stop if a gradient is not finite
+            model.zero_grad()
+            for each micro-batch k of the batch (accumulate=K of them, n_k of its n rows):
+                out = model(X_k); loss, dout = loss_fn(out, y_k)  # stop if out or loss is not finite
+                model.backward(dout * n_k / n)                # sums to the batch's mean gradient
+            stop if a gradient is not finite
             clip_grads_(...); optimizer.step(); schedule.step()
         validate in eval mode; early stopping; checkpoint
 
@@ -300,7 +303,36 @@ class _Trainer:
         return f"at epoch {epoch}, step {step + 1} of {n_steps} (update {(epoch - 1) * n_steps + step + 1} of the run)"
 
     def forward_backward(self, xb: np.ndarray, yb: np.ndarray, epoch: int, step: int) -> tuple[np.ndarray, float]:
-        """Forward, loss and backward of one minibatch, refusing any non-finite value; returns ``(out, loss)``."""
+        """Forward, loss and backward of one minibatch, refusing any non-finite value; returns ``(out, loss)``.
+
+        With ``accumulate = K`` the batch of ``n`` rows runs as ``min(K, n)``
+        contiguous micro-batches (sizes differing by at most one). Each
+        loss is a mean over its ``n_k`` rows, and the modules *sum* the
+        gradients of successive backward passes, so each micro-batch's
+        ``dout`` is scaled by ``n_k / n``: the gradients then add up to the
+        gradient of the whole batch's mean loss, to rounding, and the
+        reported loss is the same weighted sum.
+        """
+        model = self.state.model
+        n, k = xb.shape[0], min(self.config.accumulate, xb.shape[0])
+        model.zero_grad()
+        outs, value = [], 0.0
+        for i in range(k):
+            lo, hi = i * n // k, (i + 1) * n // k
+            out, part = self.micro_step(xb[lo:hi], yb[lo:hi], (hi - lo) / n, epoch, step)
+            outs.append(out)
+            value += part
+        for name, p in self.trainable:
+            if p.grad is not None and not np.isfinite(p.grad).all():
+                raise _non_finite(p.grad, f"the gradient of parameter {name!r}", self.where(epoch, step))
+        return (outs[0] if k == 1 else np.concatenate(outs)), value
+
+    def micro_step(self, xb: np.ndarray, yb: np.ndarray, weight: float, epoch: int,
+                   step: int) -> tuple[np.ndarray, float]:
+        """Forward, loss, and the backward of ``weight · loss`` added to the gradients.
+
+        Returns ``(out, weight · loss)``.
+        """
         model = self.state.model
         with np.errstate(over="ignore", invalid="ignore"):  # diverging weights: reported just below
             out = model(xb)
@@ -311,12 +343,11 @@ class _Trainer:
         if not math.isfinite(value):
             # describe_non_finite's wording; a scalar has no index to name
             raise NonFiniteError(f"{self.where(epoch, step)}: the loss must be finite, got {value}")
-        model.zero_grad()
-        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+        if weight != 1.0:
+            dout = dout * weight  # d(weight · loss)/d out; a new array: the loss's own is left alone
+            value *= weight
+        with np.errstate(over="ignore", invalid="ignore"):  # the caller checks the gradients
             model.backward(dout)
-        for name, p in self.trainable:
-            if p.grad is not None and not np.isfinite(p.grad).all():
-                raise _non_finite(p.grad, f"the gradient of parameter {name!r}", self.where(epoch, step))
         return out, value
 
     def update(self) -> None:
@@ -424,6 +455,7 @@ def fit(
     schedule: Any = None,
     clip_grad_norm: float | None = None,
     early_stopping: int | None = None,
+    accumulate: int = 1,
     checkpoint: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
     shuffle: bool = True,
@@ -472,6 +504,20 @@ def fit(
         Patience, >= 1: stop when the validation loss has not decreased for
         this many epochs in a row. Needs ``val``. At the end (stopped or not)
         the model holds the trainable weights of the best epoch.
+    accumulate : int, default 1
+        Gradient accumulation: run each batch as ``K = accumulate``
+        micro-batches (in ``[1, batch_size]``; a shorter last batch of
+        ``n < K`` rows as ``n``), each forward and backward on at most
+        ``ceil(batch_size / K)`` rows, then clip and step once. Every loss is
+        a mean and modules *sum* successive backward passes, so K plain
+        backward passes would give K times the batch's gradient (and SGD
+        and clipping are not scale-invariant); ``fit`` scales micro-batch
+        ``k``'s ``dout`` by ``n_k / n`` instead, so the accumulated gradient,
+        the clipping and the step equal the whole batch's to rounding, for
+        a loss that is a mean over the rows (all of :data:`LOSSES`) and a
+        model whose rows do not interact. Dropout masks are drawn per
+        micro-batch, so with dropout the run is another draw of the same
+        distribution, not the same numbers.
     checkpoint : path, optional
         Rewritten atomically at the end of every epoch (see the module
         docstring). Checked before training starts: a file path (not a
@@ -524,7 +570,8 @@ def fit(
     checked_val = _check_val(val, dtype)
     config = FitConfig(n_samples=X.shape[0], epochs=epochs, batch_size=batch_size, loss=loss_name,
                        shuffle=shuffle, has_val=checked_val is not None, clip_grad_norm=clip_grad_norm,
-                       early_stopping=early_stopping, checkpoint=checkpoint, resume=resume, verbose=verbose)
+                       early_stopping=early_stopping, accumulate=accumulate, checkpoint=checkpoint,
+                       resume=resume, verbose=verbose)
     if schedule is not None and getattr(schedule, "optimizer", None) is not optimizer:
         raise ValueError("schedule must be built on the optimizer passed to fit")
     trainable = _trainable(model)

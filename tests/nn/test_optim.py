@@ -25,6 +25,7 @@ from lowrank.nn.optim import (
     ConstantLR,
     CosineAnnealing,
     LinearWarmup,
+    NonFiniteNormError,
     WarmupCosine,
     clip_grad_norm_,
     clip_grads_,
@@ -615,7 +616,9 @@ def test_clip_grad_norm_against_numpy(problem, max_norm):
     params = [Param(np.zeros_like(g), grad=g.copy()) for g in grads]
     total = np.linalg.norm(np.concatenate([g.astype(np.float64).ravel() for g in grads]))
     got = clip_grad_norm_(params, max_norm)
-    assert got == pytest.approx(total, rel=1e-12)
+    dtype = np.result_type(*grads)
+    assert got.dtype == dtype  # PyTorch returns the norm in the gradients' dtype
+    assert got == pytest.approx(total, rel=1e-6 if dtype == np.float32 else 1e-12)
     scale = max_norm / (total + 1e-6)
     for p, g in zip(params, grads, strict=True):
         assert p.grad.dtype == g.dtype
@@ -662,7 +665,8 @@ def test_clip_grads_core_matches_the_numpy_norm_without_the_checks(problem, max_
     _, grads = problem
     params = [Param(np.zeros_like(g), grad=g.copy()) for g in grads]
     total = np.linalg.norm(np.concatenate([g.astype(np.float64).ravel() for g in grads]))
-    assert clip_grads_(params, max_norm) == pytest.approx(total, rel=1e-12)
+    rel = 1e-6 if np.result_type(*grads) == np.float32 else 1e-12
+    assert clip_grads_(params, max_norm) == pytest.approx(total, rel=rel)
     scale = min(1.0, max_norm / (total + 1e-6))
     for p, g in zip(params, grads, strict=True):
         # the reference is computed in float64; a clipped float32 entry may land among the subnormals
@@ -670,11 +674,42 @@ def test_clip_grads_core_matches_the_numpy_norm_without_the_checks(problem, max_
                                    atol=np.finfo(g.dtype).smallest_normal)
 
 
-def test_clip_grad_norm_leaves_non_finite_gradients_alone():
-    g = np.array([np.inf, 1.0])
-    p = Param(np.zeros(2), grad=g.copy())
+def test_clip_grad_norm_scales_by_a_non_finite_norm_as_pytorch_does():
+    """An inf total gives coef = 0 (finite entries 0, inf ones NaN); a NaN total, NaN everywhere."""
+    p = Param(np.zeros(2), grad=np.array([np.inf, 1.0]))
     assert clip_grad_norm_([p], 1.0) == np.inf
+    np.testing.assert_array_equal(p.grad, [np.nan, 0.0])
+    q = Param(np.zeros(2), grad=np.array([np.nan, 1.0]))
+    assert np.isnan(clip_grad_norm_([q], 1.0))
+    assert np.isnan(q.grad).all()
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_clip_grad_norm_error_if_nonfinite_raises_before_anything_changes(bad):
+    g = np.array([bad, 1.0])
+    p = Param(np.zeros(2), grad=g.copy())
+    with pytest.raises(NonFiniteNormError, match=r"total norm of order 2\.0 of the gradients must be finite"):
+        clip_grad_norm_([p], 1.0, error_if_nonfinite=True)
     np.testing.assert_array_equal(p.grad, g)
+    assert issubclass(NonFiniteNormError, RuntimeError) and issubclass(NonFiniteNormError, FloatingPointError)
+
+
+@pytest.mark.parametrize(("norm_type", "total"), [
+    (1.0, 3 + 4 + 12.0), (2.0, 13.0), (math.inf, 12.0), ("inf", 12.0),
+    (3.0, (27 + 64 + 1728) ** (1 / 3)),
+])
+def test_clip_grad_norm_norm_types_by_hand(norm_type, total):
+    a, b = Param(np.zeros(2), grad=np.array([3.0, -4.0])), Param(np.zeros(1), grad=np.array([12.0]))
+    assert clip_grad_norm_([a, b], 1.0, norm_type=norm_type) == pytest.approx(total, rel=1e-15)
+    np.testing.assert_allclose(a.grad, np.array([3.0, -4.0]) / (total + 1e-6), rtol=1e-15)
+
+
+def test_clip_grad_norm_returns_the_gradients_dtype_and_float32_zero_without_gradients():
+    p = Param(np.zeros(2, dtype=np.float32), grad=np.array([3.0, 4.0], dtype=np.float32))
+    got = clip_grad_norm_([p], 10.0)
+    assert got.dtype == np.float32 and got == np.float32(5.0)
+    empty = clip_grad_norm_([Param(np.zeros(2))], 1.0)
+    assert empty.dtype == np.float32 and empty == 0.0  # torch.tensor(0.0)
 
 
 # ---------------------------------------------------------------- validation
@@ -772,4 +807,19 @@ def test_clip_grad_norm_validation(max_norm, error, match):
     p = Param(np.zeros(2), grad=np.ones(2))
     with pytest.raises(error, match=match):
         clip_grad_norm_([p], max_norm)
+    np.testing.assert_array_equal(p.grad, np.ones(2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [({"norm_type": 0.0}, ValueError, r"norm_type must be in \(0, inf\], got 0.0"),
+     ({"norm_type": -np.inf}, ValueError, r"norm_type must be in \(0, inf\], got -inf"),
+     ({"norm_type": np.nan}, ValueError, r"norm_type must be in \(0, inf\], got nan"),
+     ({"norm_type": "fro"}, TypeError, "norm_type must be a real number or 'inf'"),
+     ({"error_if_nonfinite": 1}, TypeError, "error_if_nonfinite must be")],
+)
+def test_clip_grad_norm_validation_of_norm_type_and_error_flag(kwargs, error, match):
+    p = Param(np.zeros(2), grad=np.ones(2))
+    with pytest.raises(error, match=match):
+        clip_grad_norm_([p], 1.0, **kwargs)
     np.testing.assert_array_equal(p.grad, np.ones(2))
