@@ -121,15 +121,17 @@ class ALSCertificate:
     objective : float
         The objective at the factors, in float64.
     row_stationarity : ndarray of shape (m,)
-        ``‖A_u x_u − b_u‖ / (‖A_u x_u‖ + ‖b_u‖)`` for every row ``u``: the norm
-        of the objective's gradient with respect to ``left[u]`` relative to
-        the two terms it is the difference of (0 where both are 0).
+        ``‖A_u x_u − b_u‖ / max(‖A_u x_u‖ + ‖b_u‖, STATIONARITY_FLOOR · S)`` for
+        every row ``u``: the norm of the objective's gradient with respect to
+        ``left[u]`` relative to the two terms it is the difference of (0
+        where both are 0); ``S`` is the largest such sum over all rows and
+        columns, ``STATIONARITY_FLOOR = sqrt(eps64) ≈ 1.5e-8``.
     col_stationarity : ndarray of shape (n,)
         The same for every column of ``right``.
     row_gain, col_gain : float
         The exact decrease of the objective that one half-step solving for
         every row (column) would give from these factors, relative to the
-        objective.
+        objective (or to ``GAIN_FLOOR`` times the data's size, when larger).
     sweep_gain : float
         ``max(row_gain, col_gain)``: one exact sweep that starts with the
         less converged side decreases the objective by at least this
@@ -213,10 +215,9 @@ class ALSCertificate:
             for side, summary, gain in (("left", self.rows, self.row_gain), ("right", self.cols, self.col_gain)):
                 if side in self.not_converged:
                     worst = ", ".join(f"{i}" for i, v in summary.worst if v > self.tol)
-                    parts.append(
-                        f"the {side} factor is not converged ({summary.above:,} {summary.name} above tol, "
-                        f"worst {summary.name} {worst or '-'}; half-step gain {gain:.3e})"
-                    )
+                    where = (f"{summary.above:,} {summary.name} above tol, worst {summary.name} {worst}; "
+                             if summary.above else "")  # fmt: skip
+                    parts.append(f"the {side} factor is not converged ({where}half-step gain {gain:.3e})")
             lines.append(f"verdict              FAILED at tol={self.tol:g}: " + "; ".join(parts))
         return "\n".join(lines)
 
@@ -419,12 +420,25 @@ def _full(Gq: np.ndarray, r: int) -> np.ndarray:
     return G
 
 
-def _stationarity(Ax: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``g = Ax − b`` (k, r) and ``‖g‖ / (‖Ax‖ + ‖b‖)`` (k,), 0 where both terms are 0."""
+# A row's gradient is judged against its own terms, or against this fraction
+# of the largest row's or column's terms when its own are smaller: factors
+# correct to rounding are correct relative to the whole problem's scale, and
+# a row whose terms are at that rounding level has a gradient of the same
+# size. sqrt(eps64) keeps such rows below any tolerance above 1e-8 while a
+# row with terms a thousandth of the largest is still judged on its own.
+STATIONARITY_FLOOR = float(np.sqrt(np.finfo(np.float64).eps))
+
+
+def _stationarity(Ax: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``g = Ax − b`` (k, r), ``‖g‖`` (k,) and the scale ``‖Ax‖ + ‖b‖`` (k,)."""
     g = Ax - b
-    scale = np.linalg.norm(Ax, axis=1) + np.linalg.norm(b, axis=1)  # (k,)
-    eta = np.linalg.norm(g, axis=1) / np.where(scale > 0, scale, 1.0)
-    return g, eta
+    return g, np.linalg.norm(g, axis=1), np.linalg.norm(Ax, axis=1) + np.linalg.norm(b, axis=1)
+
+
+def _relative_gradients(grad: np.ndarray, scale: np.ndarray, largest: float) -> np.ndarray:
+    """``‖g_u‖ / max(‖A_u x_u‖ + ‖b_u‖, floor · largest)``, 0 where both are 0."""
+    denominator = np.maximum(scale, STATIONARITY_FLOOR * largest)
+    return grad / np.where(denominator > 0, denominator, 1.0)
 
 
 def _gains(G: np.ndarray, Q: np.ndarray, lam: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -452,13 +466,14 @@ def _certify(
     lam_rows: np.ndarray,
     lam_cols: np.ndarray,
     implicit: bool,
-) -> tuple[np.ndarray, np.ndarray, float, float, float]:
+) -> tuple[np.ndarray, np.ndarray, float, float, float, float]:
     """Both sides' stationarity and half-step decreases; and the explicit data term (implicit: 0).
 
     ``weights(values)`` and ``targets(values)`` map the observed values of a
     block to ``w`` and ``t`` (see :class:`_Entries`). ``X (m, r)``, ``Y (n, r)``.
     Returns ``row_eta (m,)``, ``col_eta (n,)``, ``Σ row gains``,
-    ``Σ column gains`` and ``Σ_observed (t − s)²``.
+    ``Σ column gains``, ``Σ_observed (t − s)²`` and the data's size
+    (``Σ_observed t²`` explicit, ``Σ_observed t = Σ_observed c`` implicit).
     """
     m, n = entries.shape
     r = X.shape[1]
@@ -466,8 +481,8 @@ def _certify(
     Q_cols = X.T @ X if implicit else np.zeros((r, r))
     Y_upper = _upper(Y)  # (n, q)
     sums = _ColumnSums(np.zeros((n, r)), np.zeros((n, r)), np.zeros((n, Y_upper.shape[1])))
-    row_eta = np.empty(m)
-    row_gain, data = 0.0, 0.0
+    row_grad, row_scale = np.empty(m), np.empty(m)
+    row_gain, data, size = 0.0, 0.0, 0.0
     for start, stop in entries.blocks():
         Xb = X[start:stop]  # (k, r)
         if entries.sparse:
@@ -477,6 +492,7 @@ def _certify(
             W, WS, T = csr(w), csr(w * s), csr(t)  # (k, n)
             if not implicit:
                 data += float(np.sum(np.square(t - s)))
+            size += float(np.sum(t if implicit else np.square(t)))
         else:
             block = entries.M[start:stop].astype(np.float64)  # (k, n)
             seen = None if entries.pattern is None else entries.pattern[start:stop]
@@ -485,25 +501,29 @@ def _certify(
             WS = W * S
             if not implicit:
                 data += float(np.sum(np.square(T - WS)))  # w = 1 where observed, 0 elsewhere
+            size += float(np.sum(T if implicit else np.square(T)))
         lam = lam_rows[start:stop]
         Ax = np.asarray(WS @ Y) + Xb @ Q_rows + lam[:, None] * Xb  # (k, r)
         b = np.asarray(T @ Y)  # (k, r)
-        g, row_eta[start:stop] = _stationarity(Ax, b)
+        g, row_grad[start:stop], row_scale[start:stop] = _stationarity(Ax, b)
         G = _full(np.asarray(W @ Y_upper), r)  # (k, r, r)
         row_gain += float(np.sum(_gains(G, Q_rows, lam, g)))
         sums.wsx += np.asarray(WS.T @ Xb)
         sums.tx += np.asarray(T.T @ Xb)
         sums.gram += np.asarray(W.T @ _upper(Xb))
 
-    col_eta = np.empty(n)
+    col_grad, col_scale = np.empty(n), np.empty(n)
     col_gain = 0.0
     for start in range(0, n, _SOLVE_CHUNK):
         part = slice(start, min(start + _SOLVE_CHUNK, n))
         Yc, lam = Y[part], lam_cols[part]
         Ay = sums.wsx[part] + Yc @ Q_cols + lam[:, None] * Yc  # (c, r)
-        g, col_eta[part] = _stationarity(Ay, sums.tx[part])
+        g, col_grad[part], col_scale[part] = _stationarity(Ay, sums.tx[part])
         col_gain += float(np.sum(_gains(_full(sums.gram[part], r), Q_cols, lam, g)))
-    return row_eta, col_eta, row_gain, col_gain, data
+    largest = max(float(row_scale.max()), float(col_scale.max()))
+    row_eta = _relative_gradients(row_grad, row_scale, largest)
+    col_eta = _relative_gradients(col_grad, col_scale, largest)
+    return row_eta, col_eta, row_gain, col_gain, data, size
 
 
 def _penalties(
@@ -515,9 +535,16 @@ def _penalties(
     return np.full(m, reg), np.full(n, reg)
 
 
-def _relative(gain: float, objective: float) -> float:
-    if objective > 0:
-        return max(gain, 0.0) / objective
+# The gains are relative to the objective, or to this fraction of the data's
+# own size (Σ_observed M² explicit, Σ_observed c implicit) when the objective
+# is smaller: an exact fit's objective is rounding noise, and so is its gain.
+GAIN_FLOOR = float(np.finfo(np.float64).eps)
+
+
+def _relative(gain: float, objective: float, size: float) -> float:
+    denominator = max(objective, GAIN_FLOOR * size)
+    if denominator > 0:
+        return max(gain, 0.0) / denominator
     return 0.0 if gain <= 0 else math.inf
 
 
@@ -651,7 +678,7 @@ def check_als(
         return values  # unobserved entries of a dense block are 0 already
 
     with np.errstate(over="ignore", invalid="ignore"):
-        row_eta, col_eta, row_gain, col_gain, data = _certify(
+        row_eta, col_eta, row_gain, col_gain, data, size = _certify(
             entries, weights, targets, X, Y, lam_rows, lam_cols, implicit=False
         )
     penalty = float(lam_rows @ np.einsum("ur,ur->u", X, X)) + float(lam_cols @ np.einsum("jr,jr->j", Y, Y))
@@ -665,8 +692,8 @@ def check_als(
         objective=objective,
         row_stationarity=row_eta,
         col_stationarity=col_eta,
-        row_gain=_relative(row_gain, objective),
-        col_gain=_relative(col_gain, objective),
+        row_gain=_relative(row_gain, objective, size),
+        col_gain=_relative(col_gain, objective, size),
         tol=tol,
         worst=worst,
     )
@@ -740,7 +767,7 @@ def check_implicit_als(
         return np.where(seen, 1.0 + alpha * values, 0.0)
 
     with np.errstate(over="ignore", invalid="ignore"):
-        row_eta, col_eta, row_gain, col_gain, _ = _certify(
+        row_eta, col_eta, row_gain, col_gain, _, size = _certify(
             entries, weights, targets, X, Y, lam_rows, lam_cols, implicit=True
         )
     _finite_result(objective, row_gain, col_gain, float(row_eta.max()), float(col_eta.max()))
@@ -752,8 +779,8 @@ def check_implicit_als(
         objective=objective,
         row_stationarity=row_eta,
         col_stationarity=col_eta,
-        row_gain=_relative(row_gain, objective),
-        col_gain=_relative(col_gain, objective),
+        row_gain=_relative(row_gain, objective, size),
+        col_gain=_relative(col_gain, objective, size),
         tol=tol,
         worst=worst,
     )
