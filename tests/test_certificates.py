@@ -274,6 +274,13 @@ def test_svd_flags_singular_values_out_of_order_and_a_zeroed_triplet():
     assert "residual_right" in check_svd(M, U[:, :3], s0, Vt[:3]).failures
 
 
+def test_zero_singular_values_for_a_nonzero_matrix_fail_rather_than_raise():
+    M = decaying()
+    U, _, Vt = np.linalg.svd(M, full_matrices=False)
+    rep = check_svd(M, U[:, :2], np.zeros(2), Vt[:2])
+    assert rep.residual_right == np.inf and not rep.passed and "inf" in rep.format()
+
+
 def test_svd_of_a_sparse_matrix_uses_the_randomized_bound():
     M = decaying(50, 40, seed=2)
     U, s, Vt = np.linalg.svd(M, full_matrices=False)

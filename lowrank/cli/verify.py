@@ -90,7 +90,10 @@ def load_factors(path: str, names: tuple[str, ...], shape: tuple[int, int] | Non
         for keys in _ID_TABLES:
             if all(key in arrays for key in keys):
                 row_ids, row_vectors, col_ids, col_vectors = (arrays[key] for key in keys)
-                left, right = factors_from_id_tables(row_ids, row_vectors, col_ids, col_vectors, shape)
+                try:
+                    left, right = factors_from_id_tables(row_ids, row_vectors, col_ids, col_vectors, shape)
+                except (ValueError, TypeError) as exc:  # name the file's own keys, not the function's arguments
+                    raise CLIError(f"{path} ({', '.join(keys)}): {exc}") from None
                 return {"left": left, "right": right}
         wanted = "left and right, or id tables (" + "; ".join(", ".join(keys) for keys in _ID_TABLES) + ")"
     else:

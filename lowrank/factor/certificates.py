@@ -1043,8 +1043,10 @@ def check_svd(
                 norm_sq += float(np.sum(np.square(block)))
                 error_sq += float(np.sum(np.square(block - US[start:stop] @ V.T)))
         s_norm = float(np.linalg.norm(s))
-        residual_right = _ratio(float(np.linalg.norm(MV - US)), s_norm)
-        residual_left = _ratio(float(np.linalg.norm(MtU - V * s)), s_norm)
+        defect_right, defect_left = float(np.linalg.norm(MV - US)), float(np.linalg.norm(MtU - V * s))
+        _finite_result(s_norm, defect_right, defect_left, norm_sq, error_sq)
+        residual_right = _ratio(defect_right, s_norm)  # inf when s = 0 and M V is not: a failure, not an error
+        residual_left = _ratio(defect_left, s_norm)
         eye = np.eye(U.shape[1])
         orthogonality_U = float(np.linalg.norm(U.T @ U - eye))
         orthogonality_V = float(np.linalg.norm(V.T @ V - eye))
@@ -1069,7 +1071,7 @@ def check_svd(
             swaps = float(np.sum(np.clip(tail**2 - np.square(s / norm if norm > 0 else s), 0.0, None)))
             optimum = math.sqrt(max(error**2 - swaps, 0.0))
             gap = error - optimum
-    _finite_result(residual_right, residual_left, orthogonality_U, orthogonality_V, error, optimum)
+    _finite_result(orthogonality_U, orthogonality_V, error, optimum)
     return SVDCertificate(
         shape=shape,
         rank=k,
