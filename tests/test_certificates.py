@@ -456,3 +456,4 @@ def test_verify_help_names_the_exit_codes(capsys):
     code, out, _ = run(["verify", "--help"], capsys)
     assert code == 0 and "0 the certificate passed, 1 it failed, 2 it could not run" in " ".join(out.split())
     assert STATIONARITY_FLOOR == pytest.approx(1.49e-8, rel=1e-2)
+
