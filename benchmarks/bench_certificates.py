@@ -18,10 +18,13 @@ arrays are traced) during the call, at most 2× the input's bytes
 ``als(M, 10, max_iter=1)``: its setup (validation, scaling, the transposed
 copy, the random start) and its loss are included, as a user would time it.
 
-Measured on the project's shared 2-core machine (load average 8–10, so only
-the ratios mean something), 9,997,477 entries, 115 MiB of input: one sweep
-37.5 s, peak 930 MiB; ``check_als`` 27.6 s, peak 179 MiB: time 0.74×,
-memory 1.55× the input (before the scores were gathered in chunks of 2¹⁶).
+Measured on the project's shared 2-core machine (load average 8–13, so
+only the ratios mean something), 9,997,477 entries, 115 MiB of input: one
+sweep 37.5 s and 35.1 s, peak 930 MiB; ``check_als`` 27.6 s and 34.6 s,
+peak 179 MiB. Time 0.74× (median of 2, load 8) and 0.99× (1 repetition,
+load 13); memory 1.55× the input. Most of the peak is the column side's
+accumulators and the ``(n, r(r+1)/2)`` products with the transposed blocks,
+so the ratio falls as ``nnz / n`` grows.
 """
 
 from __future__ import annotations
