@@ -46,6 +46,7 @@ from lowrank.utils.validation import (
 __all__ = [
     "ALSCertificate",
     "SVDCertificate",
+    "SideSummary",
     "check_als",
     "check_implicit_als",
     "check_svd",
