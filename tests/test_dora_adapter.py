@@ -225,3 +225,92 @@ def test_dora_merge_of_weights_near_the_float64_limit_is_exact(tmp_path):
     m = tensors[f"{P}fc.lora_magnitude_vector"]
     want = W / 1e200 * (m / np.linalg.norm(W / 1e200, axis=1))[:, None]  # s·B@A is nothing next to 1e200
     np.testing.assert_allclose(merged["fc.weight"], want, rtol=1e-14)
+
+
+# ---------------------------------------------------------------- loading into and saving from a model
+
+
+def mlp():
+    from lowrank import nn
+
+    return nn.Sequential(nn.Linear(6, 5, dtype=np.float64, random_state=0), nn.ReLU(),
+                         nn.Linear(5, 3, dtype=np.float64, random_state=1))  # fmt: skip
+
+
+def test_a_saved_dora_adapter_loads_back_with_the_same_outputs_and_peft_keys(tmp_path):
+    from lowrank import nn
+    from lowrank.io import load_peft_adapter, save_peft_adapter
+
+    model = nn.inject_lora(mlp(), r=2, alpha=3, use_dora=True, random_state=0)
+    rng = np.random.default_rng(6)
+    for name, p in model.named_parameters():
+        if name.endswith(("lora_B.weight", "lora_magnitude_vector")):
+            p.data = p.data + rng.standard_normal(p.shape)
+    folder = save_peft_adapter(model, tmp_path / "ad")
+    stored = read_safetensors(folder / "adapter_model.safetensors")
+    assert set(stored) == {
+        f"{P}{i}.{k}" for i in ("0", "2") for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    }
+    params = dict(model.named_parameters())
+    np.testing.assert_array_equal(stored[f"{P}2.lora_magnitude_vector"], params["2.lora_magnitude_vector"].data)
+    assert json.loads((folder / "adapter_config.json").read_text())["use_dora"] is True
+
+    loaded = load_peft_adapter(mlp(), folder).eval()
+    model.eval()
+    x = rng.standard_normal((4, 6))
+    np.testing.assert_array_equal(loaded(x), model(x))
+    assert all(layer.use_dora for layer in (loaded[0], loaded[2]))
+    trainable = {n for n, p in loaded.named_parameters() if p.trainable}
+    assert trainable == {
+        f"{i}.{k}" for i in ("0", "2") for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    }
+
+
+def test_saving_layers_that_disagree_on_use_dora_is_refused(tmp_path):
+    from lowrank import nn
+    from lowrank.io import save_peft_adapter
+
+    model = mlp()
+    model[0] = nn.LoRALinear(model[0], r=2, alpha=2, use_dora=True)
+    model[2] = nn.LoRALinear(model[2], r=2, alpha=2)
+    with pytest.raises(ValueError, match=r"must share use_rslora, dropout and use_dora.*use_dora=True.*use_dora=False"):
+        save_peft_adapter(model, tmp_path / "ad")
+
+
+@pytest.mark.parametrize(
+    ("fault", "words"),
+    [
+        ("missing", "layer '0' has no 'base_model.model.0.lora_magnitude_vector', which use_dora=True"),
+        ("use_dora off", "is DoRA's magnitude, but adapter_config.json has use_dora false"),
+        ("wrong shape", "needs 'base_model.model.0.lora_magnitude_vector' of shape (out,) = (5,), got (6,)"),
+        ("non-finite", "'base_model.model.0.lora_magnitude_vector' must hold finite floats"),
+        ("embedding", "is an Embedding adapter"),
+    ],
+)
+def test_loading_refuses_each_dora_fault_and_changes_nothing(tmp_path, fault, words):
+    from lowrank import nn
+    from lowrank.io import load_peft_adapter
+
+    rng = np.random.default_rng(7)
+    config = {"r": 2, "use_dora": True, "target_modules": ["0"]}
+    tensors = dora_module(rng, "0", 2, 6, 5)
+    key = f"{P}0.lora_magnitude_vector"
+    if fault == "missing":
+        del tensors[key]
+    elif fault == "use_dora off":
+        config["use_dora"] = False
+    elif fault == "wrong shape":
+        tensors[key] = np.ones(6)
+    elif fault == "non-finite":
+        tensors[key][0] = np.inf
+    elif fault == "embedding":
+        tensors = {
+            f"{P}0.lora_embedding_A": np.ones((2, 6)),
+            f"{P}0.lora_embedding_B": np.ones((5, 2)),
+            key: np.ones(5),
+        }
+    model = mlp()
+    with pytest.raises(ValueError) as info:
+        load_peft_adapter(model, write_adapter(tmp_path / "ad", config, tensors))
+    assert words in str(info.value) and "\n" not in str(info.value)
+    assert not isinstance(model[0], nn.LoRALinear)

@@ -26,7 +26,7 @@ from strategies import as_layout, float_arrays
 
 from lowrank.cli import main
 from lowrank.io import load_safetensors, save_safetensors
-from lowrank.reference.cases import LINEAR_CASES, LORA_CASES
+from lowrank.reference.cases import DORA_CASES, LINEAR_CASES, LORA_CASES
 from lowrank.reference.compare import compare
 from lowrank.reference.vectors import MANIFEST_NAME, TOLERANCES, check_vectors, read_manifest, write_vectors
 
@@ -52,6 +52,40 @@ def _lora_by_hand(x, W, b, A, B, s, mask):
             "dA": dxa.T @ xm2,  # (r, in)
             "dB": s * dy2.T @ (xm2 @ A.T),  # (out, r)
             "dweight": dy2.T @ x2,  # (out, in)
+            "dbias": None if b is None else dy2.sum(axis=0),
+        }
+
+    return y, backward
+
+
+def _dora_by_hand(x, W, b, A, B, m, s, mask, exact):
+    """PEFT's DoRA forward written out, and its gradients with the norm held constant or differentiated.
+
+    V = W + s B A, n = row norms of V, c = m / n, xm = x * mask, u = xm V^T, and
+    y = x W^T + b + (c - 1) (xm W^T) + c s (xm A^T) B^T = x W^T + b + c u - xm W^T.
+    """
+    xm = x if mask is None else x * mask  # (..., in)
+    V = W + s * B @ A  # (out, in)
+    n = np.sqrt(np.sum(V * V, axis=1))  # (out,)
+    c = m / n  # (out,)
+    y = x @ W.T + (c - 1.0) * (xm @ W.T) + c * (s * (xm @ A.T) @ B.T) + (0.0 if b is None else b)
+
+    def backward(dy):
+        n_in, n_out = x.shape[-1], W.shape[0]
+        x2, xm2, dy2 = x.reshape(-1, n_in), xm.reshape(-1, n_in), dy.reshape(-1, n_out)  # (N, .)
+        u = xm2 @ V.T  # (N, out)
+        du = dy2 * c  # (N, out)
+        dxm = du @ V - dy2 @ W  # (N, in)
+        dc = np.sum(dy2 * u, axis=0)  # (out,)
+        dV = du.T @ xm2  # (out, in): through u, c held fixed
+        if exact:  # through n as well: dn = -m / n^2 dc, and dn/dV_i = V_i / n_i
+            dV = dV - (m * dc / n**3)[:, None] * V
+        return {
+            "dx": dy @ W + (dxm.reshape(x.shape) if mask is None else dxm.reshape(x.shape) * mask),
+            "dA": s * B.T @ dV,  # (r, in)
+            "dB": s * dV @ A.T,  # (out, r)
+            "dmagnitude": dc / n,  # (out,)
+            "dweight": dy2.T @ x2 - dy2.T @ xm2 + dV,  # (out, in)
             "dbias": None if b is None else dy2.sum(axis=0),
         }
 
@@ -160,6 +194,14 @@ def _compute64(case: dict, tensors: dict) -> dict:
         out = {"y": y, **backward(t["dy"])}
     elif kind == "lora_merge":
         out = {"merged_weight": t["weight"] + _scaling(p) * t["B"] @ t["A"]}
+    elif kind in ("dora_linear", "dora_linear_exact"):
+        assert p["scaling"] == _scaling(p) and p["detach_norm"] == (kind == "dora_linear")
+        y, backward = _dora_by_hand(t["x"], t["weight"], t.get("bias"), t["A"], t["B"], t["magnitude"],
+                                    _scaling(p), t.get("dropout_mask"), exact=kind == "dora_linear_exact")  # fmt: skip
+        out = {"y": y, **backward(t["dy"])}
+    elif kind == "dora_merge":
+        V = t["weight"] + _scaling(p) * t["B"] @ t["A"]
+        out = {"merged_weight": (t["magnitude"] / np.linalg.norm(V, axis=1))[:, None] * V}
     elif kind == "dropout":
         out = {"y": t["x"] * t["mask"], "dx": t["dy"] * t["mask"]}
     elif kind in ("relu", "tanh", "sigmoid", "gelu", "gelu_tanh"):
@@ -648,3 +690,76 @@ def test_a_failed_write_leaves_the_previous_folder_whole(tmp_path, monkeypatch):
         write_vectors(folder, random_state=1)  # other inputs: every case file would change
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ref"]  # no temporary folder left behind
+
+
+# ---------------------------------------------------------------- DoRA
+
+
+def test_dora_cases_cover_the_issue_in_both_gradient_modes(ref):
+    manifest = read_manifest(ref)
+    cases = {c["name"]: c for c in manifest["cases"]}
+    for spec in DORA_CASES:
+        for sfx, dtype in (("f32", "float32"), ("f64", "float64")):
+            detached, exact = cases[f"dora_linear_{spec.name}_{sfx}"], cases[f"dora_linear_exact_{spec.name}_{sfx}"]
+            assert (detached["kind"], exact["kind"]) == ("dora_linear", "dora_linear_exact")
+            assert detached["params"]["detach_norm"] is True and exact["params"]["detach_norm"] is False
+            assert detached["dtype"] == exact["dtype"] == dtype
+            assert detached["inputs"] == exact["inputs"]
+            a, b = load_safetensors(ref / detached["file"]), load_safetensors(ref / exact["file"])
+            for name in detached["inputs"]:  # both modes of a case share their inputs
+                np.testing.assert_array_equal(a[name], b[name])
+            assert a["magnitude"].shape == (spec.out_features,)
+            assert set(detached["outputs"]) == {"y", "dx", "dA", "dB", "dmagnitude", "dweight"} | (
+                {"dbias"} if spec.bias else set()
+            )
+    dora = [c for c in manifest["cases"] if c["kind"] == "dora_linear"]
+    assert any(c["params"]["use_rslora"] for c in dora) and any("dropout_mask" in c["inputs"] for c in dora)
+    assert any(len(c["inputs"]["x"]["shape"]) >= 3 for c in dora)
+    assert any("bias" in c["inputs"] for c in dora) and any("bias" not in c["inputs"] for c in dora)
+    assert {c["dtype"] for c in manifest["cases"] if c["kind"] == "dora_merge"} == {"float32", "float64"}
+    text = manifest["conventions"]["dora"]
+    assert "'dora_linear'" in text and "'dora_linear_exact'" in text and "constant" in text
+
+
+def test_the_dora_modes_agree_on_dx_dmagnitude_dbias_and_differ_on_the_factors(ref):
+    """Where the norm does not enter (x, m, bias) the modes agree; on A, B and weight they differ by a projection."""
+    for spec in DORA_CASES:
+        a = load_safetensors(ref / f"dora_linear_{spec.name}_f64.safetensors")
+        b = load_safetensors(ref / f"dora_linear_exact_{spec.name}_f64.safetensors")
+        for name in ("y", "dx", "dmagnitude", *(("dbias",) if spec.bias else ())):
+            np.testing.assert_array_equal(a[name], b[name])
+        s = spec.scaling
+        V = a["weight"] + s * a["B"] @ a["A"]  # (out, in)
+        diff = b["dweight"] - a["dweight"]  # exact - detached: a multiple of each row of V
+        coef = np.sum(diff * V, axis=1) / np.sum(V * V, axis=1)
+        np.testing.assert_allclose(diff, coef[:, None] * V, rtol=1e-9, atol=1e-12 * np.abs(diff).max())
+        assert np.abs(diff).max() > 1e-6 * np.abs(a["dweight"]).max()  # and the modes do differ
+        np.testing.assert_allclose(b["dA"] - a["dA"], s * a["B"].T @ diff, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(b["dB"] - a["dB"], s * diff @ a["A"].T, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(("case", "tensor"), [
+    ("dora_linear_exact_r2_alpha8_dropout_f64", "dA"),
+    ("dora_linear_r4_alpha16_rslora_f32", "dmagnitude"),
+    ("dora_merge_f64", "merged_weight"),
+])  # fmt: skip
+def test_a_dora_candidate_off_by_a_tolerance_fails(ref, candidate, tmp_path, case, tensor):
+    bad = _copy(candidate, tmp_path / "bad")
+    t = load_safetensors(bad / f"{case}.safetensors")
+    t[tensor] = (t[tensor] * (1 + 1e-3)).astype(t[tensor].dtype)
+    save_safetensors(bad / f"{case}.safetensors", t)
+    report = check_vectors(ref, bad, kinds="dora_linear,dora_linear_exact,dora_merge")
+    assert [(r.case, r.tensor) for r in report.failures] == [(case, tensor)]
+
+
+def test_a_candidate_with_the_other_gradient_mode_fails_on_the_factors_only(ref, candidate, tmp_path):
+    """PEFT's detached gradient handed in as the exact one fails on dA, dB and dweight, nowhere else."""
+    bad = _copy(candidate, tmp_path / "swapped")
+    for spec in DORA_CASES:
+        for sfx in ("f32", "f64"):
+            shutil.copy(candidate / f"dora_linear_{spec.name}_{sfx}.safetensors",
+                        bad / f"dora_linear_exact_{spec.name}_{sfx}.safetensors")  # fmt: skip
+    report = check_vectors(ref, bad, kinds="dora_linear_exact")
+    assert {r.tensor for r in report.failures} == {"dA", "dB", "dweight"}
+    every_case = {f"dora_linear_exact_{s.name}_{x}" for s in DORA_CASES for x in ("f32", "f64")}
+    assert {r.case for r in report.failures} == every_case

@@ -49,7 +49,7 @@ from lowrank.io.files import (
     save_json,
     save_safetensors,
 )
-from lowrank.reference.cases import LINEAR_CASES, LORA_CASES
+from lowrank.reference.cases import DORA_CASES, LINEAR_CASES, LORA_CASES
 from lowrank.reference.compare import TOLERANCES, compare, error_stats, tolerance_for
 from lowrank.utils.validation import RandomState, check_random_state
 
@@ -93,6 +93,20 @@ CONVENTIONS = {
         "weight + scaling * B @ A."
     ),
     "scaling": "scaling = alpha / r; with rsLoRA (use_rslora true), scaling = alpha / sqrt(r).",
+    "dora": (
+        "DoRA (PEFT's use_dora) adds a magnitude vector m of shape (out_features,) to a LoRA layer. "
+        "V = weight + scaling * B @ A; n = the Euclidean norm of each row of V (over in_features, one per "
+        "output feature); c = m / n. Forward, as PEFT computes it: y = x @ weight^T + bias + (c - 1) * "
+        "(xm @ weight^T) + c * scaling * (xm @ A^T) @ B^T with xm = x * dropout_mask (xm = x without "
+        "dropout), c multiplying each output feature; without dropout this is y = x @ (c[:, None] * V)^T + "
+        "bias. The merged weight is c[:, None] * V. The two gradient modes differ only in whether n counts "
+        "as a function of the weights: kind 'dora_linear' treats n as a constant (detach_norm true: the DoRA "
+        "paper's section 4.3 and PEFT, whose autograd sees n detached), kind 'dora_linear_exact' "
+        "differentiates n too (detach_norm false: the true gradient of the forward); their dx, dmagnitude "
+        "and dbias agree (n depends on none of x, m, bias), and each row of their dA, dB, dweight differs by "
+        "the projection of the gradient with respect to V onto that row's direction V_i / n_i. Both kinds "
+        "of a case share their inputs."
+    ),
     "dropout": (
         "Inverted dropout with an explicit mask: dropout_mask holds 0 or 1/(1-p) and multiplies the input of "
         "the LoRA path only (the base path sees x unchanged). The mask either has x's shape or broadcasts to it "
@@ -298,6 +312,71 @@ def _lora_cases(rng: np.random.Generator) -> list[_Case]:
     return cases
 
 
+_DORA_MODES = {  # kind: (detach_norm, the sentence that names the mode)
+    "dora_linear": (True, "the norm n treated as a constant in backward (PEFT's and the DoRA paper's gradient)"),
+    "dora_linear_exact": (False, "the exact gradient of the forward, through the norm n"),
+}
+
+
+def _dora_cases(rng: np.random.Generator) -> list[_Case]:
+    from lowrank.nn import functional as F
+
+    cases = []
+    for dtype in _DTYPES:
+        for spec in DORA_CASES:
+            docs = {**_LORA_DOCS, "magnitude": "DoRA magnitude m, shape (out,)",
+                    "dropout_mask": _MASK_DOCS.get(spec.dropout, "")}  # fmt: skip
+            drawn = spec.tensors(rng, dtype)  # one draw: both modes of the case share their inputs
+            for kind, (detach_norm, mode) in _DORA_MODES.items():
+                case = _Case(
+                    f"{kind}_{spec.name}_{_SUFFIX[np.dtype(dtype).name]}", kind, dtype,
+                    f"A DoRA layer's forward and backward pass, with {mode}; see the 'dora' convention.",
+                    in_features=spec.in_features, out_features=spec.out_features, r=spec.r, alpha=spec.alpha,
+                    use_rslora=spec.use_rslora, scaling=spec.scaling, dropout_p=spec.dropout_p,
+                    detach_norm=detach_norm,
+                )  # fmt: skip
+                t = widen({k: case.input(k, v, docs[k]) for k, v in drawn.items()})
+                x, w, b, A, B, m, mask, dy = (
+                    t.get(k) for k in ("x", "weight", "bias", "A", "B", "magnitude", "dropout_mask", "dy")
+                )
+                y, cache = F.dora_linear(x, w, b, A, B, m, spec.scaling, dropout_mask=mask, detach_norm=detach_norm)
+                g = F.dora_linear_backward(dy, cache, base_trainable=True)
+                case.output("y", y, "output, shape (..., out_features)")
+                case.output("dx", g.x, "gradient with respect to x (the same in both modes)")
+                case.output("dA", g.A, f"gradient with respect to A, {mode}")
+                case.output("dB", g.B, f"gradient with respect to B, {mode}")
+                case.output("dmagnitude", g.magnitude, "gradient with respect to m (the same in both modes)")
+                case.output("dweight", g.weight, f"gradient with respect to weight as if it were trainable, {mode}")
+                if spec.bias:
+                    case.output("dbias", g.bias, "gradient with respect to bias, as if it were trainable")
+                cases.append(case)
+    return cases
+
+
+def _dora_merge_cases(rng: np.random.Generator) -> list[_Case]:
+    from lowrank import nn
+
+    cases = []
+    for dtype in _DTYPES:
+        r, alpha, n_in, n_out = 3, 6.0, 6, 5
+        case = _Case(f"dora_merge_{_SUFFIX[np.dtype(dtype).name]}", "dora_merge", dtype,
+                     "Merging a DoRA update into its base weight: (m / n)[:, None] * V with V = weight + "
+                     "scaling * B @ A and n its row norms (accumulated in float64, rounded once).",
+                     r=r, alpha=alpha, use_rslora=False, scaling=alpha / r)  # fmt: skip
+        w = case.input("weight", _normal(rng, (n_out, n_in), dtype), "base weight (out, in)")
+        A = case.input("A", _normal(rng, (r, n_in), dtype), "shape (r, in)")
+        B = case.input("B", _normal(rng, (n_out, r), dtype), "shape (out, r)")
+        m = case.input("magnitude", (np.sqrt(n_in) * rng.uniform(0.5, 2.0, n_out)).astype(dtype), "shape (out,)")
+        layer = nn.LoRALinear(nn.Linear(n_in, n_out, bias=False, dtype=np.float64, random_state=0), r=r,
+                              alpha=alpha, use_dora=True)  # fmt: skip
+        layer.weight.data, layer.A.data, layer.B.data = (v.astype(np.float64) for v in (w, A, B))
+        layer.magnitude.data = m.astype(np.float64)
+        layer.merge()
+        case.output("merged_weight", layer.weight.data, "(m / n)[:, None] * (weight + scaling * B @ A), (out, in)")
+        cases.append(case)
+    return cases
+
+
 def _merge_cases(rng: np.random.Generator) -> list[_Case]:
     from lowrank import nn
 
@@ -483,7 +562,7 @@ def _build_cases(random_state: RandomState) -> list[_Case]:
     rng = check_random_state(random_state)
     cases: list[_Case] = []
     for build in (_linear_cases, _lora_cases, _merge_cases, _activation_cases, _loss_cases,
-                  _training_cases, _factorization_cases):  # fmt: skip
+                  _training_cases, _factorization_cases, _dora_cases, _dora_merge_cases):  # fmt: skip
         cases.extend(build(rng))
     return cases
 

@@ -124,3 +124,118 @@ def test_adapter_merge_of_a_dora_adapter_with_fan_in_fan_out_equals_peft(tmp_pat
     ours, theirs = read_safetensors(out), peft_merge(base, folder)
     for key in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight"):
         assert max_rel(ours[key], theirs[key]) < 1e-12, key
+
+
+# ---------------------------------------------------------------- loading into and saving from lowrank models
+
+
+def torch_mlp(seed, dtype):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)).to(dtype).eval()
+
+
+def ours_like(torch_model, dtype):
+    """A lowrank MLP with the torch model's base weights (the torch-style keys map 1:1)."""
+    from lowrank import nn
+
+    model = nn.Sequential(nn.Linear(6, 5, dtype=dtype), nn.ReLU(), nn.Linear(5, 3, dtype=dtype))
+    model.load_state_dict({k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()})
+    return model
+
+
+def torch_name(name):
+    """PEFT's parameter name -> lowrank's: no prefix, no adapter name, the magnitude without '.weight'."""
+    name = name.replace(P, "").replace(".default", "").replace(".base_layer", "")
+    return name[: -len(".weight")] if name.endswith("lora_magnitude_vector.weight") else name
+
+
+LOAD_CONFIGS = [
+    {"r": 2, "lora_alpha": 5, "target_modules": ["0", "2"]},
+    {"r": 4, "lora_alpha": 3, "target_modules": ["0", "2"], "use_rslora": True, "rank_pattern": {"2": 2},
+     "lora_dropout": 0.1, "bias": "lora_only"},
+    {"r": 2, "lora_alpha": 4, "target_modules": ["2"]},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("config", LOAD_CONFIGS)
+@pytest.mark.parametrize(
+    ("torch_dtype", "file_dtype", "rtol"),
+    [
+        (torch.float64, torch.float64, 1e-12),
+        (torch.float64, torch.bfloat16, 1e-12),
+        (torch.float32, torch.float32, 1e-5),
+    ],
+)
+def test_a_dora_adapter_peft_saved_loads_here_with_peft_outputs_and_gradients(
+    tmp_path, config, torch_dtype, file_dtype, rtol
+):
+    from lowrank.io import load_peft_adapter
+
+    np_dtype = np.float64 if torch_dtype == torch.float64 else np.float32
+    base = torch_mlp(0, torch_dtype)
+    ours = ours_like(base, np_dtype)
+    pm = trained(peft.get_peft_model(base, peft.LoraConfig(use_dora=True, **config)), seed=3)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            trained_bias = config.get("bias") == "lora_only" and name.endswith("base_layer.bias")
+            if trained_bias:
+                p.data += 0.25  # a trained bias, saved with bias="lora_only"
+            if "lora_" in name or trained_bias:
+                p.data = p.data.to(file_dtype).to(torch_dtype)  # the values the file holds, exactly
+    pm.save_pretrained(str(tmp_path / "ad"), save_embedding_layers=False)
+    if file_dtype != torch_dtype:  # rewrite the file in the narrow dtype, as PEFT saves a bf16 model
+        path = str(tmp_path / "ad" / "adapter_model.safetensors")
+        tensors = safetensors_torch.load_file(path)
+        safetensors_torch.save_file({k: v.to(file_dtype) for k, v in tensors.items()}, path, {"format": "pt"})
+    pm.eval()
+
+    ours = load_peft_adapter(ours, tmp_path / "ad")
+    ours.eval()
+    rng = np.random.default_rng(1)
+    x, dy = rng.standard_normal((2, 4, 6)).astype(np_dtype), rng.standard_normal((2, 4, 3)).astype(np_dtype)
+    tx = torch.tensor(x, requires_grad=True)
+    ty = pm(tx)
+    ty.backward(torch.tensor(dy))
+    y = ours(x)
+    dx = ours.backward(dy)
+    assert y.dtype == np_dtype
+    scale = np.abs(ty.detach().numpy()).max()
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=rtol, atol=rtol * scale)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=rtol, atol=rtol * np.abs(dx).max())
+    theirs = {torch_name(n): p.grad.numpy() for n, p in pm.named_parameters() if p.requires_grad}
+    mine = {n: p.grad for n, p in ours.named_parameters() if p.trainable}
+    assert set(mine) == set(theirs)
+    assert {n for n in mine if n.endswith("lora_magnitude_vector")} == {
+        f"{t}.lora_magnitude_vector" for t in config["target_modules"]
+    }
+    for name, g in mine.items():  # PEFT's gradient: the norm detached
+        np.testing.assert_allclose(g, theirs[name], rtol=rtol, atol=rtol * np.abs(theirs[name]).max(), err_msg=name)
+
+
+@pytest.mark.parametrize("config", [{"r": 2, "alpha": 5}, {"r": 3, "alpha": 4, "use_rslora": True, "dropout": 0.1}])
+def test_a_dora_adapter_saved_here_loads_in_peft_with_our_outputs(tmp_path, config):
+    from lowrank import nn
+    from lowrank.io import save_peft_adapter
+
+    base = torch_mlp(0, torch.float64)
+    ours = nn.inject_lora(ours_like(base, np.float64), use_dora=True, random_state=0, **config)
+    rng = np.random.default_rng(2)
+    for name, p in ours.named_parameters():
+        if name.endswith("lora_B.weight"):
+            p.data = rng.standard_normal(p.shape)
+        elif name.endswith("lora_magnitude_vector"):
+            p.data = p.data * rng.uniform(0.5, 2.0, p.shape)
+    folder = save_peft_adapter(ours, tmp_path / "ad")
+    keys = set(safetensors_torch.load_file(str(folder / "adapter_model.safetensors")))
+    assert keys == {
+        f"{P}{i}.{k}" for i in ("0", "2") for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+    }
+    assert json.loads((folder / "adapter_config.json").read_text())["use_dora"] is True
+
+    pm = peft.PeftModel.from_pretrained(base, str(folder)).eval()
+    for name, p in pm.named_parameters():  # every tensor of the file reached PEFT's model
+        if "lora_" in name:
+            np.testing.assert_array_equal(p.detach().numpy(), dict(ours.named_parameters())[torch_name(name)].data)
+    ours.eval()
+    x = rng.standard_normal((3, 6))
+    np.testing.assert_allclose(ours(x), pm(torch.tensor(x)).detach().numpy(), rtol=1e-12, atol=1e-12)
