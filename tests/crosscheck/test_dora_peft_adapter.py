@@ -239,3 +239,71 @@ def test_a_dora_adapter_saved_here_loads_in_peft_with_our_outputs(tmp_path, conf
     ours.eval()
     x = rng.standard_normal((3, 6))
     np.testing.assert_allclose(ours(x), pm(torch.tensor(x)).detach().numpy(), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the reference vectors, checked with PEFT
+
+
+def _peft_dora_outputs(case, t, exact):
+    """A DoRA case's outputs by PEFT's own DoraLinearLayer (the detached mode) or torch autograd (the exact one)."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    p = case["params"]
+    T = {k: torch.tensor(v.astype(np.float64)) for k, v in t.items()}
+    T.update({k: torch.nn.Parameter(v) for k, v in T.items() if k not in ("dropout_mask", "dy")})
+    n_out, n_in = t["weight"].shape
+    base = torch.nn.Linear(n_in, n_out, bias="bias" in t).double()
+    base.weight = T["weight"]
+    if "bias" in t:
+        base.bias = T["bias"]
+    lora_A = torch.nn.Linear(n_in, p["r"], bias=False).double()
+    lora_B = torch.nn.Linear(p["r"], n_out, bias=False).double()
+    lora_A.weight, lora_B.weight = T["A"], T["B"]
+    xm = T["x"] * T["dropout_mask"] if "dropout_mask" in T else T["x"]
+    if exact:  # PEFT's formula with the norm left in the graph
+        V = T["weight"] + p["scaling"] * T["B"] @ T["A"]
+        c = T["magnitude"] / torch.linalg.norm(V, dim=1)
+        y = base(T["x"]) + (c - 1) * (xm @ T["weight"].T) + c * lora_B(lora_A(xm)) * p["scaling"]
+    else:  # DoraLinearVariant.forward in training mode with dropout: base(x) + dora(dropout(x), base_result=None)
+        dora = DoraLinearLayer(fan_in_fan_out=False)
+        dora.weight = T["magnitude"]
+        y = base(T["x"]) + dora(xm, lora_A=lora_A, lora_B=lora_B, scaling=p["scaling"], base_layer=base)
+    y.backward(T["dy"])
+    out = {"y": y, "dx": T["x"].grad, "dA": T["A"].grad, "dB": T["B"].grad, "dmagnitude": T["magnitude"].grad,
+           "dweight": T["weight"].grad}  # fmt: skip
+    if "bias" in t:
+        out["dbias"] = T["bias"].grad
+    return {k: v.detach().numpy().astype(case["outputs"][k]["dtype"]) for k, v in out.items()}
+
+
+def test_the_dora_vectors_pass_a_candidate_computed_by_peft(tmp_path):
+    from lowrank.io import load_safetensors, save_safetensors
+    from lowrank.reference.vectors import check_vectors, read_manifest, write_vectors
+
+    write_vectors(tmp_path / "ref")
+    kinds = ("dora_linear", "dora_linear_exact", "dora_merge")
+    cases = [c for c in read_manifest(tmp_path / "ref")["cases"] if c["kind"] in kinds]
+    for case in cases:
+        tensors = load_safetensors(tmp_path / "ref" / case["file"])
+        t = {k: tensors[k] for k in case["inputs"]}
+        if case["kind"] == "dora_merge":  # PEFT's merge_and_unload on a one-layer model
+            n_out, n_in = t["weight"].shape
+            model = torch.nn.Sequential(torch.nn.Linear(n_in, n_out, bias=False)).double()
+            config = peft.LoraConfig(r=case["params"]["r"], lora_alpha=case["params"]["alpha"], use_dora=True,
+                                     target_modules=["0"])  # fmt: skip
+            pm = peft.get_peft_model(model, config)
+            with torch.no_grad():
+                layer = pm.base_model.model[0]
+                layer.base_layer.weight.copy_(torch.tensor(t["weight"].astype(np.float64)))
+                layer.lora_A["default"].weight.copy_(torch.tensor(t["A"].astype(np.float64)))
+                layer.lora_B["default"].weight.copy_(torch.tensor(t["B"].astype(np.float64)))
+                layer.lora_magnitude_vector["default"].weight.copy_(torch.tensor(t["magnitude"].astype(np.float64)))
+            merged = pm.merge_and_unload()[0].weight.detach().numpy()
+            out = {"merged_weight": merged.astype(case["outputs"]["merged_weight"]["dtype"])}
+        else:
+            out = _peft_dora_outputs(case, t, exact=case["kind"] == "dora_linear_exact")
+        (tmp_path / "cand").mkdir(exist_ok=True)
+        save_safetensors(tmp_path / "cand" / case["file"], out)
+    report = check_vectors(tmp_path / "ref", tmp_path / "cand", kinds=",".join(kinds))
+    assert report.passed, report.format()
+    assert len(report.selected) == len(cases) == 2 * 2 * 6 + 2
