@@ -26,6 +26,7 @@ from strategies import as_layout, float_arrays
 
 from lowrank.cli import main
 from lowrank.io import load_safetensors, save_safetensors
+from lowrank.io.safetensors import read_safetensors_header
 from lowrank.reference.cases import DORA_CASES, LINEAR_CASES, LORA_CASES
 from lowrank.reference.compare import compare
 from lowrank.reference.vectors import MANIFEST_NAME, TOLERANCES, check_vectors, read_manifest, write_vectors
@@ -763,3 +764,158 @@ def test_a_candidate_with_the_other_gradient_mode_fails_on_the_factors_only(ref,
     assert {r.tensor for r in report.failures} == {"dA", "dB", "dweight"}
     every_case = {f"dora_linear_exact_{s.name}_{x}" for s in DORA_CASES for x in ("f32", "f64")}
     assert {r.case for r in report.failures} == every_case
+
+
+# ---------------------------------------------------------------- half precision
+
+
+def _round_half(x, fmt):
+    """float64/float32 values -> the nearest value of fmt (ties to even), as float64, written out here.
+
+    bfloat16: 8 significant bits by frexp/rint, subnormals on the 2**-133 grid; float16: NumPy's own cast.
+    """
+    x = np.asarray(x, np.float64)
+    if fmt == "float16":
+        return x.astype(np.float16).astype(np.float64)
+    mantissa, exponent = np.frexp(x)
+    normal = np.ldexp(np.rint(mantissa * 256.0), exponent - 8)
+    return np.where(np.abs(x) < 2.0**-126, np.rint(x * 2.0**133) * 2.0**-133, normal)
+
+
+def _half_candidate(case, t, *, accumulate_in_format=False, merge_unmerge=False):
+    """A 16-bit implementation as PyTorch runs one: inputs in the format, float32 sums, each result rounded."""
+    fmt, p = case["dtype"], case["params"]
+
+    def R(v):
+        return _round_half(v, fmt).astype(np.float32)
+
+    g = {k: v.astype(np.float32) for k, v in t.items()}
+
+    def linear(x, W, b):
+        if accumulate_in_format:  # the running sum rounded to the format after every term
+            acc = np.zeros((*x.shape[:-1], W.shape[0]), np.float32)
+            for j in range(W.shape[1]):
+                acc = R(acc + R(x[..., j : j + 1] * W[:, j]))
+            return acc if b is None else R(acc + b)
+        return R(x @ W.T + (0 if b is None else b))  # float32 accumulation, one rounding
+
+    if case["kind"] == "linear":
+        return {"y": linear(g["x"], g["weight"], g.get("bias"))}
+    s = np.float32(p["scaling"])
+    delta = R(s * R(g["B"] @ g["A"]))  # (out, in)
+    if case["kind"] == "lora_merge":
+        return {"merged_weight": R(g["weight"] + delta)}
+    W = R(R(g["weight"] + delta) - delta) if merge_unmerge else g["weight"]  # a merge and unmerge in the format
+    v = R(s * R(R(g["x"] @ g["A"].T) @ g["B"].T))
+    return {"y": R(linear(g["x"], W, g.get("bias")) + v), "y_base": linear(g["x"], W, g.get("bias"))}
+
+
+@pytest.fixture(scope="module")
+def half_ref(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("half_ref")
+    write_vectors(folder, dtypes="bfloat16,float16")
+    return folder
+
+
+def _half_cases(ref):
+    return [c for c in read_manifest(ref)["cases"] if c["dtype"] in ("bfloat16", "float16")]
+
+
+def _write_half_candidate(ref, folder, **bug):
+    folder.mkdir()
+    for case in _half_cases(ref):
+        tensors = load_safetensors(ref / case["file"])
+        out = _half_candidate(case, {k: tensors[k] for k in case["inputs"]}, **bug)
+        fmt = case["dtype"]
+        save_safetensors(folder / case["file"], {k: v.astype(np.float32 if fmt == "bfloat16" else np.float16)
+                                                 for k, v in out.items()}, dtypes=dict.fromkeys(out, fmt))  # fmt: skip
+    return folder
+
+
+def test_half_cases_store_their_format_and_expect_the_float64_result_rounded_once(half_ref, ref):
+    cases = _half_cases(half_ref)
+    assert {c["kind"] for c in cases} == {"linear", "lora_linear", "lora_merge"}
+    assert {c["dtype"] for c in cases} == {"bfloat16", "float16"}
+    for case in cases:
+        fmt = case["dtype"]
+        header = read_safetensors_header(half_ref / case["file"])
+        stored = {"bfloat16": "BF16", "float16": "F16"}[fmt]
+        for name in [*case["inputs"], *case["outputs"]]:
+            assert header.tensors[name].dtype == stored and case["inputs" if name in case["inputs"] else
+                                                                "outputs"][name]["dtype"] == fmt  # fmt: skip
+        t = {k: v.astype(np.float64) for k, v in load_safetensors(half_ref / case["file"]).items()}
+        x, W, b, A, B = (t.get(k) for k in ("x", "weight", "bias", "A", "B"))
+        if case["kind"] == "lora_merge":
+            exact = {"merged_weight": W + case["params"]["scaling"] * B @ A}
+        else:
+            base = x @ W.T + (0.0 if b is None else b)
+            lora = {} if case["kind"] == "linear" else {"y_base": base}
+            exact = {"y": base if case["kind"] == "linear" else base + case["params"]["scaling"] * (x @ A.T) @ B.T,
+                     **lora}  # fmt: skip
+        assert set(case["elementwise_tolerance"]) == set(case["outputs"])
+        for name in case["outputs"]:
+            np.testing.assert_array_equal(t[name].astype(np.float64), _round_half(exact[name], fmt))
+            tol = t[case["elementwise_tolerance"][name]]
+            assert tol.dtype == np.float64 and tol.shape == t[name].shape
+            assert np.all(tol >= np.abs(t[name].astype(np.float64) - exact[name]))  # the rounding is inside
+            # and it is the documented bound: to first order in u (the format's) and v = 2**-24 (float32's),
+            # (4u + (k+2)v)(|x||W|^T + |b|) + (7u + (k+r+3)v)|s|(|x||A|^T)|B|^T for y, within 1.5x
+            # (the rounding of the stored value and second-order terms); 8u(|W| + |s||B||A|) for the merge
+            u, v, s = (2.0**-8 if fmt == "bfloat16" else 2.0**-11), 2.0**-24, abs(case["params"].get("scaling", 0))
+            if case["kind"] == "lora_merge":
+                first = 8 * u * (np.abs(W) + s * np.abs(B) @ np.abs(A))
+            else:
+                k = W.shape[1]
+                first = (4 * u + (k + 2) * v) * (np.abs(x) @ np.abs(W).T + (0.0 if b is None else np.abs(b)))
+                if name == "y" and case["kind"] == "lora_linear":
+                    r = A.shape[0]
+                    first = first + (7 * u + (k + r + 3) * v) * s * (np.abs(x) @ np.abs(A).T) @ np.abs(B).T
+            assert np.all(tol <= 1.5 * first), (case["name"], name, float((tol / first).max()))
+    # the float cases are the same bytes with or without half-precision cases
+    for name in ("lora_linear_r1_alpha1_f32.safetensors", "dora_merge_f64.safetensors", "als_f64.safetensors"):
+        assert (half_ref / name).read_bytes() == (ref / name).read_bytes()
+    assert "half_precision" in read_manifest(half_ref)["conventions"]
+
+
+def test_a_correct_16_bit_candidate_passes_the_half_cases(half_ref, tmp_path):
+    report = check_vectors(half_ref, _write_half_candidate(half_ref, tmp_path / "good"), cases="*16")
+    assert report.passed, report.format()
+    assert len(report.selected) == 20
+
+
+def test_a_candidate_accumulating_in_the_format_is_caught(half_ref, tmp_path):
+    report = check_vectors(half_ref, _write_half_candidate(half_ref, tmp_path / "acc", accumulate_in_format=True),
+                           cases="*16")  # fmt: skip
+    failed = {(r.case, r.tensor) for r in report.failures}
+    assert {("linear_positive_k512_bf16", "y"), ("linear_positive_k512_f16", "y")} <= failed
+    assert all("past their bound" in r.note for r in report.failures)
+
+
+def test_a_candidate_whose_base_weight_drifted_through_merge_and_unmerge_is_caught(half_ref, tmp_path):
+    report = check_vectors(half_ref, _write_half_candidate(half_ref, tmp_path / "drift", merge_unmerge=True),
+                           cases="*16")  # fmt: skip
+    failed = {(r.case, r.tensor) for r in report.failures}
+    assert {(f"lora_linear_r2_alpha64_large_update_{sfx}", "y_base") for sfx in ("bf16", "f16")} <= failed
+
+
+def test_a_half_candidate_that_never_rounds_to_the_format_fails_whatever_its_error(half_ref, tmp_path):
+    case = "lora_merge_bf16"
+    folder = tmp_path / "unrounded"
+    folder.mkdir()
+    t = load_safetensors(half_ref / f"{case}.safetensors")
+    exact = t["weight"].astype(np.float64) + 2.0 * t["B"].astype(np.float64) @ t["A"].astype(np.float64)
+    save_safetensors(folder / f"{case}.safetensors", {"merged_weight": exact.astype(np.float32)})  # F32, unrounded
+    report = check_vectors(half_ref, folder, cases=case)
+    assert not report.passed and "not representable in bfloat16" in report.failures[0].note
+    save_safetensors(folder / f"{case}.safetensors", {"merged_weight": exact.astype(np.float16)})  # F16 for BF16
+    assert "dtype float16, expected float32" in check_vectors(half_ref, folder, cases=case).failures[0].note
+
+
+def test_vectors_write_dtypes_on_the_command_line(tmp_path, capsys):
+    assert main(["vectors", "write", str(tmp_path / "v"), "--dtypes", "float16"]) == 0
+    names = {c["name"] for c in read_manifest(tmp_path / "v")["cases"]}
+    assert "lora_merge_f16" in names and "lora_merge_bf16" not in names
+    assert main(["vectors", "write", str(tmp_path / "w"), "--dtypes", "float8"]) == 2
+    err = capsys.readouterr().err
+    assert "dtypes must name formats among bfloat16, float16, got 'float8'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "w").exists()
