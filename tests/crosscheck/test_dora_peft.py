@@ -167,3 +167,21 @@ def test_a_fresh_layer_has_peft_s_initial_magnitude():
     layer = nn.LoRALinear(base, r=3, alpha=6, random_state=0, use_dora=True)
     peft_m = pm.base_model.model.fc.lora_magnitude_vector["default"].weight.detach().numpy()
     np.testing.assert_allclose(layer.magnitude.data, peft_m, rtol=1e-15)
+
+
+@pytest.mark.parametrize(("init", "dtype", "rtol"), [("pissa", np.float32, 1e-5), ("gaussian", np.float64, 1e-13)])
+def test_inits_with_dora_give_peft_s_magnitude_and_output(init, dtype, rtol):
+    # the magnitude is initialised after the init (PiSSA's residual included), as PEFT does; PEFT
+    # runs PiSSA in float32 only, so that case compares float32 layers (their SVDs round differently)
+    torch.manual_seed(1)
+    model = _Wrap(7, 5, True).to(torch.float32 if dtype == np.float32 else torch.float64)
+    W, b = model.fc.weight.detach().numpy().copy(), model.fc.bias.detach().numpy().copy()
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"], use_dora=True, init_lora_weights=init)
+    pm = peft.get_peft_model(model, config).eval()
+    base = nn.Linear(7, 5, dtype=dtype, random_state=0)
+    base.weight.data, base.bias.data = W, b
+    layer = nn.LoRALinear(base, r=2, alpha=4, init=init, random_state=0, use_dora=True).eval()
+    peft_m = pm.base_model.model.fc.lora_magnitude_vector["default"].weight.detach().numpy()
+    np.testing.assert_allclose(layer.magnitude.data, peft_m, rtol=rtol)
+    x = np.random.default_rng(0).standard_normal((3, 7)).astype(dtype)
+    np.testing.assert_allclose(layer(x), pm(torch.tensor(x)).detach().numpy(), rtol=rtol, atol=rtol)
