@@ -708,6 +708,10 @@ def _module_rows(rng: np.random.Generator) -> list[GradcheckRow]:
         "LoRALinear rsLoRA r=3, batch dims (2, 3)",
         lora(5, 4, r=3, alpha=4, use_rslora=True), normal((2, 3, 5)),
     )  # fmt: skip
+    dora = lora(5, 4, r=2, alpha=4, use_dora=True)
+    dora.magnitude.data = dora.magnitude.data * rng.uniform(0.5, 1.5, 4)  # m != n, as after training
+    dora.detach_norm = False  # finite differences see the whole forward: the exact gradient
+    rows += check_module("LoRALinear DoRA r=2, exact gradient, batch dims (2, 3)", dora, normal((2, 3, 5)))
     rows += check_module("ReLU", nn.ReLU(), _away_from_zero(rng, (3, 4)))
     rows += check_module("Tanh", nn.Tanh(), normal((3, 4)))
     rows += check_module("Sigmoid", nn.Sigmoid(), 3 * normal((3, 4)))
@@ -736,7 +740,8 @@ def run_all(random_state: RandomState = 0) -> list[GradcheckRow]:
     forward with the row norm frozen; bias or not, dropout mask, small
     magnitudes, rsLoRA-like scaling with batch dimensions, trainable base), relu, tanh, sigmoid, gelu in both
     forms, dropout, and the three losses. Layer cases: Linear, LoRALinear,
-    each activation module, and a Sequential holding a LoRALinear. The scalar
+    a DoRA LoRALinear with the exact gradient, each activation module, and a
+    Sequential holding a LoRALinear. The scalar
     checked is ``sum(y * dy)`` for a fixed random ``dy``, or the loss.
 
     Parameters

@@ -264,8 +264,9 @@ def dora_linear(
     Without dropout the rescaled weight ``W' = (m / n)[:, None] * V`` is
     formed once, in the one ``(out, in)`` array ``V`` occupies, and the output
     is one product ``x @ W'.T``. With ``B = 0`` and ``m`` the row norms of
-    ``W`` (a fresh adapter), ``V`` is ``W`` and ``m / n`` is exactly 1, so the
-    output is the base output bit for bit.
+    ``W`` (a fresh adapter: :func:`weight_norm` computes them as this forward
+    does), ``m / n`` is exactly 1 and the product is the base layer's own
+    ``x @ W.T``, so without dropout the output is the base output bit for bit.
     """
     x = as_input(x)
     weight = check_weight(weight, x.dtype)
@@ -305,7 +306,10 @@ def dora_linear_core(
     scale = magnitude / norm  # (out,): c = m / n
     xa = xm @ A.T  # (N, r): for dB in the backward pass
     z = None
-    if mask is None:
+    if mask is None and not B.any() and (scale == 1).all():
+        # a fresh adapter (B = 0, m = n): W' is W, so the base product itself, bit for bit in any layout
+        y = x2 @ weight.T  # (N, out)
+    elif mask is None:
         V *= scale[:, None]  # in place: W' = c * V
         y = x2 @ V.T  # (N, out)
     else:
