@@ -919,3 +919,23 @@ def test_vectors_write_dtypes_on_the_command_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "dtypes must name formats among bfloat16, float16, got 'float8'" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "w").exists()
+
+
+def test_a_manifest_with_a_bad_elementwise_tolerance_cannot_be_read(half_ref, tmp_path):
+    for change, words in [
+        (lambda c: c.update(elementwise_tolerance={"nope": "y.tolerance"}), "'elementwise_tolerance' must map outputs"),
+        (lambda c: c.update(elementwise_tolerance=["y"]), "'elementwise_tolerance' must map outputs"),
+        (lambda c: c.update(dtype="float32"), "in a case of dtype bfloat16 or float16"),
+    ]:
+        folder = _copy(half_ref, tmp_path / f"m{len(list(tmp_path.iterdir()))}")
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+        change(next(c for c in manifest["cases"] if c["name"] == "linear_bias_bf16"))
+        (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+        with pytest.raises(ValueError, match=re.escape(words)):
+            read_manifest(folder)
+    folder = _copy(half_ref, tmp_path / "renamed")
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    next(c for c in manifest["cases"] if c["name"] == "linear_bias_bf16")["elementwise_tolerance"]["y"] = "y.bound"
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="lacks its output 'y' or its tolerance"):
+        check_vectors(folder, folder, cases="linear_bias_bf16")
