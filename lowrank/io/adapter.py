@@ -1203,8 +1203,10 @@ def row_norms(V: np.ndarray, axis: int = 1) -> np.ndarray:
     """
     peak = np.max(np.abs(V), axis=axis, keepdims=True)  # (out, 1) or (1, in)
     peak[peak == 0] = 1.0  # an all-zero row: its norm is 0 either way
+    scaled = V / peak  # (out, in): the one temporary; einsum squares and sums without another
+    sums = np.einsum("ij,ij->i", scaled, scaled) if axis == 1 else np.einsum("ij,ij->j", scaled, scaled)
     with np.errstate(over="ignore"):  # a norm past the dtype: inf, for the caller to refuse
-        return np.sqrt(np.sum(np.square(V / peak), axis=axis)) * peak.reshape(-1)
+        return np.sqrt(sums) * peak.reshape(-1)
 
 
 def dora_rescale(V: np.ndarray, magnitude: np.ndarray, *, transpose: bool) -> np.ndarray:
