@@ -49,7 +49,7 @@ from lowrank.io.files import (
     save_json,
     save_safetensors,
 )
-from lowrank.precision.bounds import lora_linear_bound, lora_merge_bound
+from lowrank.precision.bounds import dora_linear_bound, lora_linear_bound, lora_merge_bound
 from lowrank.precision.rounding import round_to
 from lowrank.reference.cases import DORA_CASES, LINEAR_CASES, LORA_CASES
 from lowrank.reference.compare import TOLERANCES, compare, compare_within, error_stats, tolerance_for
@@ -160,12 +160,14 @@ CONVENTIONS = {
         "names ending _bf16 or _f16, 'dtype' bfloat16 or float16) store every tensor in that format (BF16 or F16 "
         "in the file). Their inputs are values of the format; each expected output is computed in float64 from "
         "them and rounded once to the format. They check forward outputs only: y (the adapted layer, unmerged, "
-        "as PEFT evaluates it), y_base (the base layer alone: the adapter disabled) and merged_weight. Each such "
+        "as PEFT evaluates it; for DoRA PEFT's DoraLinearLayer in eval mode), y_base (the base layer alone: the "
+        "adapter disabled) and merged_weight. Each such "
         "output has its own per-element tolerance, the tensor '<output>.tolerance' (float64) in the case's file "
         "(named under 'elementwise_tolerance'): the a priori bound on |computed - exact| of an implementation "
         "that rounds its inputs and each product's result to the format and accumulates every sum in float32, "
-        "in any order (lowrank.precision.bounds: lora_linear_bound, with zero factors for y_base, and "
-        "lora_merge_bound; derived in docs/precision.md), plus the distance from the exact result to the stored "
+        "in any order (lowrank.precision.bounds: lora_linear_bound, with zero factors for y_base, "
+        "dora_linear_bound and lora_merge_bound; derived in docs/precision.md), plus the distance from the exact "
+        "result to the stored "
         "expected value, plus 1e-12 of the output's largest magnitude for the float64 computation itself. An "
         "output passes when it has the expected shape and dtype, holds values of the format only, and every "
         "element is within its tolerance. An implementation that accumulates in the 16-bit format, or whose "
@@ -617,7 +619,7 @@ _HALF_SUFFIX = {"bfloat16": "bf16", "float16": "f16"}
 
 
 def _half_cases(rng: np.random.Generator, fmt: str) -> list[_Case]:
-    """The linear, LoRA and merge cases in a 16-bit format (forward only: the bounds cover the forward pass)."""
+    """The linear, LoRA, DoRA and merge cases in a 16-bit format (forward only: the bounds cover the forward pass)."""
     from lowrank.nn import functional as F
 
     sfx = _HALF_SUFFIX[fmt]
@@ -664,6 +666,26 @@ def _half_cases(rng: np.random.Generator, fmt: str) -> list[_Case]:
         zeros_A, zeros_B = np.zeros((1, w.shape[1])), np.zeros((w.shape[0], 1))
         case.half_output("y_base", F.linear(x, w, b)[0], lora_linear_bound(x, w, b, zeros_A, zeros_B, 0.0, fmt),
                          "output of the base layer alone (the adapter disabled)")  # fmt: skip
+        cases.append(case)
+
+    for spec in DORA_CASES:
+        if spec.dropout != "none":
+            continue
+        t = spec.tensors(rng, np.float64)
+        case = _HalfCase(
+            f"dora_linear_{spec.name}_{sfx}", "dora_linear", fmt,
+            f"A DoRA layer's forward pass in {fmt} (eval, no dropout), as PEFT computes it; see the 'dora' convention.",
+            in_features=spec.in_features, out_features=spec.out_features, r=spec.r, alpha=spec.alpha,
+            use_rslora=spec.use_rslora, scaling=spec.scaling, dropout_p=0.0,
+        )  # fmt: skip
+        x = case.half_input("x", t["x"], "input, shape (..., in_features)")
+        w = case.half_input("weight", t["weight"], "frozen base weight (out, in)")
+        b = None if "bias" not in t else case.half_input("bias", t["bias"], "frozen base bias (out,)")
+        A = case.half_input("A", t["A"], "LoRA down-projection, shape (r, in)")
+        B = case.half_input("B", t["B"], "LoRA up-projection, shape (out, r)")
+        m = case.half_input("magnitude", t["magnitude"], "DoRA magnitude m, shape (out,)")
+        y, _ = F.dora_linear(x, w, b, A, B, m, spec.scaling)
+        case.half_output("y", y, dora_linear_bound(x, w, b, A, B, m, spec.scaling, fmt), "output, (..., out)")
         cases.append(case)
 
     r, alpha, n_in, n_out = 3, 6.0, 6, 5

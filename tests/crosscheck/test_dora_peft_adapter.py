@@ -307,3 +307,50 @@ def test_the_dora_vectors_pass_a_candidate_computed_by_peft(tmp_path):
     report = check_vectors(tmp_path / "ref", tmp_path / "cand", kinds=",".join(kinds))
     assert report.passed, report.format()
     assert len(report.selected) == len(cases) == 2 * 2 * 6 + 2
+
+
+# ---------------------------------------------------------------- 16-bit DoRA: PEFT's own error inside the bound
+
+
+@pytest.mark.parametrize(("fmt", "torch_dtype"), [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_peft_dora_in_16_bits_lies_inside_the_derived_bound(fmt, torch_dtype):
+    from peft.tuners.lora.dora import DoraLinearLayer
+
+    from lowrank.precision import round_to
+    from lowrank.precision.bounds import dora_linear_bound
+
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for trial in range(30):
+        n_in, n_out, r, N = int(rng.integers(1, 40)), int(rng.integers(1, 12)), int(rng.integers(1, 5)), 3
+        s = float(rng.choice([0.5, 2.0, 8.0]))
+        x = round_to(rng.standard_normal((N, n_in)), fmt)
+        W = round_to(0.3 * rng.standard_normal((n_out, n_in)), fmt)
+        b = round_to(0.1 * rng.standard_normal(n_out), fmt) if trial % 2 else None
+        A, B = round_to(0.3 * rng.standard_normal((r, n_in)), fmt), round_to(0.3 * rng.standard_normal((n_out, r)), fmt)
+        V = W + s * B @ A  # (out, in), exact in float64 for these few terms
+        m = round_to(np.linalg.norm(V, axis=1) * rng.uniform(0.5, 2.0, n_out), fmt)
+        c = m / np.linalg.norm(V, axis=1)
+        exact = x @ W.T + (0.0 if b is None else b) + (c - 1) * (x @ W.T) + c * (s * (x @ A.T) @ B.T)
+
+        def T(a):
+            return torch.tensor(a.astype(np.float32)).to(torch_dtype)
+
+        base = torch.nn.Linear(n_in, n_out, bias=b is not None).to(torch_dtype)
+        base.weight.data = T(W)
+        if b is not None:
+            base.bias.data = T(b)
+        lora_A = torch.nn.Linear(n_in, r, bias=False).to(torch_dtype)
+        lora_B = torch.nn.Linear(r, n_out, bias=False).to(torch_dtype)
+        lora_A.weight.data, lora_B.weight.data = T(A), T(B)
+        dora = DoraLinearLayer(fan_in_fan_out=False)
+        dora.weight = torch.nn.Parameter(T(m))
+        with torch.no_grad():  # DoraLinearVariant.forward in eval mode: the base result handed in
+            tx = T(x)
+            result = base(tx)
+            y = result + dora(tx, lora_A=lora_A, lora_B=lora_B, scaling=s, base_layer=base, base_result=result)
+        error = np.abs(y.float().numpy().astype(np.float64) - exact)
+        bound = dora_linear_bound(x, W, b, A, B, m, s, fmt)
+        assert np.all(error <= bound), (trial, float((error / bound).max()))
+        worst = max(worst, float((error / bound).max()))
+    assert worst > 1 / 50  # and not loose by more than a factor 50 on these layers
