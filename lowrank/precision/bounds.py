@@ -279,10 +279,11 @@ def dora_linear_bound(
     eta = (1 + gamma(k)) * (1 + _V) * (1 + u_f) - 1
     E_n = np.sqrt(np.sum(np.square(V.E), axis=1)) * (1 + eta) + n * eta + k * _H32 + h  # (out,)
     n_low = n - E_n  # (out,): > 0 where the norm is resolved
-    with np.errstate(divide="ignore", invalid="ignore"):
-        div = np.where(n_low > 0, M.E / n_low + M.M * E_n / (n * n_low), np.inf)  # |m̂/n̂ - m/n|
-        c_mag = M.M / n  # (out,)
-        c = _rounded(c_mag, div + _V * (c_mag + div) + _H32, fmt)  # R(fl32(m̂ / n̂))
+    resolved = n_low > 0
+    safe_n, safe_low = np.where(resolved, n, 1.0), np.where(resolved, n_low, 1.0)  # the others: inf below
+    div = M.E / safe_low + M.M * E_n / (safe_n * safe_low)  # (out,): |m̂/n̂ - m/n|
+    c_mag = M.M / safe_n  # (out,)
+    c = _rounded(c_mag, div + _V * (c_mag + div) + _H32, fmt)  # R(fl32(m̂ / n̂))
     one = Bounded(np.ones_like(c.M), np.zeros_like(c.E))
     c_minus_1 = _sum(c, one, fmt)  # (out,): R(ĉ - 1)
     z = base if bias_b is None else _sum(base, bias_b, fmt)  # (N, out): R(base - b), exact x W^T
@@ -290,4 +291,5 @@ def dora_linear_bound(
     lora = _product(t, Bf, fmt)  # (N, out)
     dora = _sum(_times(c_minus_1, z, fmt), _scaled(s, _times(c, lora, fmt), fmt), fmt)  # (N, out)
     y = _sum(base, dora, fmt)  # (N, out)
-    return y.E.reshape(*xs.shape[:-1], w.shape[0])
+    E = np.where(resolved, y.E, np.inf)  # (N, out): an unresolved norm leaves its column unbounded
+    return E.reshape(*xs.shape[:-1], w.shape[0])
