@@ -64,13 +64,20 @@ def test_use_dora_is_read_and_written_back_and_accepted_with_everything_peft_acc
 
 @pytest.mark.parametrize(
     "clash",
-    [{"lora_bias": True}, {"megatron_config": {"tensor_model_parallel_size": 2}}, {"alora_invocation_tokens": [3]}],
+    [
+        {"lora_bias": True},
+        {"megatron_config": {"tensor_model_parallel_size": 2}},
+        {"alora_invocation_tokens": [3]},
+        {"kasa_config": {"k": 1}},
+        {"init_lora_weights": "mica"},
+    ],
 )
 def test_use_dora_beside_what_peft_refuses_it_with_is_refused_naming_both(clash):
     with pytest.raises(ValueError) as info:
         AdapterConfig.from_json({"peft_type": "LORA", "r": 4, "use_dora": True, **clash}, "ad/adapter_config.json")
     message = str(info.value)
-    (field,) = clash
+    ((field, value),) = clash.items()
+    assert f"{field}={value!r}" in message
     assert message.startswith("ad/adapter_config.json: use_dora=True with ") and field in message
     assert "PEFT refuses DoRA" in message and "\n" not in message
 

@@ -100,10 +100,10 @@ READ_FIELDS = frozenset({
 # PEFT's own refusals of DoRA (LoraConfig.__post_init__ and LoraLayer.resolve_lora_variant):
 # these fields switched on beside use_dora make PEFT raise, whatever lowrank implements.
 DORA_REFUSED_WITH = ("lora_bias", "megatron_config")
-# LoRA variants PEFT's Linear combines with nothing (resolve_lora_variant: one variant per layer).
+# LoRA variants PEFT's Linear combines with nothing (resolve_lora_variant: one variant per layer): the
+# config fields tagged is_lora_variant, and init_lora_weights="mica" (MiCA, declared a variant there).
 OTHER_VARIANTS = (
-    "arrow_config", "use_bdlora", "alora_invocation_tokens", "velora_config", "monteclora_config", "mica",
-    "kasa_config",
+    "arrow_config", "use_bdlora", "alora_invocation_tokens", "velora_config", "monteclora_config", "kasa_config",
 )  # fmt: skip
 # Every other field must be off (None, False, "none", empty): each one, when on,
 # changes the maths in a way lowrank does not implement (layers_to_transform,
@@ -462,6 +462,8 @@ class AdapterConfig:
             raise ValueError(f"{where}: peft_type must be 'LORA' (only LoRA adapters are supported), got {peft_type!r}")
         if obj.get("use_dora") is True:  # PEFT's refusals first: they hold whatever lowrank implements
             clash = [f"{k}={obj[k]!r}" for k in DORA_REFUSED_WITH + OTHER_VARIANTS if not is_off(obj.get(k))]
+            if obj.get("init_lora_weights") == "mica":
+                clash.append("init_lora_weights='mica'")
             if clash:
                 raise ValueError(
                     f"{where}: use_dora=True with {', '.join(clash)}: PEFT refuses DoRA together with "
