@@ -21,7 +21,7 @@ import numpy as np
 
 from lowrank.io.adapter import BIAS_MODES, lora_scaling, match_target_modules  # the one matcher and scaling rule
 from lowrank.nn import functional as F
-from lowrank.nn.functional.dora import check_row_norm
+from lowrank.nn.functional.dora import check_row_norm, row_norm
 from lowrank.nn.modules import (
     Linear,
     Module,
@@ -747,8 +747,9 @@ def inject_lora(
         An unknown target (the message lists the Linear layers there are), a
         target that is already a LoRA layer, no Linear layer to adapt, a
         per-layer mapping without an adapted layer, a ``modules_to_save``
-        entry that matches no module or an adapted layer, or a value
-        :func:`check_lora_config` or :func:`check_pissa_rank` refuses.
+        entry that matches no module or an adapted layer, a value
+        :func:`check_lora_config` or :func:`check_pissa_rank` refuses, or
+        with ``use_dora`` a weight with a zero row (DoRA's direction is undefined there).
     TypeError
         ``model`` is not a Module, ``targets`` is a string or holds
         non-strings, both ``targets`` and ``target_modules`` are given, or a
@@ -809,6 +810,12 @@ def inject_lora(
     if init == "pissa":
         for name in chosen:
             check_pissa_rank(settings[name][0], linears[name].weight.shape, layer=name)
+    if use_dora:  # each new layer refuses a zero row norm; find one before any layer (PiSSA's) changes W
+        for name in chosen:
+            try:
+                check_row_norm(row_norm(linears[name].weight.data))  # V = W while B = 0
+            except (ValueError, FloatingPointError) as exc:
+                raise type(exc)(f"layer {name or '<the model itself>'!r}: {exc}") from None
     saved = _match_modules_to_save(modules_to_save, [n for n, _ in modules], set(chosen))
     rng = check_random_state(random_state)
 

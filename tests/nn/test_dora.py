@@ -333,3 +333,13 @@ def test_pissa_with_dora_initialises_the_magnitude_after_the_residual():
     np.testing.assert_allclose(layer.magnitude.data, row_norms(W, 0 * layer.A.data, layer.B.data, 1), rtol=1e-13)
     x = np.random.default_rng(0).standard_normal((3, 6))
     np.testing.assert_allclose(layer(x), x @ W.T + base.bias.data, rtol=1e-12, atol=1e-13)
+
+
+def test_inject_lora_refuses_a_zero_row_before_changing_the_model():
+    model = nn.MLP([4, 3, 2], random_state=0)
+    model[2].weight.data[1] = 0.0
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer '2': DoRA needs every row .* at rows \[1\]"):
+        nn.inject_lora(model, r=1, alpha=1, init="pissa", use_dora=True, random_state=0)
+    assert all(isinstance(model[i], nn.Linear) for i in (0, 2))
+    assert all(np.array_equal(v, before[k]) for k, v in model.state_dict().items())
