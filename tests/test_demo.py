@@ -112,6 +112,7 @@ def test_demo_adaptation_tells_the_story(demo_json):
     rows = {row["method"]: row for row in a["methods"]}
     assert rows["lora r=2"]["val_acc"] > a["before_adaptation"]["val_acc"] + 0.05
     assert rows["lora r=2"]["val_acc"] > rows["full"]["val_acc"] - 0.05
+    assert rows["dora r=2"]["val_acc"] > a["before_adaptation"]["val_acc"] + 0.05  # DoRA adapts as well
     assert a["delta_w"]["energy_top"]["2"] > 0.5  # a rank-2 change: most energy in 2 directions
 
     c = a["contrast"]  # a full-rank change of the same size: rank 1 no longer suffices
