@@ -16,6 +16,12 @@ one tensor at a time, not by the file: far below the base's size.
 
     python benchmarks/bench_adapter.py                # 3 repetitions
     python benchmarks/bench_adapter.py --reps 5 --dir /var/tmp --dtype bfloat16
+    python benchmarks/bench_adapter.py --dora         # and the same adapter with use_dora, side by side
+
+With ``--dora`` each repetition also merges the same adapter with
+``use_dora`` and a magnitude per output feature (each adapted weight is then
+rescaled row by row, ``(m / ‖V‖_row)·V``), the two merges taking turns, and
+the script prints the DoRA merge's time and memory over the LoRA merge's.
 """
 
 from __future__ import annotations
@@ -65,7 +71,7 @@ def write_base(path: Path) -> None:
     save_safetensors(path, tensors, {"format": "pt"})
 
 
-def write_adapter(folder: Path) -> None:
+def write_adapter(folder: Path, dora: bool = False) -> None:
     rng = np.random.default_rng(1)
     folder.mkdir(exist_ok=True)
     tensors = {}
@@ -73,8 +79,11 @@ def write_adapter(folder: Path) -> None:
         key = f"base_model.model.transformer.h.{i}.attn.c_attn"
         tensors[f"{key}.lora_A.weight"] = rng.standard_normal((RANK, D), dtype=np.float32) * 0.02  # (r, in)
         tensors[f"{key}.lora_B.weight"] = rng.standard_normal((3 * D, RANK), dtype=np.float32) * 0.02  # (out, r)
+        if dora:
+            tensors[f"{key}.lora_magnitude_vector"] = rng.uniform(0.3, 0.8, 3 * D).astype(np.float32)  # (out,)
     save_safetensors(folder / "adapter_model.safetensors", tensors, {"format": "pt"})
-    config = {"peft_type": "LORA", "r": RANK, "lora_alpha": 32, "target_modules": ["c_attn"], "fan_in_fan_out": True}
+    config = {"peft_type": "LORA", "r": RANK, "lora_alpha": 32, "target_modules": ["c_attn"], "fan_in_fan_out": True,
+              "use_dora": dora}  # fmt: skip
     (folder / "adapter_config.json").write_text(json.dumps(config))
 
 
@@ -101,6 +110,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the base is written once (default /tmp)")
     parser.add_argument("--dtype", default="keep", choices=("keep", "float32", "float16", "bfloat16"))
+    parser.add_argument("--dora", action="store_true", help="also merge the adapter with use_dora, side by side")
     parser.add_argument("--write-base", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.write_base:
@@ -118,11 +128,18 @@ def main() -> None:
     write_adapter(adapter)
     out = folder / "lowrank_bench_gpt2_small_merged.safetensors"
 
+    dora_adapter = folder / "lowrank_bench_gpt2_small_dora_adapter"
+    if args.dora:
+        write_adapter(dora_adapter, dora=True)
+
     idle = run_child(False, base, adapter, out, args.dtype)
-    runs = []
+    runs, dora_runs = [], []
     for _ in range(args.reps):
         os.sync()
         runs.append(run_child(True, base, adapter, out, args.dtype))
+        if args.dora:
+            os.sync()
+            dora_runs.append(run_child(True, base, dora_adapter, out, args.dtype))
     seconds = statistics.median(r["seconds"] for r in runs)
     peak = statistics.median(r["maxrss_kib"] for r in runs) / 1024
     base_mib, out_mib = base.stat().st_size / 2**20, out.stat().st_size / 2**20
@@ -132,6 +149,12 @@ def main() -> None:
     print(f"peak memory (ru_maxrss): {peak:.0f} MiB; a process that only imports lowrank.io.adapter: "
           f"{idle['maxrss_kib'] / 1024:.0f} MiB; the merge's own: {peak - idle['maxrss_kib'] / 1024:.0f} MiB, "
           f"{(peak - idle['maxrss_kib'] / 1024) / base_mib:.2f}x the base file")  # fmt: skip
+    if args.dora:
+        dora_seconds = statistics.median(r["seconds"] for r in dora_runs)
+        dora_peak = statistics.median(r["maxrss_kib"] for r in dora_runs) / 1024
+        print(f"DoRA merge (use_dora, same factors): median {dora_seconds:.2f} s, time DoRA / LoRA "
+              f"{dora_seconds / seconds:.2f}; peak memory {dora_peak:.0f} MiB, DoRA - LoRA {dora_peak - peak:+.0f} MiB "
+              f"(one c_attn weight in float64 is {D * 3 * D * 8 / 2**20:.0f} MiB)")  # fmt: skip
     out.unlink()
 
 

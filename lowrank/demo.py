@@ -126,7 +126,10 @@ def linear_layer_names(model: Any) -> list[str]:
 
 def _adapt(task: Any, pretrained: dict[str, np.ndarray], layer_sizes: list[int], layer: str, epochs: int,
            seed: int) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
-    """Fine-tune copies of the pretrained MLP on ``task``: fully, and by LoRA at each rank.
+    """Fine-tune copies of the pretrained MLP on ``task``: fully, by LoRA and by DoRA at each rank.
+
+    DoRA trains the same factors plus one magnitude per output feature of each
+    adapted layer, with the same settings (alpha, learning rate, epochs).
 
     Returns a row per method and the updates of the Linear layer named
     ``layer``: ``"full"``, ``W_finetuned - W_pretrained``, and ``"lora8"``,
@@ -136,14 +139,15 @@ def _adapt(task: Any, pretrained: dict[str, np.ndarray], layer_sizes: list[int],
 
     rows, updates = [], {}
     full_params = sum(int(np.prod(v.shape)) for v in pretrained.values())
-    for method in ["full"] + [f"lora r={r}" for r in _RANKS]:
+    for method in ["full"] + [f"lora r={r}" for r in _RANKS] + [f"dora r={r}" for r in _RANKS]:
         student = MLP(layer_sizes, activation="tanh", random_state=seed)
         student.load_state_dict(pretrained)
         if method == "full":
             lr = _FULL_LR
         else:
             r = int(method.split("=")[1])
-            inject_lora(student, r=r, alpha=2 * r, random_state=seed)  # scaling 2 at every rank
+            use_dora = method.startswith("dora")  # + m (out,) per layer, counted among the trainable
+            inject_lora(student, r=r, alpha=2 * r, use_dora=use_dora, random_state=seed)  # scaling 2 at every rank
             lr = _LORA_LR
         history, seconds = _train(student, task, lr, epochs, seed)
         trainable = sum(p.size for p in student.parameters() if p.trainable)

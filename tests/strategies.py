@@ -627,3 +627,25 @@ def optimizer_problems(draw, n_steps: int = 3, dtype=None):
     theta0 = draw(hnp.arrays(np.dtype(dtype), shape, elements=elements))
     grads = [draw(hnp.arrays(np.dtype(dtype), shape, elements=elements)) for _ in range(n_steps)]
     return theta0, grads
+
+
+# DoRA (tests/nn/test_dora.py)
+
+
+@st.composite
+def dora_problems(draw, dtype=np.float64, bias=None, dropout=None, views: bool = False, min_norm: float = 0.25):
+    """:func:`lora_problems` plus DoRA's magnitude (out,): entries in [-3, 3], zero included, so
+    ``m / n`` runs through the rows the backward recovers from ``y`` and those it recomputes.
+
+    Every row of ``V = W + scaling * B @ A`` has norm at least ``min_norm`` (DoRA's direction
+    ``V / ‖V‖`` is undefined at 0, and finite differences need room around it).
+    """
+    from hypothesis import assume
+
+    problem = draw(lora_problems(dtype=dtype, bias=bias, dropout=dropout, views=views))
+    W, A, B = (np.asarray(problem[k], np.float64) for k in ("weight", "A", "B"))
+    V = W + problem["scaling"] * (B @ A)
+    assume(np.sqrt((V * V).sum(axis=1)).min() >= min_norm)
+    n_out = W.shape[0]
+    problem["magnitude"] = draw(_nn_array(dtype, (n_out,), views, bound=3.0))
+    return problem

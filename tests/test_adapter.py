@@ -136,7 +136,10 @@ def test_config_defaults_are_peft_defaults():
         ({"rank_pattern": {"(q": 2}}, "rank_pattern key must be a valid regular expression"),
         ({"rank_pattern": {"q": 0}}, "rank_pattern['q'] must be in [1, inf]"),
         ({"alpha_pattern": {"q": -1.0}}, "alpha_pattern['q'] must be in (0"),
-        ({"use_dora": True}, "unsupported PEFT setting(s) use_dora=True"),
+        ({"use_dora": 1}, "use_dora must be True or False"),
+        ({"use_dora": True, "lora_bias": True}, "use_dora=True with lora_bias=True: PEFT refuses DoRA together"),
+        ({"use_dora": True, "megatron_config": {"tp": 2}}, "use_dora=True with megatron_config={'tp': 2}: PEFT"),
+        ({"use_dora": True, "use_bdlora": {"x": 1}}, "use_dora=True with use_bdlora={'x': 1}: PEFT refuses"),
         ({"layers_to_transform": [0]}, "unsupported PEFT setting(s) layers_to_transform=[0]"),
         ({"lora_bias": True}, "unsupported PEFT setting(s) lora_bias=True"),
     ],
@@ -218,16 +221,28 @@ def test_key_grammar():
         f"{P}score.weight",
         f"{P}lora_A.weight",
         f"{P}h.0.attn.c_attn.lora_magnitude_vector",
+        f"{P}h.0.attn.c_attn.lora_E",
+        f"{P}fc.lora_magnitude_vector.weight",  # PEFT loads it with ".weight" too
+        f"{P}wte.lora_magnitude_vector",
+        f"{P}wte.lora_magnitude_vector.weight",  # the magnitude twice
         "h.0.attn.c_attn.lora_A.weight",
     ])  # fmt: skip
-    assert set(layout.factors) == {"h.0.attn.c_attn", "wte", ""}
+    assert set(layout.factors) == {"h.0.attn.c_attn", "wte", "", "fc"}
     assert layout.factors["wte"].embedding and not layout.factors["h.0.attn.c_attn"].embedding
-    assert layout.factors[""].B is None
+    assert layout.factors[""].B is None and layout.factors[""].magnitude is None
+    assert layout.factors["h.0.attn.c_attn"].magnitude == f"{P}h.0.attn.c_attn.lora_magnitude_vector"
+    assert layout.factors["wte"].magnitude == f"{P}wte.lora_magnitude_vector"
+    fc = layout.factors["fc"]
+    assert (fc.A, fc.B, fc.magnitude) == (None, None, f"{P}fc.lora_magnitude_vector.weight")
     assert layout.full == {
         "h.0.attn.c_attn.bias": f"{P}h.0.attn.c_attn.base_layer.bias",
         "score.weight": f"{P}score.weight",
     }
-    assert layout.unknown == (f"{P}h.0.attn.c_attn.lora_magnitude_vector", "h.0.attn.c_attn.lora_A.weight")
+    assert layout.unknown == (
+        f"{P}h.0.attn.c_attn.lora_E",
+        f"{P}wte.lora_magnitude_vector.weight",
+        "h.0.attn.c_attn.lora_A.weight",
+    )
 
 
 # ---------------------------------------------------------------- reading
@@ -323,7 +338,7 @@ def test_inspect_flags_each_planted_fault(tmp_path, capsys, fault, words):
     elif fault == "non-finite":
         tensors[a_key][1, 2] = np.inf
     elif fault == "unknown key":
-        tensors[f"{P}h.0.q.lora_magnitude_vector"] = np.ones(5)
+        tensors[f"{P}h.0.q.lora_E"] = np.ones(5)
     elif fault == "stray full tensor":
         tensors[f"{P}h.0.q.base_layer.bias"] = np.ones(5)
     elif fault == "A and B disagree":

@@ -97,11 +97,14 @@ def test_adaptation_parameter_counts_follow_r_times_in_plus_out(demo_json):
     assert a["layer_sizes"] == [32, 128, 6]  # the demo's network: n_features -> 128 -> n_classes
     full = hidden * d_in + hidden + d_out * hidden + d_out  # two Linear layers with bias
     for rows in (a["methods"], a["contrast"]["methods"]):
-        assert [row["method"] for row in rows] == ["full", "lora r=1", "lora r=2", "lora r=4", "lora r=8"]
+        assert [row["method"] for row in rows] == [
+            "full", "lora r=1", "lora r=2", "lora r=4", "lora r=8", "dora r=1", "dora r=2", "dora r=4", "dora r=8"
+        ]  # fmt: skip
         counts = {row["method"]: row["trainable_params"] for row in rows}
         assert counts["full"] == full
         for r in (1, 2, 4, 8):
             assert counts[f"lora r={r}"] == r * (d_in + hidden) + r * (hidden + d_out)
+            assert counts[f"dora r={r}"] == counts[f"lora r={r}"] + hidden + d_out  # and a magnitude per output
         for row in rows:
             assert row["percent_of_full"] == pytest.approx(100 * row["trainable_params"] / full, rel=1e-12)
             assert len(row["val_loss_curve"]) == a["finetune_epochs"] == 6  # --quick
@@ -138,6 +141,7 @@ def test_demo_adaptation_tells_the_story(demo_json):
     rows = {row["method"]: row for row in a["methods"]}
     assert rows["lora r=2"]["val_acc"] > a["before_adaptation"]["val_acc"] + 0.05
     assert rows["lora r=2"]["val_acc"] > rows["full"]["val_acc"] - 0.05
+    assert rows["dora r=2"]["val_acc"] > a["before_adaptation"]["val_acc"] + 0.05  # DoRA adapts as well
     assert a["delta_w"]["energy_top"]["2"] > 0.5  # a rank-2 change: most energy in 2 directions
 
     c = a["contrast"]  # a full-rank change of the same size: rank 1 no longer suffices

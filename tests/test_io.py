@@ -151,10 +151,10 @@ def test_save_refuses_what_one_peft_config_cannot_hold(tmp_path):
         save_peft_adapter(_mlp(), tmp_path / "a")
     model = _adapted()
     model[2] = nn.LoRALinear(model[2].base, r=3, alpha=5.0, use_rslora=True)
-    with pytest.raises(ValueError, match="must share use_rslora and dropout"):
+    with pytest.raises(ValueError, match="must share use_rslora, dropout and use_dora"):
         save_peft_adapter(model, tmp_path / "b")
     model[2] = nn.LoRALinear(model[2].base, r=3, alpha=5.0, dropout=0.5)
-    with pytest.raises(ValueError, match="must share use_rslora and dropout"):
+    with pytest.raises(ValueError, match="must share use_rslora, dropout and use_dora"):
         save_peft_adapter(model, tmp_path / "b")
     model = _adapted()
     model[0].merge()
@@ -178,7 +178,6 @@ def _write_adapter(folder, config_overrides=None, tensors=None):
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("use_dora", True),
     ("layers_to_transform", [0]),
     ("lora_bias", True),
     ("use_qalora", True),
@@ -234,11 +233,11 @@ def test_load_refuses_bad_config_values(tmp_path, overrides, match):
 
 def test_load_refuses_bad_weights(tmp_path):
     def rename(t):
-        t["base_model.model.0.lora_magnitude_vector"] = np.ones(6)
+        t["base_model.model.0.lora_E"] = np.ones(6)
         return t
 
     folder = _write_adapter(tmp_path / "a", tensors=rename)
-    with pytest.raises(ValueError, match=re.escape("unsupported key(s) ['base_model.model.0.lora_magnitude_vector']")):
+    with pytest.raises(ValueError, match=re.escape("unsupported key(s) ['base_model.model.0.lora_E']")):
         load_peft_adapter(_mlp(), folder)
 
     def drop_b(t):

@@ -26,7 +26,8 @@ from strategies import as_layout, float_arrays
 
 from lowrank.cli import main
 from lowrank.io import load_safetensors, save_safetensors
-from lowrank.reference.cases import LINEAR_CASES, LORA_CASES
+from lowrank.io.safetensors import read_safetensors_header
+from lowrank.reference.cases import DORA_CASES, LINEAR_CASES, LORA_CASES
 from lowrank.reference.compare import compare
 from lowrank.reference.vectors import MANIFEST_NAME, TOLERANCES, check_vectors, read_manifest, write_vectors
 
@@ -52,6 +53,40 @@ def _lora_by_hand(x, W, b, A, B, s, mask):
             "dA": dxa.T @ xm2,  # (r, in)
             "dB": s * dy2.T @ (xm2 @ A.T),  # (out, r)
             "dweight": dy2.T @ x2,  # (out, in)
+            "dbias": None if b is None else dy2.sum(axis=0),
+        }
+
+    return y, backward
+
+
+def _dora_by_hand(x, W, b, A, B, m, s, mask, exact):
+    """PEFT's DoRA forward written out, and its gradients with the norm held constant or differentiated.
+
+    V = W + s B A, n = row norms of V, c = m / n, xm = x * mask, u = xm V^T, and
+    y = x W^T + b + (c - 1) (xm W^T) + c s (xm A^T) B^T = x W^T + b + c u - xm W^T.
+    """
+    xm = x if mask is None else x * mask  # (..., in)
+    V = W + s * B @ A  # (out, in)
+    n = np.sqrt(np.sum(V * V, axis=1))  # (out,)
+    c = m / n  # (out,)
+    y = x @ W.T + (c - 1.0) * (xm @ W.T) + c * (s * (xm @ A.T) @ B.T) + (0.0 if b is None else b)
+
+    def backward(dy):
+        n_in, n_out = x.shape[-1], W.shape[0]
+        x2, xm2, dy2 = x.reshape(-1, n_in), xm.reshape(-1, n_in), dy.reshape(-1, n_out)  # (N, .)
+        u = xm2 @ V.T  # (N, out)
+        du = dy2 * c  # (N, out)
+        dxm = du @ V - dy2 @ W  # (N, in)
+        dc = np.sum(dy2 * u, axis=0)  # (out,)
+        dV = du.T @ xm2  # (out, in): through u, c held fixed
+        if exact:  # through n as well: dn = -m / n^2 dc, and dn/dV_i = V_i / n_i
+            dV = dV - (m * dc / n**3)[:, None] * V
+        return {
+            "dx": dy @ W + (dxm.reshape(x.shape) if mask is None else dxm.reshape(x.shape) * mask),
+            "dA": s * B.T @ dV,  # (r, in)
+            "dB": s * dV @ A.T,  # (out, r)
+            "dmagnitude": dc / n,  # (out,)
+            "dweight": dy2.T @ x2 - dy2.T @ xm2 + dV,  # (out, in)
             "dbias": None if b is None else dy2.sum(axis=0),
         }
 
@@ -160,6 +195,14 @@ def _compute64(case: dict, tensors: dict) -> dict:
         out = {"y": y, **backward(t["dy"])}
     elif kind == "lora_merge":
         out = {"merged_weight": t["weight"] + _scaling(p) * t["B"] @ t["A"]}
+    elif kind in ("dora_linear", "dora_linear_exact"):
+        assert p["scaling"] == _scaling(p) and p["detach_norm"] == (kind == "dora_linear")
+        y, backward = _dora_by_hand(t["x"], t["weight"], t.get("bias"), t["A"], t["B"], t["magnitude"],
+                                    _scaling(p), t.get("dropout_mask"), exact=kind == "dora_linear_exact")  # fmt: skip
+        out = {"y": y, **backward(t["dy"])}
+    elif kind == "dora_merge":
+        V = t["weight"] + _scaling(p) * t["B"] @ t["A"]
+        out = {"merged_weight": (t["magnitude"] / np.linalg.norm(V, axis=1))[:, None] * V}
     elif kind == "dropout":
         out = {"y": t["x"] * t["mask"], "dx": t["dy"] * t["mask"]}
     elif kind in ("relu", "tanh", "sigmoid", "gelu", "gelu_tanh"):
@@ -648,3 +691,271 @@ def test_a_failed_write_leaves_the_previous_folder_whole(tmp_path, monkeypatch):
         write_vectors(folder, random_state=1)  # other inputs: every case file would change
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ref"]  # no temporary folder left behind
+
+
+# ---------------------------------------------------------------- DoRA
+
+
+def test_dora_cases_cover_the_issue_in_both_gradient_modes(ref):
+    manifest = read_manifest(ref)
+    cases = {c["name"]: c for c in manifest["cases"]}
+    for spec in DORA_CASES:
+        for sfx, dtype in (("f32", "float32"), ("f64", "float64")):
+            detached, exact = cases[f"dora_linear_{spec.name}_{sfx}"], cases[f"dora_linear_exact_{spec.name}_{sfx}"]
+            assert (detached["kind"], exact["kind"]) == ("dora_linear", "dora_linear_exact")
+            assert detached["params"]["detach_norm"] is True and exact["params"]["detach_norm"] is False
+            assert detached["dtype"] == exact["dtype"] == dtype
+            assert detached["inputs"] == exact["inputs"]
+            a, b = load_safetensors(ref / detached["file"]), load_safetensors(ref / exact["file"])
+            for name in detached["inputs"]:  # both modes of a case share their inputs
+                np.testing.assert_array_equal(a[name], b[name])
+            assert a["magnitude"].shape == (spec.out_features,)
+            assert set(detached["outputs"]) == {"y", "dx", "dA", "dB", "dmagnitude", "dweight"} | (
+                {"dbias"} if spec.bias else set()
+            )
+    dora = [c for c in manifest["cases"] if c["kind"] == "dora_linear"]
+    assert any(c["params"]["use_rslora"] for c in dora) and any("dropout_mask" in c["inputs"] for c in dora)
+    assert any(len(c["inputs"]["x"]["shape"]) >= 3 for c in dora)
+    assert any("bias" in c["inputs"] for c in dora) and any("bias" not in c["inputs"] for c in dora)
+    assert {c["dtype"] for c in manifest["cases"] if c["kind"] == "dora_merge"} == {"float32", "float64"}
+    text = manifest["conventions"]["dora"]
+    assert "'dora_linear'" in text and "'dora_linear_exact'" in text and "constant" in text
+
+
+def test_the_dora_modes_agree_on_dx_dmagnitude_dbias_and_differ_on_the_factors(ref):
+    """Where the norm does not enter (x, m, bias) the modes agree; on A, B and weight they differ by a projection."""
+    for spec in DORA_CASES:
+        a = load_safetensors(ref / f"dora_linear_{spec.name}_f64.safetensors")
+        b = load_safetensors(ref / f"dora_linear_exact_{spec.name}_f64.safetensors")
+        for name in ("y", "dx", "dmagnitude", *(("dbias",) if spec.bias else ())):
+            np.testing.assert_array_equal(a[name], b[name])
+        s = spec.scaling
+        V = a["weight"] + s * a["B"] @ a["A"]  # (out, in)
+        diff = b["dweight"] - a["dweight"]  # exact - detached: a multiple of each row of V
+        coef = np.sum(diff * V, axis=1) / np.sum(V * V, axis=1)
+        np.testing.assert_allclose(diff, coef[:, None] * V, rtol=1e-9, atol=1e-12 * np.abs(diff).max())
+        assert np.abs(diff).max() > 1e-6 * np.abs(a["dweight"]).max()  # and the modes do differ
+        np.testing.assert_allclose(b["dA"] - a["dA"], s * a["B"].T @ diff, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(b["dB"] - a["dB"], s * diff @ a["A"].T, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(("case", "tensor"), [
+    ("dora_linear_exact_r2_alpha8_dropout_f64", "dA"),
+    ("dora_linear_r4_alpha16_rslora_f32", "dmagnitude"),
+    ("dora_merge_f64", "merged_weight"),
+])  # fmt: skip
+def test_a_dora_candidate_off_by_a_tolerance_fails(ref, candidate, tmp_path, case, tensor):
+    bad = _copy(candidate, tmp_path / "bad")
+    t = load_safetensors(bad / f"{case}.safetensors")
+    t[tensor] = (t[tensor] * (1 + 1e-3)).astype(t[tensor].dtype)
+    save_safetensors(bad / f"{case}.safetensors", t)
+    report = check_vectors(ref, bad, kinds="dora_linear,dora_linear_exact,dora_merge")
+    assert [(r.case, r.tensor) for r in report.failures] == [(case, tensor)]
+
+
+def test_a_candidate_with_the_other_gradient_mode_fails_on_the_factors_only(ref, candidate, tmp_path):
+    """PEFT's detached gradient handed in as the exact one fails on dA, dB and dweight, nowhere else."""
+    bad = _copy(candidate, tmp_path / "swapped")
+    for spec in DORA_CASES:
+        for sfx in ("f32", "f64"):
+            shutil.copy(candidate / f"dora_linear_{spec.name}_{sfx}.safetensors",
+                        bad / f"dora_linear_exact_{spec.name}_{sfx}.safetensors")  # fmt: skip
+    report = check_vectors(ref, bad, kinds="dora_linear_exact")
+    assert {r.tensor for r in report.failures} == {"dA", "dB", "dweight"}
+    every_case = {f"dora_linear_exact_{s.name}_{x}" for s in DORA_CASES for x in ("f32", "f64")}
+    assert {r.case for r in report.failures} == every_case
+
+
+# ---------------------------------------------------------------- half precision
+
+
+def _round_half(x, fmt):
+    """float64/float32 values -> the nearest value of fmt (ties to even), as float64, written out here.
+
+    bfloat16: 8 significant bits by frexp/rint, subnormals on the 2**-133 grid; float16: NumPy's own cast.
+    """
+    x = np.asarray(x, np.float64)
+    if fmt == "float16":
+        return x.astype(np.float16).astype(np.float64)
+    mantissa, exponent = np.frexp(x)
+    normal = np.ldexp(np.rint(mantissa * 256.0), exponent - 8)
+    return np.where(np.abs(x) < 2.0**-126, np.rint(x * 2.0**133) * 2.0**-133, normal)
+
+
+def _half_candidate(case, t, *, accumulate_in_format=False, merge_unmerge=False, norm_of_w=False):
+    """A 16-bit implementation as PyTorch runs one: inputs in the format, float32 sums, each result rounded."""
+    fmt, p = case["dtype"], case["params"]
+
+    def R(v):
+        return _round_half(v, fmt).astype(np.float32)
+
+    g = {k: v.astype(np.float32) for k, v in t.items()}
+
+    def linear(x, W, b):
+        if accumulate_in_format:  # the running sum rounded to the format after every term
+            acc = np.zeros((*x.shape[:-1], W.shape[0]), np.float32)
+            for j in range(W.shape[1]):
+                acc = R(acc + R(x[..., j : j + 1] * W[:, j]))
+            return acc if b is None else R(acc + b)
+        return R(x @ W.T + (0 if b is None else b))  # float32 accumulation, one rounding
+
+    if case["kind"] == "linear":
+        return {"y": linear(g["x"], g["weight"], g.get("bias"))}
+    s = np.float32(p["scaling"])
+    if case["kind"] == "dora_linear":  # PEFT's DoraLinearLayer in a 16-bit model, eval mode, operation by operation
+        base = linear(g["x"], g["weight"], g.get("bias"))  # (..., out)
+        V = g["weight"] if norm_of_w else R(g["weight"] + R(s * R(g["B"] @ g["A"])))  # (out, in)
+        n = R(np.sqrt(np.sum(V * V, axis=1, dtype=np.float32)))  # (out,)
+        c = R(g["magnitude"] / n)  # (out,)
+        z = base if "bias" not in g else R(base - g["bias"])  # x W^T
+        lora = R(R(g["x"] @ g["A"].T) @ g["B"].T)  # (..., out)
+        return {"y": R(base + R(R(R(c - 1) * z) + R(R(c * lora) * s)))}
+    delta = R(s * R(g["B"] @ g["A"]))  # (out, in)
+    if case["kind"] == "lora_merge":
+        return {"merged_weight": R(g["weight"] + delta)}
+    W = R(R(g["weight"] + delta) - delta) if merge_unmerge else g["weight"]  # a merge and unmerge in the format
+    v = R(s * R(R(g["x"] @ g["A"].T) @ g["B"].T))
+    return {"y": R(linear(g["x"], W, g.get("bias")) + v), "y_base": linear(g["x"], W, g.get("bias"))}
+
+
+@pytest.fixture(scope="module")
+def half_ref(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("half_ref")
+    write_vectors(folder, dtypes="bfloat16,float16")
+    return folder
+
+
+def _half_cases(ref):
+    return [c for c in read_manifest(ref)["cases"] if c["dtype"] in ("bfloat16", "float16")]
+
+
+def _write_half_candidate(ref, folder, **bug):
+    folder.mkdir()
+    for case in _half_cases(ref):
+        tensors = load_safetensors(ref / case["file"])
+        out = _half_candidate(case, {k: tensors[k] for k in case["inputs"]}, **bug)
+        fmt = case["dtype"]
+        save_safetensors(folder / case["file"], {k: v.astype(np.float32 if fmt == "bfloat16" else np.float16)
+                                                 for k, v in out.items()}, dtypes=dict.fromkeys(out, fmt))  # fmt: skip
+    return folder
+
+
+def test_half_cases_store_their_format_and_expect_the_float64_result_rounded_once(half_ref, ref):
+    cases = _half_cases(half_ref)
+    assert {c["kind"] for c in cases} == {"linear", "lora_linear", "lora_merge", "dora_linear"}
+    assert {c["dtype"] for c in cases} == {"bfloat16", "float16"}
+    for case in cases:
+        fmt = case["dtype"]
+        header = read_safetensors_header(half_ref / case["file"])
+        stored = {"bfloat16": "BF16", "float16": "F16"}[fmt]
+        for name in [*case["inputs"], *case["outputs"]]:
+            assert header.tensors[name].dtype == stored and case["inputs" if name in case["inputs"] else
+                                                                "outputs"][name]["dtype"] == fmt  # fmt: skip
+        t = {k: v.astype(np.float64) for k, v in load_safetensors(half_ref / case["file"]).items()}
+        x, W, b, A, B = (t.get(k) for k in ("x", "weight", "bias", "A", "B"))
+        if case["kind"] == "lora_merge":
+            exact = {"merged_weight": W + case["params"]["scaling"] * B @ A}
+        elif case["kind"] == "dora_linear":
+            s = case["params"]["scaling"]
+            c = t["magnitude"] / np.linalg.norm(W + s * B @ A, axis=1)  # (out,)
+            exact = {"y": x @ W.T + (0.0 if b is None else b) + (c - 1) * (x @ W.T) + c * (s * (x @ A.T) @ B.T)}
+        else:
+            base = x @ W.T + (0.0 if b is None else b)
+            lora = {} if case["kind"] == "linear" else {"y_base": base}
+            exact = {"y": base if case["kind"] == "linear" else base + case["params"]["scaling"] * (x @ A.T) @ B.T,
+                     **lora}  # fmt: skip
+        assert set(case["elementwise_tolerance"]) == set(case["outputs"])
+        for name in case["outputs"]:
+            np.testing.assert_array_equal(t[name].astype(np.float64), _round_half(exact[name], fmt))
+            tol = t[case["elementwise_tolerance"][name]]
+            assert tol.dtype == np.float64 and tol.shape == t[name].shape
+            assert np.all(tol >= np.abs(t[name].astype(np.float64) - exact[name]))  # the rounding is inside
+            # and it is the documented bound: to first order in u (the format's) and v = 2**-24 (float32's),
+            # (4u + (k+2)v)(|x||W|^T + |b|) + (7u + (k+r+3)v)|s|(|x||A|^T)|B|^T for y, within 1.5x
+            # (the rounding of the stored value and second-order terms); 8u(|W| + |s||B||A|) for the merge
+            u, v, s = (2.0**-8 if fmt == "bfloat16" else 2.0**-11), 2.0**-24, abs(case["params"].get("scaling", 0))
+            if case["kind"] == "dora_linear":  # no first-order formula written out: the crosscheck measures it
+                continue
+            if case["kind"] == "lora_merge":
+                first = 8 * u * (np.abs(W) + s * np.abs(B) @ np.abs(A))
+            else:
+                k = W.shape[1]
+                first = (4 * u + (k + 2) * v) * (np.abs(x) @ np.abs(W).T + (0.0 if b is None else np.abs(b)))
+                if name == "y" and case["kind"] == "lora_linear":
+                    r = A.shape[0]
+                    first = first + (7 * u + (k + r + 3) * v) * s * (np.abs(x) @ np.abs(A).T) @ np.abs(B).T
+            assert np.all(tol <= 1.5 * first), (case["name"], name, float((tol / first).max()))
+    # the float cases are the same bytes with or without half-precision cases
+    for name in ("lora_linear_r1_alpha1_f32.safetensors", "dora_merge_f64.safetensors", "als_f64.safetensors"):
+        assert (half_ref / name).read_bytes() == (ref / name).read_bytes()
+    assert "half_precision" in read_manifest(half_ref)["conventions"]
+
+
+def test_a_correct_16_bit_candidate_passes_the_half_cases(half_ref, tmp_path):
+    report = check_vectors(half_ref, _write_half_candidate(half_ref, tmp_path / "good"), cases="*16")
+    assert report.passed, report.format()
+    assert len(report.selected) == 28
+
+
+def test_a_dora_candidate_whose_norm_leaves_out_the_update_is_caught(half_ref, tmp_path):
+    report = check_vectors(half_ref, _write_half_candidate(half_ref, tmp_path / "norm", norm_of_w=True),
+                           kinds="dora_linear", cases="*16")  # fmt: skip
+    assert {r.case for r in report.failures} == {c["name"] for c in _half_cases(half_ref) if c["kind"] == "dora_linear"}
+
+
+def test_a_candidate_accumulating_in_the_format_is_caught(half_ref, tmp_path):
+    report = check_vectors(half_ref, _write_half_candidate(half_ref, tmp_path / "acc", accumulate_in_format=True),
+                           cases="*16")  # fmt: skip
+    failed = {(r.case, r.tensor) for r in report.failures}
+    assert {("linear_positive_k512_bf16", "y"), ("linear_positive_k512_f16", "y")} <= failed
+    assert all("past their bound" in r.note for r in report.failures)
+
+
+def test_a_candidate_whose_base_weight_drifted_through_merge_and_unmerge_is_caught(half_ref, tmp_path):
+    report = check_vectors(half_ref, _write_half_candidate(half_ref, tmp_path / "drift", merge_unmerge=True),
+                           cases="*16")  # fmt: skip
+    failed = {(r.case, r.tensor) for r in report.failures}
+    assert {(f"lora_linear_r2_alpha64_large_update_{sfx}", "y_base") for sfx in ("bf16", "f16")} <= failed
+
+
+def test_a_half_candidate_that_never_rounds_to_the_format_fails_whatever_its_error(half_ref, tmp_path):
+    case = "lora_merge_bf16"
+    folder = tmp_path / "unrounded"
+    folder.mkdir()
+    t = load_safetensors(half_ref / f"{case}.safetensors")
+    exact = t["weight"].astype(np.float64) + 2.0 * t["B"].astype(np.float64) @ t["A"].astype(np.float64)
+    save_safetensors(folder / f"{case}.safetensors", {"merged_weight": exact.astype(np.float32)})  # F32, unrounded
+    report = check_vectors(half_ref, folder, cases=case)
+    assert not report.passed and "not representable in bfloat16" in report.failures[0].note
+    save_safetensors(folder / f"{case}.safetensors", {"merged_weight": exact.astype(np.float16)})  # F16 for BF16
+    assert "dtype float16, expected float32" in check_vectors(half_ref, folder, cases=case).failures[0].note
+
+
+def test_vectors_write_dtypes_on_the_command_line(tmp_path, capsys):
+    assert main(["vectors", "write", str(tmp_path / "v"), "--dtypes", "float16"]) == 0
+    names = {c["name"] for c in read_manifest(tmp_path / "v")["cases"]}
+    assert "lora_merge_f16" in names and "lora_merge_bf16" not in names
+    assert main(["vectors", "write", str(tmp_path / "w"), "--dtypes", "float8"]) == 2
+    err = capsys.readouterr().err
+    assert "dtypes must name formats among bfloat16, float16, got 'float8'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_manifest_with_a_bad_elementwise_tolerance_cannot_be_read(half_ref, tmp_path):
+    for change, words in [
+        (lambda c: c.update(elementwise_tolerance={"nope": "y.tolerance"}), "'elementwise_tolerance' must map outputs"),
+        (lambda c: c.update(elementwise_tolerance=["y"]), "'elementwise_tolerance' must map outputs"),
+        (lambda c: c.update(dtype="float32"), "in a case of dtype bfloat16 or float16"),
+    ]:
+        folder = _copy(half_ref, tmp_path / f"m{len(list(tmp_path.iterdir()))}")
+        manifest = json.loads((folder / MANIFEST_NAME).read_text())
+        change(next(c for c in manifest["cases"] if c["name"] == "linear_bias_bf16"))
+        (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+        with pytest.raises(ValueError, match=re.escape(words)):
+            read_manifest(folder)
+    folder = _copy(half_ref, tmp_path / "renamed")
+    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    next(c for c in manifest["cases"] if c["name"] == "linear_bias_bf16")["elementwise_tolerance"]["y"] = "y.bound"
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="lacks its output 'y' or its tolerance"):
+        check_vectors(folder, folder, cases="linear_bias_bf16")

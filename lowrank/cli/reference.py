@@ -25,7 +25,7 @@ def _cmd_gradcheck(args: argparse.Namespace) -> int:
 def _cmd_vectors_write(args: argparse.Namespace) -> int:
     from lowrank.reference.vectors import write_vectors
 
-    cases = write_vectors(args.directory, random_state=args.seed)
+    cases = write_vectors(args.directory, random_state=args.seed, dtypes=args.dtypes)
     print(f"wrote {len(cases)} reference cases and manifest.json to {args.directory}")
     return 0
 
@@ -54,6 +54,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     write = vec_sub.add_parser("write", help="write the reference cases and their manifest to DIR")
     write.add_argument("directory", metavar="DIR")
     write.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    write.add_argument(
+        "--dtypes", metavar="FMT,...",
+        help="also write the linear, LoRA and merge cases in these 16-bit formats (bfloat16,float16), each "
+        "output with its own per-element tolerance, the derived rounding bound",
+    )  # fmt: skip
     write.set_defaults(run=_cmd_vectors_write)
     check = vec_sub.add_parser(
         "check", help="compare a candidate's outputs with the reference",

@@ -8,6 +8,8 @@ A PEFT LoRA adapter is a folder with two files::
         base_model.model.<name>.lora_B.weight        (out, r)
         base_model.model.<name>.lora_embedding_A     (r, num_embeddings)   an Embedding
         base_model.model.<name>.lora_embedding_B     (embedding_dim, r)
+        base_model.model.<name>.lora_magnitude_vector  (out,) or (embedding_dim,)  DoRA's magnitude m
+                                                     (use_dora; also read with a ".weight" suffix)
         base_model.model.<name>.base_layer.bias      an adapted layer's trained bias (bias != "none")
         base_model.model.<path>                      any other full tensor: a trained bias
                                                      (bias="all") or a modules_to_save tensor
@@ -52,6 +54,7 @@ from lowrank.utils.validation import check_bool, check_choice, check_int, check_
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
+    "MAGNITUDE_SUFFIX",
     "MAX_UNBOUNDED_REPEATS",
     "AdaptedWeight",
     "Adapter",
@@ -65,12 +68,14 @@ __all__ = [
     "check_adapter",
     "check_regex_is_safe",
     "delta_weight",
+    "dora_rescale",
     "inspect_adapter",
     "match_pattern_key",
     "match_target_modules",
     "merge_adapter",
     "parse_adapter_keys",
     "read_adapter",
+    "row_norms",
     "update_norm",
 ]
 
@@ -92,10 +97,18 @@ IGNORED_FIELDS = frozenset({
 # Fields read and implemented here.
 READ_FIELDS = frozenset({
     "peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "fan_in_fan_out", "bias",
-    "modules_to_save", "rank_pattern", "alpha_pattern",
+    "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora",
 })  # fmt: skip
+# PEFT's own refusals of DoRA (LoraConfig.__post_init__ and LoraLayer.resolve_lora_variant):
+# these fields switched on beside use_dora make PEFT raise, whatever lowrank implements.
+DORA_REFUSED_WITH = ("lora_bias", "megatron_config")
+# LoRA variants PEFT's Linear combines with nothing (resolve_lora_variant: one variant per layer): the
+# config fields tagged is_lora_variant, and init_lora_weights="mica" (MiCA, declared a variant there).
+OTHER_VARIANTS = (
+    "arrow_config", "use_bdlora", "alora_invocation_tokens", "velora_config", "monteclora_config", "kasa_config",
+)  # fmt: skip
 # Every other field must be off (None, False, "none", empty): each one, when on,
-# changes the maths in a way lowrank does not implement (DoRA, layers_to_transform,
+# changes the maths in a way lowrank does not implement (layers_to_transform,
 # lora_bias, trainable tokens, ...), so it is refused by name rather than ignored.
 
 
@@ -393,6 +406,10 @@ class AdapterConfig:
         Per-layer ranks, keys in file order (see :func:`match_pattern_key`).
     alpha_pattern : dict from str to float
         Per-layer alphas, likewise.
+    use_dora : bool
+        DoRA (PEFT's ``use_dora``): each adapted layer also has a magnitude
+        ``m`` (``lora_magnitude_vector``), and its weight is
+        ``(m / ‖V‖_row)[:, None] · V`` with ``V = W + scaling·B@A``.
     raw : dict
         The JSON object as read.
     """
@@ -407,6 +424,7 @@ class AdapterConfig:
     modules_to_save: tuple[str, ...] = ()
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -435,27 +453,39 @@ class AdapterConfig:
             patterns maps from valid regular expressions to such values,
             ``target_modules`` None, a valid regular expression or a list of
             str, ``modules_to_save`` None or a list of str), or any other
-            field switched on (``use_dora``, ``layers_to_transform``,
-            ``lora_bias``, ...), named.
+            field switched on (``layers_to_transform``, ``lora_bias``,
+            ...), named; and ``use_dora`` beside a field PEFT refuses it with
+            (``lora_bias``, ``megatron_config``, another LoRA variant).
         """
         if not isinstance(obj, dict):
             raise ValueError(f"{where} must hold a JSON object (PEFT's LoraConfig), got {type(obj).__name__}")
         peft_type = obj.get("peft_type")
         if peft_type != "LORA":
             raise ValueError(f"{where}: peft_type must be 'LORA' (only LoRA adapters are supported), got {peft_type!r}")
+        if obj.get("use_dora") is True:  # PEFT's refusals first: they hold whatever lowrank implements
+            clash = [f"{k}={obj[k]!r}" for k in DORA_REFUSED_WITH + OTHER_VARIANTS if not is_off(obj.get(k))]
+            if obj.get("init_lora_weights") == "mica":
+                clash.append("init_lora_weights='mica'")
+            if clash:
+                raise ValueError(
+                    f"{where}: use_dora=True with {', '.join(clash)}: PEFT refuses DoRA together with "
+                    f"{'that setting' if len(clash) == 1 else 'those settings'} (LoraConfig and "
+                    f"resolve_lora_variant raise), so no PEFT adapter has it"
+                )
         unsupported = [
             f"{k}={obj[k]!r}" for k in sorted(obj) if k not in IGNORED_FIELDS | READ_FIELDS and not is_off(obj[k])
         ]
         if unsupported:
             raise ValueError(
                 f"{where}: unsupported PEFT setting(s) {', '.join(unsupported)}: each changes what the adapter "
-                f"computes and lowrank implements plain (rs)LoRA only; refusing rather than ignoring them"
+                f"computes and lowrank implements (rs)LoRA and DoRA only; refusing rather than ignoring them"
             )
         try:  # in a file every fault is a ValueError, whatever the helper's kind
             r = check_int(obj.get("r"), "r", low=1)
             alpha = check_real(obj.get("lora_alpha", 8), "lora_alpha", 0.0, low_open=True)
             dropout = check_real(obj.get("lora_dropout", 0.0), "lora_dropout", 0.0, 1.0, high_open=True)
             use_rslora = check_bool(obj.get("use_rslora", False), "use_rslora")
+            use_dora = check_bool(obj.get("use_dora", False), "use_dora")
             fan_in_fan_out = check_bool(obj.get("fan_in_fan_out", False), "fan_in_fan_out")
             bias = check_choice(obj.get("bias", "none"), "bias", BIAS_MODES)
             targets = obj.get("target_modules")
@@ -488,6 +518,7 @@ class AdapterConfig:
             modules_to_save=tuple(saved),
             rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern,
+            use_dora=use_dora,
             raw=dict(obj),
         )
 
@@ -544,7 +575,7 @@ class AdapterConfig:
 
         The inverse of :meth:`from_json` for the fields read here:
         ``AdapterConfig.from_json(c.to_json()) == c``. The other fields are
-        written as PEFT writes them off (``use_dora false``, ...), and
+        written as PEFT writes them off (``layers_to_transform null``, ...), and
         ``init_lora_weights true`` so PEFT does not re-initialize anything.
 
         Returns
@@ -571,7 +602,7 @@ class AdapterConfig:
             "layers_pattern": None,
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
-            "use_dora": False,
+            "use_dora": self.use_dora,
         }
 
 
@@ -591,6 +622,10 @@ def _check_pattern(pattern: Any, what: str, check: Any) -> dict[str, Any]:
 
 _FACTOR_KEY = re.compile(r"^(?:(.*)\.)?lora_([AB])\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?:(.*)\.)?lora_embedding_([AB])$")
+# PEFT saves DoRA's magnitude without ".weight" (LoraModel._get_adapter_state_dict strips it) and
+# loads it with or without (_remap_adapter_state_dict_for_load appends it when missing).
+_MAGNITUDE_KEY = re.compile(r"^(?:(.*)\.)?lora_magnitude_vector(?:\.weight)?$")
+MAGNITUDE_SUFFIX = "lora_magnitude_vector"
 
 
 @dataclass(frozen=True)
@@ -606,12 +641,16 @@ class FactorKeys:
         Linear/Conv1D (``lora_A/B.weight``).
     A, B : str or None
         The keys in the file; None when the file lacks that factor.
+    magnitude : str or None
+        The key of DoRA's magnitude ``m`` (``<name>.lora_magnitude_vector``),
+        None when the file has none.
     """
 
     name: str
     embedding: bool
     A: str | None
     B: str | None
+    magnitude: str | None = None
 
 
 @dataclass(frozen=True)
@@ -657,19 +696,33 @@ def parse_adapter_keys(keys: Iterable[str]) -> AdapterLayout:
             continue
         rest = key[len(KEY_PREFIX) :]
         match = _FACTOR_KEY.match(rest) or _EMBEDDING_KEY.match(rest)
+        magnitude = _MAGNITUDE_KEY.match(rest)
         if match is not None:
             name, factor = match.group(1) or "", match.group(2)
-            entry = found.setdefault(name, {"embedding": match.re is _EMBEDDING_KEY})
-            if entry["embedding"] != (match.re is _EMBEDDING_KEY) or factor in entry:
+            entry = found.setdefault(name, {})
+            embedding = entry.setdefault("embedding", match.re is _EMBEDDING_KEY)
+            if embedding != (match.re is _EMBEDDING_KEY) or factor in entry:
                 unknown.append(key)  # a module with both kinds of factor, or a factor twice
                 continue
             entry[factor] = key
+        elif magnitude is not None:
+            entry = found.setdefault(magnitude.group(1) or "", {})
+            if "magnitude" in entry:
+                unknown.append(key)  # the magnitude twice, with and without ".weight"
+                continue
+            entry["magnitude"] = key
         elif re.search(r"(^|\.)lora_", rest):
-            unknown.append(key)  # another LoRA variant's tensor (DoRA's magnitude, lora_B.bias, ...)
+            unknown.append(key)  # another LoRA variant's tensor (lora_B.bias, AdaLoRA's lora_E, ...)
         else:
             full[rest.replace(".base_layer.", ".")] = key
     factors = {
-        name: FactorKeys(name=name, embedding=entry["embedding"], A=entry.get("A"), B=entry.get("B"))
+        name: FactorKeys(
+            name=name,
+            embedding=entry.get("embedding", False),
+            A=entry.get("A"),
+            B=entry.get("B"),
+            magnitude=entry.get("magnitude"),
+        )
         for name, entry in found.items()
     }
     return AdapterLayout(factors=factors, full=full, unknown=tuple(unknown))
@@ -791,7 +844,10 @@ class ModuleReport:
         ``‖scaling·B·A‖_F``, computed in float64 without forming ``B @ A``;
         None when the factors do not fit together.
     b_zero : bool
-        B is all zeros: the adapter changes nothing (a fresh, untrained adapter).
+        B is all zeros: a LoRA adapter changes nothing (a fresh, untrained
+        adapter); a DoRA adapter still rescales each row by ``m / ‖W‖_row``.
+    shape_magnitude : tuple of int or None
+        DoRA's magnitude as stored; None when the file has none.
     """
 
     name: str
@@ -804,6 +860,7 @@ class ModuleReport:
     dtype: str
     norm: float | None
     b_zero: bool
+    shape_magnitude: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -842,7 +899,9 @@ class InspectReport:
         -------
         str
         """
-        rows = [("module", "r", "alpha", "scaling", "A", "B", "dtype", "|scaling*B@A|_F", "B==0")]
+        rows: list[tuple[str, ...]] = [
+            ("module", "r", "alpha", "scaling", "A", "B", "dtype", "|scaling*B@A|_F", "B==0")
+        ]
         for m in self.modules:
             rows.append((
                 m.name or "<the model itself>",
@@ -855,12 +914,17 @@ class InspectReport:
                 "-" if m.norm is None else f"{m.norm:.6g}",
                 "yes" if m.b_zero else "no",
             ))  # fmt: skip
+        if self.config.use_dora or any(m.shape_magnitude is not None for m in self.modules):
+            shapes = ["missing" if m.shape_magnitude is None else "x".join(map(str, m.shape_magnitude))
+                      for m in self.modules]  # fmt: skip
+            rows = [(*row, shape) for row, shape in zip(rows, ["m", *shapes], strict=True)]  # DoRA's magnitude
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         c = self.config
         rule = "alpha/sqrt(r) (rsLoRA)" if c.use_rslora else "alpha/r"
         lines.insert(0, f"{self.path}: r={c.r} lora_alpha={c.alpha:g} scaling={rule} "
-                        f"fan_in_fan_out={c.fan_in_fan_out} bias={c.bias}")  # fmt: skip
+                        f"fan_in_fan_out={c.fan_in_fan_out} bias={c.bias}"
+                        + (" use_dora=True" if c.use_dora else ""))  # fmt: skip
         if self.full:
             lines.append(f"full tensors replaced in the base: {', '.join(sorted(self.full))}")
         lines += [f"problem: {p}" for p in self.problems]
@@ -891,6 +955,7 @@ class InspectReport:
                     "dtype": m.dtype,
                     "norm": m.norm,
                     "b_zero": m.b_zero,
+                    "shape_magnitude": None if m.shape_magnitude is None else list(m.shape_magnitude),
                 }
                 for m in self.modules
             ],
@@ -931,6 +996,29 @@ def _shown(name: str) -> str:
     return repr(name) if name else "<the model itself>"
 
 
+def _dora_problems(
+    name: str, use_dora: bool, A: np.ndarray | None, B: np.ndarray | None, M: np.ndarray | None, what: str
+) -> list[str]:
+    """The problems of one module's DoRA magnitude ``M`` (None: absent) against the config and its ``B``."""
+    shown = _shown(name)
+    if A is None and B is None:
+        return [f"module {shown} has {MAGNITUDE_SUFFIX} but no {what}A nor {what}B"]
+    if M is None:
+        return [f"module {shown} has no {MAGNITUDE_SUFFIX}, which use_dora=True needs"] if use_dora else []
+    problems = []
+    if not use_dora:
+        problems.append(
+            f"module {shown} has {MAGNITUDE_SUFFIX}, but the config's use_dora is false: PEFT would load it as "
+            f"plain LoRA and ignore the magnitude"
+        )
+    if B is not None and B.ndim == 2 and M.shape != (B.shape[0],):
+        problems.append(
+            f"module {shown}: {MAGNITUDE_SUFFIX} has shape {M.shape}, but DoRA needs one value per row of "
+            f"{what}B, shape ({B.shape[0]},)"
+        )
+    return problems
+
+
 def check_adapter(adapter: Adapter) -> tuple[list[ModuleReport], list[str]]:
     """The per-module reports and the problems of an adapter that was read.
 
@@ -961,8 +1049,10 @@ def check_adapter(adapter: Adapter) -> tuple[list[ModuleReport], list[str]]:
         A = None if keys.A is None else tensors[keys.A]
         B = None if keys.B is None else tensors[keys.B]
         what = "lora_embedding_" if keys.embedding else "lora_"
+        M = None if keys.magnitude is None else tensors[keys.magnitude]
+        problems += _dora_problems(name, config.use_dora, A, B, M, what)
         for factor, present, other in (("A", A, "B"), ("B", B, "A")):
-            if present is None:
+            if present is None and (A is not None or B is not None):
                 problems.append(f"module {_shown(name)} has {what}{other} but no {what}{factor}")
         if not config.matches(name):
             problems.append(f"module {_shown(name)} does not match target_modules {config.target_modules!r}")
@@ -995,6 +1085,7 @@ def check_adapter(adapter: Adapter) -> tuple[list[ModuleReport], list[str]]:
                 dtype="/".join(stored),
                 norm=update_norm(A, B, settings.scaling) if ok and A is not None and B is not None else None,
                 b_zero=B is not None and not np.any(B),
+                shape_magnitude=None if M is None else M.shape,
             )
         )
     for base_key, key in layout.full.items():
@@ -1023,7 +1114,9 @@ def inspect_adapter(path: PathLike) -> InspectReport:
     The problems found, one line each: factor shapes that disagree with the
     config's r (or its ``rank_pattern``) or with each other, empty tensors,
     modules that ``target_modules`` does not select, an A without its B or a
-    B without its A, non-finite values, keys in no PEFT form, and full
+    B without its A, non-finite values, keys in no PEFT form, DoRA's
+    magnitude (``lora_magnitude_vector``) missing under ``use_dora``,
+    present without it, or of another shape than ``(out,)``, and full
     tensors that neither the ``bias`` setting nor ``modules_to_save``
     explains.
 
@@ -1096,6 +1189,76 @@ def delta_weight(A: np.ndarray, B: np.ndarray, scaling: float, *, transpose: boo
     return delta.T if transpose else delta
 
 
+def row_norms(V: np.ndarray, axis: int = 1) -> np.ndarray:
+    """The Euclidean norm of each row (``axis=1``) or column (``axis=0``) of ``V``, without overflow.
+
+    Each row is divided by its largest magnitude before squaring, so a norm
+    is finite whenever it fits the dtype (``np.linalg.norm`` squares first:
+    ``inf`` past ``sqrt(max)``, about 1.3e154 in float64).
+
+    Parameters
+    ----------
+    V : ndarray of float, shape (out, in)
+    axis : {1, 0}, default 1
+
+    Returns
+    -------
+    ndarray, shape (out,) for ``axis=1``, (in,) for ``axis=0``
+    """
+    peak = np.max(np.abs(V), axis=axis, keepdims=True)  # (out, 1) or (1, in)
+    peak[peak == 0] = 1.0  # an all-zero row: its norm is 0 either way
+    scaled = V / peak  # (out, in): the one temporary; einsum squares and sums without another
+    sums = np.einsum("ij,ij->i", scaled, scaled) if axis == 1 else np.einsum("ij,ij->j", scaled, scaled)
+    with np.errstate(over="ignore"):  # a norm past the dtype: inf, for the caller to refuse
+        return np.sqrt(sums) * peak.reshape(-1)
+
+
+def dora_rescale(V: np.ndarray, magnitude: np.ndarray, *, transpose: bool) -> np.ndarray:
+    """DoRA's merged weight ``W' = (m / ‖V‖_row)[:, None] · V``, for ``V = W + scaling·B@A``.
+
+    PEFT's ``DoraLinearVariant.merge`` (and ``DoraEmbeddingVariant.merge``):
+    the norm runs over each output feature's weights, the ``in`` axis, so
+    ``m`` holds one value per output feature.
+
+    Parameters
+    ----------
+    V : ndarray of float64, shape (out, in), or (in, out) when ``transpose``
+        The LoRA-merged weight; it is not changed.
+    magnitude : ndarray, shape (out,)
+        DoRA's ``m``.
+    transpose : bool
+        ``V`` is stored ``(in, out)`` (``fan_in_fan_out``, an Embedding's
+        ``(num_embeddings, embedding_dim)``): the norm runs down each
+        column, and ``m`` scales columns.
+
+    Returns
+    -------
+    ndarray of float64, the shape of ``V``
+
+    Raises
+    ------
+    ValueError
+        An output feature whose ``V`` is all zeros: ``m / 0`` has no value
+        (PEFT adds no epsilon and would write ``inf`` or ``nan``).
+    FloatingPointError
+        A norm or a rescaled weight past float64.
+    """
+    axis = 0 if transpose else 1  # the "in" axis of V as stored
+    norms = row_norms(V, axis)  # (out,)
+    zero = np.flatnonzero(norms == 0)
+    if zero.size:
+        raise ValueError(
+            f"DoRA needs every output feature's weights W + scaling * B @ A to be nonzero, got an all-zero "
+            f"{'column' if transpose else 'row'} {int(zero[0])} (norm 0): m / norm has no value"
+        )
+    factor = np.asarray(magnitude, np.float64) / norms  # (out,): m / ‖V‖_row
+    with np.errstate(over="ignore", invalid="ignore"):  # checked right below
+        merged = V * (factor[None, :] if transpose else factor[:, None])  # (out, in) or (in, out)
+    if not np.isfinite(merged).all():
+        raise FloatingPointError("DoRA's rescaled weight (m / norm) * (W + scaling * B @ A) is not finite in float64")
+    return merged
+
+
 def _round_to(values: np.ndarray, stored: str) -> np.ndarray:
     """float64 values rounded once to the format dtype ``stored``, as the bytes to write."""
     if stored == "BF16":
@@ -1114,7 +1277,9 @@ def merge_adapter(base: PathLike, adapter_dir: PathLike, out: PathLike, *, dtype
 
     Every adapted weight ``W`` (the base tensor ``<name>.weight``) becomes
     ``W + scaling·B@A`` (``(B@A)ᵀ`` with ``fan_in_fan_out`` and for
-    Embeddings), computed in float64 and rounded once to the output dtype;
+    Embeddings), and with ``use_dora`` then ``(m / ‖V‖_row)·V`` for that
+    ``V`` (:func:`dora_rescale`, the norm over the ``in`` axis), computed
+    in float64 and rounded once to the output dtype;
     ``scaling`` is each layer's (rsLoRA, ``rank_pattern`` and
     ``alpha_pattern`` aware, :meth:`AdapterConfig.settings_for`). The
     tensors of ``modules_to_save`` and the trained biases (``bias="all"`` or
@@ -1154,7 +1319,8 @@ def merge_adapter(base: PathLike, adapter_dir: PathLike, out: PathLike, *, dtype
         One line: an unknown ``dtype``, an adapter with a problem
         (:func:`inspect_adapter`), a base key missing, a shape that does not
         fit (naming both shapes, and whether ``fan_in_fan_out`` would fit),
-        a base weight that is not floating or not finite, ``out`` equal to ``base``.
+        a base weight that is not floating or not finite, ``out`` equal to ``base``,
+        a DoRA weight with an all-zero row (:func:`dora_rescale`).
     FloatingPointError
         A merged weight overflows the output dtype.
     """
@@ -1172,6 +1338,11 @@ def merge_adapter(base: PathLike, adapter_dir: PathLike, out: PathLike, *, dtype
         raise ValueError(f"{adapter.path}: cannot merge: {problems[0]}{more}")
     header = read_safetensors_header(base)
     deltas = _plan_deltas(adapter, header.tensors, base)
+    magnitudes = {  # DoRA: base key -> m; check_adapter found one for each module, with use_dora on
+        f"{name}.weight" if name else "weight": adapter.tensors[keys.magnitude]
+        for name, keys in adapter.layout.factors.items()
+        if keys.magnitude is not None
+    }
     replaced = {}
     for base_key, key in adapter.layout.full.items():
         info = header.tensors.get(base_key)
@@ -1229,6 +1400,11 @@ def merge_adapter(base: PathLike, adapter_dir: PathLike, out: PathLike, *, dtype
                             f"merging into {p.name!r} overflows float64: W + scaling * B @ A is not finite "
                             f"(scaling {scaling:g})"
                         )
+                    if p.name in magnitudes:  # DoRA: W' = (m / ‖V‖_row) V, V = W + scaling * B @ A
+                        try:
+                            values = dora_rescale(values, magnitudes[p.name], transpose=transpose)
+                        except (ValueError, FloatingPointError) as exc:
+                            raise type(exc)(f"{base}: merging into {p.name!r}: {exc}") from None
                 stored = _round_to(values, p.stored) if values.dtype.kind == "f" else values
                 if values.dtype.kind == "f" and np.any(~np.isfinite(_values(stored, p.stored)) & np.isfinite(values)):
                     raise FloatingPointError(

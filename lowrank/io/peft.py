@@ -27,6 +27,7 @@ from lowrank.io.adapter import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     KEY_PREFIX,
+    MAGNITUDE_SUFFIX,
     MAX_UNBOUNDED_REPEATS,
     Adapter,
     AdapterConfig,
@@ -140,7 +141,14 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
     ``lora_dropout``, ``rank_pattern``, ``alpha_pattern``, ``target_modules``
     (every adapted layer must match it, by the one matcher
     :func:`~lowrank.io.adapter.match_target_modules`), ``bias``,
-    ``modules_to_save`` and ``fan_in_fan_out``.
+    ``modules_to_save``, ``fan_in_fan_out`` and ``use_dora``.
+
+    - ``use_dora``: every adapted layer becomes a DoRA layer
+      (``LoRALinear(..., use_dora=True)``) and its magnitude ``m (out,)``
+      is the file's ``<name>.lora_magnitude_vector`` (PEFT's key; also read
+      with a ``.weight`` suffix, which PEFT accepts too). A magnitude in a
+      file whose config has ``use_dora`` false is refused, as is a DoRA
+      adapter on an Embedding (lowrank has no DoRA embedding layer).
 
     - ``bias`` ``"lora_only"`` or ``"all"``: the file's biases
       (``<name>.base_layer.bias`` for an adapted layer, ``<name>.bias`` for
@@ -161,8 +169,8 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
       see the base's origin, so this is the caller's part.
 
     Bookkeeping fields and the initialization fields are ignored. Any other
-    field that is switched on (``use_dora``, ``layers_to_transform``,
-    ``lora_bias``, ...) is refused with a ValueError that names it; so is a
+    field that is switched on (``layers_to_transform``, ``lora_bias``, ...)
+    is refused with a ValueError that names it; so is a
     folder holding only a pickled ``adapter_model.bin``. An adapter trained
     from a PiSSA, OLoRA or CorDA initialization is relative to the *residual*
     base weights that initialization produced; load those into ``model`` first.
@@ -218,6 +226,7 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
 
     modules = dict(model.named_modules())
     checked: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # name -> (A, B)
+    magnitudes: dict[str, np.ndarray] = {}  # name -> DoRA's m (out,), when use_dora
     settings = {}
     unwrap: dict[str, Module] = {}  # LoRALinear layers to load into -> their base Linear
     for name, keys in sorted(layout.factors.items()):
@@ -254,6 +263,8 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
             )
         checked[name] = (_finite_floats(A, keys.A, weights_path), _finite_floats(B, keys.B, weights_path))
         settings[name] = layer_settings
+        if keys.magnitude is not None or config.use_dora:
+            magnitudes[name] = _check_magnitude(adapter, name, keys.magnitude, base.out_features)
 
     saved_modules = _saved_modules(config, modules, set(checked), config_path)
     full = _check_full_tensors(adapter, model, set(checked), saved_modules)
@@ -267,6 +278,7 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
         targets=list(checked),
         dropout=config.dropout,
         use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
         random_state=rng,
     )
     layers = dict(model.named_modules())
@@ -274,10 +286,34 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
         layer = layers[name]
         layer.A.data = np.array(A, dtype=layer.weight.dtype, order="C")  # (r, in)
         layer.B.data = np.array(B, dtype=layer.weight.dtype, order="C")  # (out, r)
+        if name in magnitudes:
+            layer.magnitude.data = np.array(magnitudes[name], dtype=layer.weight.dtype, order="C")  # (out,)
     params = dict(model.named_parameters())
     for key, arr in full.items():
         params[key].data = np.array(arr, dtype=params[key].dtype, order="C")
     return mark_only_lora_as_trainable(model, bias=config.bias, also_trainable=saved_modules)
+
+
+def _check_magnitude(adapter: Adapter, name: str, key: str | None, out_features: int) -> np.ndarray:
+    """DoRA's magnitude of layer ``name`` from the file: present exactly when ``use_dora``, shape (out,), finite."""
+    weights_path, shown = adapter.path / PEFT_WEIGHTS_NAME, name or "<the model itself>"
+    prefix = f"{KEY_PREFIX}{name + '.' if name else ''}"
+    if key is None:
+        raise ValueError(
+            f"{weights_path}: layer {shown!r} has no {prefix + MAGNITUDE_SUFFIX!r}, which use_dora=True in "
+            f"{PEFT_CONFIG_NAME} needs"
+        )
+    if not adapter.config.use_dora:
+        raise ValueError(
+            f"{weights_path}: {key!r} is DoRA's magnitude, but {PEFT_CONFIG_NAME} has use_dora false: PEFT would "
+            f"load the adapter as plain LoRA and ignore it; refusing an inconsistent adapter"
+        )
+    magnitude = _finite_floats(adapter.tensors[key], key, weights_path)
+    if magnitude.shape != (out_features,):
+        raise ValueError(
+            f"{weights_path}: layer {shown!r} needs {key!r} of shape (out,) = ({out_features},), got {magnitude.shape}"
+        )
+    return magnitude
 
 
 def _check_full_tensors(
@@ -350,8 +386,9 @@ def save_peft_adapter(
     and ``alpha_pattern`` for the layers that differ, ``use_rslora``,
     ``lora_dropout``, ``bias``, ``modules_to_save``, ``target_modules``
     naming exactly the adapted layers, ``init_lora_weights true`` so PEFT does
-    not re-initialize the base) and ``adapter_model.safetensors``
-    (``base_model.model.<name>.lora_A.weight`` and ``.lora_B.weight``, the
+    not re-initialize the base, ``use_dora``) and ``adapter_model.safetensors``
+    (``base_model.model.<name>.lora_A.weight`` and ``.lora_B.weight``, for
+    DoRA layers ``.lora_magnitude_vector`` (PEFT's key, no ``.weight``), the
     trained biases and the saved modules' tensors under PEFT's names, in the
     parameters' dtypes). The base weights are not part of an adapter: the
     torch model must hold the same base weights (for a PiSSA layer, the
@@ -371,7 +408,7 @@ def save_peft_adapter(
     ----------
     model : lowrank.nn.Module
         With at least one unmerged LoRALinear; all of them must share
-        ``use_rslora`` and ``dropout`` (one field each in PEFT's config);
+        ``use_rslora``, ``dropout`` and ``use_dora`` (one field each in PEFT's config);
         ``r`` and ``alpha`` may differ per layer.
     path : str or os.PathLike
         The folder; created if missing (its parent must exist).
@@ -395,7 +432,7 @@ def save_peft_adapter(
     TypeError
         ``model`` is not a Module, or ``modules_to_save`` is not a list of str.
     ValueError
-        No LoRALinear, layers with different ``use_rslora`` or ``dropout``,
+        No LoRALinear, layers with different ``use_rslora``, ``dropout`` or ``use_dora``,
         an unknown ``bias``, or a ``modules_to_save`` name that is not a
         module, is adapted, or is ambiguous under PEFT's rule.
     RuntimeError
@@ -414,15 +451,17 @@ def save_peft_adapter(
     merged = [name for name, m in layers if m.merged]
     if merged:
         raise RuntimeError(f"LoRALinear layers {merged} are merged: unmerge() them before saving the adapter")
-    shared = {(m.use_rslora, m.dropout) for _, m in layers}
+    shared = {(m.use_rslora, m.dropout, m.use_dora) for _, m in layers}
     if len(shared) > 1:
         raise ValueError(
-            "every LoRALinear must share use_rslora and dropout to be saved as one PEFT config, got "
+            "every LoRALinear must share use_rslora, dropout and use_dora to be saved as one PEFT config, got "
             + ", ".join(
-                f"{n or '<the model itself>'}: (use_rslora={m.use_rslora}, dropout={m.dropout:g})" for n, m in layers
+                f"{n or '<the model itself>'}: (use_rslora={m.use_rslora}, dropout={m.dropout:g}, "
+                f"use_dora={m.use_dora})"
+                for n, m in layers
             )
         )
-    use_rslora, dropout = shared.pop()
+    use_rslora, dropout, use_dora = shared.pop()
     names = [name for name, _ in layers]
     saved = _check_modules_to_save(modules_to_save, modules, names)
 
@@ -447,6 +486,7 @@ def save_peft_adapter(
         modules_to_save=tuple(saved),
         rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
+        use_dora=use_dora,
     )
     config = adapter_config.to_json()
 
@@ -455,6 +495,8 @@ def save_peft_adapter(
         prefix = f"{KEY_PREFIX}{name + '.' if name else ''}"
         tensors[f"{prefix}lora_A.weight"] = m.A.data  # (r, in)
         tensors[f"{prefix}lora_B.weight"] = m.B.data  # (out, r)
+        if use_dora:
+            tensors[f"{prefix}{MAGNITUDE_SUFFIX}"] = m.magnitude.data  # (out,): PEFT's key, without ".weight"
         if bias != "none" and m.bias is not None:
             tensors[f"{prefix}base_layer.bias"] = m.bias.data  # (out,)
     for module in saved:

@@ -21,6 +21,7 @@ import numpy as np
 
 from lowrank.io.adapter import BIAS_MODES, lora_scaling, match_target_modules  # the one matcher and scaling rule
 from lowrank.nn import functional as F
+from lowrank.nn.functional.dora import check_row_norm, row_norm
 from lowrank.nn.modules import (
     Linear,
     Module,
@@ -156,7 +157,10 @@ class LoRALinear(Module):
     """A frozen Linear plus a trainable low-rank update: ``W + scaling * B @ A``.
 
     ``y = x @ W.T + b + scaling * (drop(x) @ A.T) @ B.T``
-    (:func:`lowrank.nn.functional.lora_linear`).
+    (:func:`lowrank.nn.functional.lora_linear`); with ``use_dora=True``,
+    DoRA's ``y = x @ ((m / n)[:, None] * V).T + b``, ``V = W + scaling * B @ A``,
+    ``n = ‖V‖`` per output row (:func:`lowrank.nn.functional.dora_linear`,
+    ``docs/dora.md``).
 
     Parameters
     ----------
@@ -184,6 +188,12 @@ class LoRALinear(Module):
         layer's output is unchanged up to that one rounding.
     random_state : None, int or numpy.random.Generator
         Resolved once: draws the initial A, then every dropout mask.
+    use_dora : bool, default False
+        DoRA (Liu et al., 2024): adds the trainable magnitude ``m`` (out,),
+        initialised, after A and B (and PiSSA's residual), to the row norms
+        ``‖W + scaling * B @ A‖`` exactly as the forward computes them, as PEFT
+        does, so a fresh adapter reproduces the base output bit for bit.
+        Refused (ValueError) if a row of that matrix has norm 0.
 
     Attributes
     ----------
@@ -194,13 +204,21 @@ class LoRALinear(Module):
     scaling : float
     merged : bool
         True between ``merge()`` and ``unmerge()``. While merged, forward is
-        the plain linear with ``W + scaling * B @ A``, ``state_dict()["weight"]``
-        holds that merged W, and backward is refused.
+        the plain linear with ``W + scaling * B @ A`` (DoRA: ``(m / n)[:, None] *
+        (W + scaling * B @ A)``), ``state_dict()["weight"]`` holds that merged
+        W, and backward is refused.
+    use_dora : bool
+    magnitude : Parameter of shape (out_features,)
+        DoRA only: registered as ``lora_magnitude_vector`` (PEFT's name on disk).
+    detach_norm : bool
+        DoRA only, default True: the gradient treats ``n`` as a constant
+        (PEFT's); set it to False for the exact gradient.
 
     Notes
     -----
     State-dict keys: ``"weight"``, ``"bias"`` (if any), ``"lora_A.weight"``,
-    ``"lora_B.weight"``. Trainable numbers: ``r * (in_features + out_features)``.
+    ``"lora_B.weight"``, and with DoRA ``"lora_magnitude_vector"``. Trainable
+    numbers: ``r * (in_features + out_features)``, plus ``out_features`` with DoRA.
     The gradients of A and B are always computed by the kernel (they cost
     ``O(N r (in + out))``) and stored only if trainable; the base's are
     computed only if its Parameters are trainable.
@@ -217,11 +235,14 @@ class LoRALinear(Module):
         use_rslora: bool = False,
         init: str = "kaiming",
         random_state: RandomState = None,
+        *,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(base, Linear):
             raise TypeError(f"base must be a Linear, got {type(base).__name__}")
         r, alpha, dropout, use_rslora, init = check_lora_config(r, alpha, dropout, use_rslora, init)
+        use_dora = check_bool(use_dora, "use_dora")
         in_features, out_features = base.in_features, base.out_features
         if init == "pissa":
             check_pissa_rank(r, base.weight.shape)
@@ -236,6 +257,12 @@ class LoRALinear(Module):
         A, B = self._initial_factors()
         self.lora_A = _Factor(A)  # (r, in)
         self.lora_B = _Factor(B)  # (out, r)
+        self.use_dora = use_dora
+        self._detach_norm = True
+        self._merge_scale: np.ndarray | None = None  # DoRA's m / n, float64 (out,), while merged
+        if use_dora:  # after the factors (and PiSSA's residual), as PEFT: the norm the forward divides by
+            norm = F.weight_norm_core(self.weight.data, A, B, self.scaling)  # (out,)
+            self.lora_magnitude_vector = Parameter(check_row_norm(norm))  # PEFT's key
         self.weight.trainable = False
         if self.bias is not None:
             self.bias.trainable = False
@@ -279,6 +306,27 @@ class LoRALinear(Module):
         """The up-projection, shape (out_features, r)."""
         return self.lora_B.weight
 
+    @property
+    def magnitude(self) -> Parameter:
+        """DoRA's magnitude ``m``, shape (out_features,); AttributeError without ``use_dora``."""
+        if not self.use_dora:
+            raise AttributeError("LoRALinear.magnitude: this layer has no magnitude (built with use_dora=False)")
+        magnitude: Parameter = self.lora_magnitude_vector
+        return magnitude
+
+    @property
+    def detach_norm(self) -> bool:
+        """DoRA's gradient mode: True (default, PEFT's) treats ``n`` as a constant, False is exact."""
+        return self._detach_norm
+
+    @detach_norm.setter
+    def detach_norm(self, value: bool) -> None:
+        self._detach_norm = check_bool(value, "detach_norm")
+
+    def adapter_parameters(self) -> list[Parameter]:
+        """The parameters the adapter trains: A and B, and DoRA's magnitude."""
+        return [self.A, self.B, self.magnitude] if self.use_dora else [self.A, self.B]
+
     def forward(self, x: Any) -> np.ndarray:
         """Map ``x`` (..., in_features) to ``y`` (..., out_features); checks ``x`` once.
 
@@ -287,14 +335,20 @@ class LoRALinear(Module):
         x = as_array_of(x, "x", self.weight.dtype)
         check_features(x, self.in_features)
         bias = None if self.bias is None else self.bias.data
-        cache: F.LinearCache | F.LoRACache
+        cache: F.LinearCache | F.LoRACache | F.DoRACache
         if self.merged:  # the update lives inside W now: the plain linear is the whole layer
             y, cache = F.linear_core(x, self.weight.data, bias)
         else:
             mask = None
             if self.training and self.dropout > 0:
                 mask = F.dropout_mask(x.shape, self.dropout, random_state=self.generator, dtype=x.dtype)
-            y, cache = F.lora_linear_core(x, self.weight.data, bias, self.A.data, self.B.data, self.scaling, mask)
+            if self.use_dora:
+                y, cache = F.dora_linear_core(
+                    x, self.weight.data, bias, self.A.data, self.B.data, self.magnitude.data, self.scaling,
+                    mask, self.detach_norm,
+                )  # fmt: skip
+            else:
+                y, cache = F.lora_linear_core(x, self.weight.data, bias, self.A.data, self.B.data, self.scaling, mask)
         self._save_for_backward(cache, y)
         return y
 
@@ -308,7 +362,13 @@ class LoRALinear(Module):
             raise RuntimeError("LoRALinear.backward while merged: call unmerge() and run forward again")
         base_trainable = base_is_trainable(self)  # before taking the cache: an error leaves it in place
         cache, dy = self._take_for_backward(dy)  # dy checked there, once
-        g = F.lora_linear_backward_core(dy, cache, base_trainable=base_trainable)
+        g: F.LoRAGrads | F.DoRAGrads
+        if isinstance(cache, F.DoRACache):
+            g = F.dora_linear_backward_core(dy, cache, base_trainable=base_trainable)
+            if self.magnitude.trainable:
+                accumulate_grad(self.magnitude, g.magnitude)
+        else:
+            g = F.lora_linear_backward_core(dy, cache, base_trainable=base_trainable)
         if self.A.trainable:
             accumulate_grad(self.A, g.A)
         if self.B.trainable:
@@ -344,7 +404,10 @@ class LoRALinear(Module):
         """
         if self.merged:
             raise RuntimeError("LoRALinear.merge: already merged (call unmerge() first)")
-        self._add_to_weight(+1.0, "merge")
+        if self.use_dora:
+            self._merge_dora()
+        else:
+            self._add_to_weight(+1.0, "merge")
         self.merged = True
 
     def unmerge(self) -> None:
@@ -354,11 +417,66 @@ class LoRALinear(Module):
         ``eps * (|W| + |scaling * B @ A|)`` of its value before (``eps =
         np.finfo(W.dtype).eps``; one rounding at merge, one here), and is
         bit-identical where ``B @ A`` is 0 (e.g. a fresh adapter).
+
+        DoRA: ``W <- W' / c - scaling * B @ A`` with the float64 ``c = m / n``
+        the merge used (the norm cannot be recomputed from the merged W), cast
+        once; each entry comes back within ``eps * (|W| + 2 |W + scaling * B @
+        A|)`` (``docs/dora.md`` derives it), as long as ``c * V`` stayed in the
+        normal range of W's dtype; bit-identical for a fresh adapter.
         """
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: not merged")
-        self._add_to_weight(-1.0, "unmerge")
+        if self.use_dora:
+            self._unmerge_dora()
+        else:
+            self._add_to_weight(-1.0, "unmerge")
         self.merged = False
+
+    def _merge_dora(self) -> None:
+        """DoRA's merge: ``W <- c * (W + scaling * B @ A)``, ``c = m / n`` (docs/dora.md), float64, cast once.
+
+        ``n`` is the row norm exactly as the forward computes it (in W's
+        dtype), so a fresh adapter (``m == n``) has ``c == 1`` and W keeps
+        every bit. Refused (ValueError) if a row norm or a magnitude is 0: a
+        zero magnitude erases the row, which unmerge could not restore.
+        """
+        W = self.weight.data  # (out, in)
+        norm = check_row_norm(F.weight_norm_core(W, self.A.data, self.B.data, self.scaling))  # (out,)
+        m = self.magnitude.data  # (out,)
+        zero = np.flatnonzero(m == 0)
+        if zero.size:
+            raise ValueError(
+                f"LoRALinear.merge refused: magnitude is 0 at rows {zero[:8].tolist()}; the merged weight "
+                f"(m / n) * V would erase those rows of W, and unmerge could not restore them"
+            )
+        scale = m.astype(np.float64) / norm.astype(np.float64)  # (out,): c
+        V = W.astype(np.float64) + self.delta_weight()  # (out, in)
+        V *= scale[:, None]
+        self._set_weight(V, "merge", "(m / n) * (W + scaling * B @ A)")
+        self._merge_scale = scale
+
+    def _unmerge_dora(self) -> None:
+        """DoRA's unmerge: ``W <- W' / c - scaling * B @ A`` with the merge's ``c``, float64, cast once."""
+        scale = self._merge_scale
+        assert scale is not None  # set by _merge_dora, the only way merged becomes True with DoRA
+        V = self.weight.data.astype(np.float64) / scale[:, None]  # (out, in)
+        V -= self.delta_weight()
+        self._set_weight(V, "unmerge", "W' / (m / n) - scaling * B @ A")
+        self._merge_scale = None
+
+    def _set_weight(self, new64: np.ndarray, action: str, what: str) -> None:
+        """``W <- new64`` cast to W's dtype once; FloatingPointError (W unchanged) if not finite there."""
+        dtype = self.weight.dtype
+        with np.errstate(over="ignore", invalid="ignore"):  # checked right below
+            new = new64.astype(dtype)  # (out, in)
+        finite = np.isfinite(new)
+        if not finite.all():
+            raise FloatingPointError(
+                f"LoRALinear.{action} refused: {what} would have {int(np.count_nonzero(~finite))} "
+                f"non-finite entries in {dtype} (max |W| = {np.abs(self.weight.data).max():.3g}); "
+                f"the weights are unchanged"
+            )
+        self.weight.data = new
 
     def _add_to_weight(self, sign: float, action: str) -> None:
         """``W <- W + sign * scaling * B @ A`` in float64, cast once; refused if not finite."""
@@ -383,6 +501,7 @@ class LoRALinear(Module):
             f"bias={self.bias is not None}, r={self.r}, alpha={self.alpha:g}, "
             f"scaling={self.scaling:g}, dropout={self.dropout:g}, use_rslora={self.use_rslora}, "
             f"init={self.init!r}, merged={self.merged}"
+            + (f", use_dora=True, detach_norm={self.detach_norm}" if self.use_dora else "")
         )
 
 
@@ -483,8 +602,8 @@ def mark_only_lora_as_trainable(
 ) -> Module:
     """Freeze every parameter of ``model`` except the LoRA factors, in place (loralib's and PEFT's name).
 
-    Every parameter that is not the ``A`` or ``B`` of a :class:`LoRALinear`
-    gets ``trainable=False``, except the biases ``bias`` names and the
+    Every parameter that is not the ``A`` or ``B`` (or DoRA's magnitude) of a
+    :class:`LoRALinear` gets ``trainable=False``, except the biases ``bias`` names and the
     modules ``also_trainable`` names, which get ``trainable=True``; the
     factors keep their flags (a new layer's are True). :func:`inject_lora`
     and :func:`lowrank.io.load_peft_adapter` end with it, as PEFT's
@@ -522,7 +641,7 @@ def mark_only_lora_as_trainable(
     bias = check_choice(bias, "bias", LORA_BIAS)
     modules = dict(model.named_modules())
     keep = _check_module_names(also_trainable, modules, "also_trainable")
-    factors = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in (m.A, m.B)}
+    factors = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in m.adapter_parameters()}
     if not factors:
         raise ValueError(
             f"model has no LoRALinear layer ({type(model).__name__}): marking only LoRA factors as "
@@ -573,6 +692,7 @@ def inject_lora(
     target_modules: str | Iterable[str] | None = None,
     bias: str = "none",
     modules_to_save: Iterable[str] | None = None,
+    use_dora: bool = False,
 ) -> Module:
     """Wrap Linear layers in :class:`LoRALinear` and freeze everything else, in place.
 
@@ -611,6 +731,9 @@ def inject_lora(
         Modules trained in full beside the adapter (PEFT's ``modules_to_save``,
         e.g. a classifier head): an entry names a module or a dotted suffix of
         its name, and must match at least one module that is not adapted.
+    use_dora : bool, default False
+        Every new layer is DoRA (:class:`LoRALinear` with ``use_dora=True``):
+        its trainable magnitude (key ``"0.lora_magnitude_vector"``) joins the factors.
 
     Returns
     -------
@@ -624,8 +747,9 @@ def inject_lora(
         An unknown target (the message lists the Linear layers there are), a
         target that is already a LoRA layer, no Linear layer to adapt, a
         per-layer mapping without an adapted layer, a ``modules_to_save``
-        entry that matches no module or an adapted layer, or a value
-        :func:`check_lora_config` or :func:`check_pissa_rank` refuses.
+        entry that matches no module or an adapted layer, a value
+        :func:`check_lora_config` or :func:`check_pissa_rank` refuses, or
+        with ``use_dora`` a weight with a zero row (DoRA's direction is undefined there).
     TypeError
         ``model`` is not a Module, ``targets`` is a string or holds
         non-strings, both ``targets`` and ``target_modules`` are given, or a
@@ -656,6 +780,7 @@ def inject_lora(
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
     _, _, dropout, use_rslora, init = check_lora_config(1, 1, dropout, use_rslora, init)
+    use_dora = check_bool(use_dora, "use_dora")
     bias = check_choice(bias, "bias", LORA_BIAS)
     modules = model.named_modules()
     linears = {name: m for name, m in modules if isinstance(m, Linear)}
@@ -685,6 +810,12 @@ def inject_lora(
     if init == "pissa":
         for name in chosen:
             check_pissa_rank(settings[name][0], linears[name].weight.shape, layer=name)
+    if use_dora:  # each new layer refuses a zero row norm; find one before any layer (PiSSA's) changes W
+        for name in chosen:
+            try:
+                check_row_norm(row_norm(linears[name].weight.data))  # V = W while B = 0
+            except (ValueError, FloatingPointError) as exc:
+                raise type(exc)(f"layer {name or '<the model itself>'!r}: {exc}") from None
     saved = _match_modules_to_save(modules_to_save, [n for n, _ in modules], set(chosen))
     rng = check_random_state(random_state)
 
@@ -693,7 +824,8 @@ def inject_lora(
         base = linears[name]
         r_i, alpha_i = settings[name]
         lora = LoRALinear(
-            base, r=r_i, alpha=alpha_i, dropout=dropout, use_rslora=use_rslora, init=init, random_state=rng
+            base, r=r_i, alpha=alpha_i, dropout=dropout, use_rslora=use_rslora, init=init, random_state=rng,
+            use_dora=use_dora,
         )
         new_layers[name] = lora.train(base.training)
     model = replace_modules(model, new_layers)

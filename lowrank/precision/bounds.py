@@ -32,7 +32,7 @@ import numpy as np
 from lowrank.precision.rounding import FORMATS, smallest_subnormal, unit_roundoff
 from lowrank.utils.validation import as_float_array, check_choice, check_real
 
-__all__ = ["Bounded", "gamma", "lora_linear_bound", "lora_merge_bound"]
+__all__ = ["Bounded", "dora_linear_bound", "gamma", "lora_linear_bound", "lora_merge_bound"]
 
 _V = 2.0**-24  # float32's unit roundoff: every product accumulates in float32
 _H32 = 2.0**-150  # half float32's smallest subnormal
@@ -210,3 +210,86 @@ def lora_linear_bound(
             merged = Bounded(W.M, merged.E)  # the exact weight is W again: |W| bounds it
         y = _product(X, merged, fmt, bias_b)
     return y.E.reshape(*xs.shape[:-1], w.shape[0])
+
+
+def _times(p: Bounded, q: Bounded, fmt: str) -> Bounded:
+    """``R(fl32(p̂ * q̂))`` elementwise (broadcasting) for ``p * q``: the operands' errors, then ``v`` and ``h32``."""
+    err32 = p.M * q.E + p.E * q.M + p.E * q.E + _V * (p.M + p.E) * (q.M + q.E) + _H32
+    return _rounded(p.M * q.M, err32, fmt)
+
+
+def dora_linear_bound(
+    x: Any, weight: Any, bias: Any, A: Any, B: Any, magnitude: Any, scaling: float, fmt: str
+) -> np.ndarray:
+    """A per-element bound on ``|ŷ - y|`` for PEFT's DoRA forward (eval, no dropout) computed in ``fmt``.
+
+    The exact ``y = x @ W.T + b + (c - 1)·(x @ W.T) + c·s·(x @ A.T) @ B.T``
+    with ``c = m / ‖W + s·B @ A‖_row``; ``ŷ`` rounds where PEFT's
+    ``DoraLinearLayer`` does in a 16-bit model, each operation a float32
+    result rounded to ``fmt``: ``base = R(x W^T + b)``, ``L = R(B A)``,
+    ``V = R(W + R(s L))``, ``n = R(sqrt(fl32(Σ V²)))``, ``c = R(m / n)``,
+    ``t = R(x A^T)``, ``u = R(t B^T)``, ``z = R(base - b)``, then
+    ``R(R(R(c - 1)·z) + R(R(c·u)·s))`` added to ``base``
+    (``docs/precision.md``).
+
+    Parameters
+    ----------
+    x : array_like of shape (..., in_features)
+    weight : array_like of shape (out_features, in_features)
+    bias : array_like of shape (out_features,) or None
+    A : array_like of shape (r, in_features)
+    B : array_like of shape (out_features, r)
+    magnitude : array_like of shape (out_features,)
+    scaling : float
+    fmt : {"bfloat16", "float16", "float32"}
+
+    Returns
+    -------
+    ndarray of shape (..., out_features), float64
+        ``inf`` in the columns whose row norm is not larger than its own
+        error bound (the computed norm could be 0).
+
+    Raises
+    ------
+    ValueError
+        Shapes that do not fit.
+    """
+    w, a, b = _check_layer(weight, A, B, scaling, fmt)
+    xs = as_float_array(x, "x", np.dtype(np.float64))
+    m = as_float_array(magnitude, "magnitude", np.dtype(np.float64))
+    if xs.ndim < 1 or xs.shape[-1] != w.shape[1]:
+        raise ValueError(f"x must have shape (..., {w.shape[1]}) to fit weight {w.shape}, got {xs.shape}")
+    if m.shape != (w.shape[0],):
+        raise ValueError(f"magnitude must have shape ({w.shape[0]},), got {m.shape}")
+    u_f, h = unit_roundoff(fmt), smallest_subnormal(fmt) / 2
+    s, k = float(scaling), w.shape[1]
+    n_rows = math.prod(xs.shape[:-1])
+    X = _data(xs.reshape(n_rows, k), fmt)  # (N, in)
+    W, Af, Bf, M = _data(w, fmt), _data(a, fmt), _data(b, fmt), _data(m, fmt)
+    bias_b = None
+    if bias is not None:
+        bias_b = _data(as_float_array(bias, "bias", np.dtype(np.float64)), fmt)
+        if bias_b.M.shape != (w.shape[0],):
+            raise ValueError(f"bias must have shape ({w.shape[0]},), got {bias_b.M.shape}")
+    base = _product(X, W, fmt, bias_b)  # (N, out): x W^T + b
+    V, _ = _merge(W, Af, Bf, s, fmt)  # (out, in): R(W + R(s R(B A)))
+    # the exact row norms, in float64 (their own error, ~k·2**-53 relative, is the 1e-12 taken off)
+    n = np.sqrt(np.sum(np.square(w + s * (b @ a)), axis=1)) * (1 - 1e-12)  # (out,)
+    # n̂ = R(sqrt32(fl32(Σ V̂²))) = ‖V̂‖(1 + η) (+ underflow), and |‖V̂‖ - n| <= ‖E_V‖_row
+    eta = (1 + gamma(k)) * (1 + _V) * (1 + u_f) - 1
+    E_n = np.sqrt(np.sum(np.square(V.E), axis=1)) * (1 + eta) + n * eta + k * _H32 + h  # (out,)
+    n_low = n - E_n  # (out,): > 0 where the norm is resolved
+    resolved = n_low > 0
+    safe_n, safe_low = np.where(resolved, n, 1.0), np.where(resolved, n_low, 1.0)  # the others: inf below
+    div = M.E / safe_low + M.M * E_n / (safe_n * safe_low)  # (out,): |m̂/n̂ - m/n|
+    c_mag = M.M / safe_n  # (out,)
+    c = _rounded(c_mag, div + _V * (c_mag + div) + _H32, fmt)  # R(fl32(m̂ / n̂))
+    one = Bounded(np.ones_like(c.M), np.zeros_like(c.E))
+    c_minus_1 = _sum(c, one, fmt)  # (out,): R(ĉ - 1)
+    z = base if bias_b is None else _sum(base, bias_b, fmt)  # (N, out): R(base - b), exact x W^T
+    t = _product(X, Af, fmt)  # (N, r)
+    lora = _product(t, Bf, fmt)  # (N, out)
+    dora = _sum(_times(c_minus_1, z, fmt), _scaled(s, _times(c, lora, fmt), fmt), fmt)  # (N, out)
+    y = _sum(base, dora, fmt)  # (N, out)
+    E = np.where(resolved, y.E, np.inf)  # (N, out): an unresolved norm leaves its column unbounded
+    return E.reshape(*xs.shape[:-1], w.shape[0])

@@ -31,10 +31,12 @@ import numpy as np
 from lowrank.io.adapter import lora_scaling
 
 __all__ = [
+    "DORA_CASES",
     "DROPOUT_KINDS",
     "LINEAR_CASES",
     "LORA_CASES",
     "REFERENCE_DTYPES",
+    "DoRACase",
     "LinearCase",
     "LoRACase",
     "lora_case_strategy",
@@ -168,6 +170,46 @@ LORA_CASES = (
     LoRACase("r2_alpha4_largebatch", (12,), 3, 4, 2, 4.0, False, True),  # N > in_features: the folded path
 )
 """LoRA layers: r = 1…4, plain and rsLoRA scaling, with and without bias, both mask kinds, batch dims."""
+
+
+@dataclass(frozen=True)
+class DoRACase(LoRACase):
+    """A DoRA layer as PEFT computes it: a :class:`LoRACase` with a magnitude ``m (out,)``.
+
+    ``V = W + scaling·B@A``, ``c = m / ‖V‖_row``, and
+    ``y = x @ W.T + b + (c - 1)·((x * mask) @ W.T) + c·scaling·((x * mask) @ A.T) @ B.T``.
+    Without dropout that is ``y = x @ (c[:, None]·V).T + b``. The fields are
+    :class:`LoRACase`'s; the tensors add the magnitude ``m (out,)``.
+    """
+
+    def tensors(self, rng: np.random.Generator, dtype: Any) -> dict[str, np.ndarray]:
+        """:meth:`LoRACase.tensors`, then ``magnitude (out,)``: ``sqrt(in)`` (about ``‖W‖_row``) times U(0.5, 2).
+
+        Returns
+        -------
+        dict
+            ``x``, ``weight``, ``bias`` (when the case has one), ``A``, ``B``,
+            ``magnitude``, ``dropout_mask`` (when the case has dropout), ``dy``.
+        """
+        t = super().tensors(rng, dtype)
+        magnitude = (np.sqrt(self.in_features) * rng.uniform(0.5, 2.0, self.out_features)).astype(dtype)
+        order = ("x", "weight", "bias", "A", "B", "magnitude", "dropout_mask", "dy")
+        return {k: magnitude if k == "magnitude" else t[k] for k in order if k == "magnitude" or k in t}
+
+    def describe(self) -> str:
+        """:meth:`LoRACase.describe`, and the magnitude's shape."""
+        return f"{super().describe()}, magnitude {(self.out_features,)}"
+
+
+DORA_CASES = (
+    DoRACase("r2_alpha4", (3,), 5, 4, 2, 4.0, False, True),
+    DoRACase("r3_alpha6_nobias_batch", (2, 3), 5, 3, 3, 6.0, False, False),
+    DoRACase("r4_alpha16_rslora", (3,), 6, 5, 4, 16.0, True, True),
+    DoRACase("r2_alpha8_dropout", (2, 3), 5, 4, 2, 8.0, False, True, "full"),
+    DoRACase("r2_alpha2_dropout_shared", (4,), 5, 4, 2, 2.0, True, False, "shared"),
+    DoRACase("r2_alpha4_largebatch", (12,), 3, 4, 2, 4.0, False, True),
+)
+"""DoRA layers: with and without bias, both mask kinds, rsLoRA, two batch dims, a batch larger than in."""
 
 
 def lora_case_strategy(*, max_batch_dims: int = 2, max_features: int = 6, max_rank: int = 4) -> Any:

@@ -44,7 +44,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TOLERANCES", "Comparison", "compare", "error_stats", "tolerance_for"]
+from lowrank.precision.rounding import round_to
+
+__all__ = ["TOLERANCES", "Comparison", "compare", "compare_within", "error_stats", "tolerance_for"]
 
 # rtol, and atol as a fraction of max|want| (see the module docstring).
 # float64: a correct implementation differs from the reference by the rounding of
@@ -166,3 +168,48 @@ def compare(got: Any, want: np.ndarray, *, rtol: float, atol: float) -> Comparis
     if not within and finite and diff.size:
         worst = tuple(int(i) for i in np.unravel_index(np.argmax(diff), diff.shape))
     return Comparison(ok, max_abs if finite else nan, max_rel if finite else nan, worst, "; ".join(notes))
+
+
+def compare_within(got: Any, want: np.ndarray, tolerance: np.ndarray, fmt: str) -> Comparison:
+    """Compare a candidate tensor of a 16-bit format with the reference, element by element.
+
+    The rule of the half-precision reference vectors: ``|got - want| <=
+    tolerance`` for every element, where ``tolerance`` is the element's own
+    (an a priori bound on the rounding error of the format, see
+    :mod:`lowrank.precision.bounds`), not a relative one. ``got`` must also
+    have ``want``'s shape and dtype (bfloat16 tensors read as float32, float16
+    as float16), be finite, and hold values of ``fmt`` only: a float32 result
+    that was never rounded to the format fails, whatever its error.
+
+    Parameters
+    ----------
+    got : array_like
+    want : ndarray
+        The reference tensor, values of ``fmt``.
+    tolerance : ndarray
+        ``want``'s shape, float64, ``>= 0``.
+    fmt : {"bfloat16", "float16"}
+
+    Returns
+    -------
+    Comparison
+    """
+    nan = float("nan")
+    got, want = np.asarray(got), np.asarray(want)
+    if got.shape != want.shape:
+        return Comparison(False, nan, nan, None, f"shape {got.shape}, expected {want.shape}")
+    if got.dtype.kind != "f" or got.dtype.name != want.dtype.name:
+        return Comparison(False, nan, nan, None, f"dtype {got.dtype.name}, expected {want.dtype.name} ({fmt})")
+    if not np.isfinite(got).all():
+        return Comparison(False, nan, nan, None, "non-finite values")
+    diff, max_abs, max_rel = error_stats(got, want)
+    if not np.array_equal(round_to(got.astype(np.float32), fmt), got.astype(np.float32)):
+        return Comparison(False, max_abs, max_rel, None, f"values not representable in {fmt}: round to it first")
+    outside = diff > tolerance
+    worst = None
+    note = ""
+    if outside.any():
+        ratio = np.where(tolerance > 0, diff / np.where(tolerance > 0, tolerance, 1.0), np.inf)
+        worst = tuple(int(i) for i in np.unravel_index(np.argmax(ratio), diff.shape))
+        note = f"{int(outside.sum())} element(s) past their bound, worst {float(ratio[worst]):.3g}x at {worst}"
+    return Comparison(not outside.any(), max_abs, max_rel, worst, note)

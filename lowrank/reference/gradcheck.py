@@ -576,6 +576,70 @@ def _kernel_rows(rng: np.random.Generator) -> list[GradcheckRow]:
 
         rows += _rows(case, f_lora, inputs, analytic)
 
+    # dora_linear, both gradients: the exact one against finite differences of the forward;
+    # the detached one (detach_norm=True, PEFT's) against those of the forward with the row
+    # norm n frozen at its value, written out by hand in f_dora_frozen
+    for case, x_shape, r, scaling, with_bias, p, base_trainable in [
+        ("dora_linear", (6, 5), 2, 2.0, True, 0.0, False),
+        ("dora_linear, no bias", (6, 5), 2, 2.0, False, 0.0, False),
+        ("dora_linear, small magnitudes (0, 0.05 n, -0.3 n)", (6, 5), 2, 2.0, True, 0.0, False),
+        ("dora_linear, dropout mask", (6, 5), 2, 2.0, True, 0.3, False),
+        ("dora_linear, rsLoRA scaling 8/sqrt(3), batch dims (2, 3)", (2, 3, 5), 3, 8 / math.sqrt(3), True, 0.2, False),
+        ("dora_linear, trainable base", (6, 5), 2, 2.0, True, 0.0, True),
+        ("dora_linear, trainable base, dropout mask", (6, 5), 2, 2.0, True, 0.3, True),
+    ]:
+        x, W, b = normal(x_shape), normal((4, 5)), normal(4) if with_bias else None
+        A, B = normal((r, 5)), normal((4, r))
+        m = F.weight_norm(W, A, B, scaling) * rng.uniform(0.5, 1.5, 4)  # (out,): m / n away from 1
+        if "small magnitudes" in case:
+            m[:3] *= [0.0, 0.05, -0.3]  # m / n below 1/2: rows the backward recomputes rather than recovers
+        mask = F.dropout_mask(x_shape, p, random_state=rng) if p > 0 else None
+        dy = normal((*x_shape[:-1], 4))
+        norm0 = F.weight_norm(W, A, B, scaling)  # the frozen n of the detached check
+        for detach in (False, True):
+            _, dora_cache = F.dora_linear(x, W, b, A, B, m, scaling, mask, detach_norm=detach)
+            dora_g = F.dora_linear_backward(dy, dora_cache, base_trainable=base_trainable)
+            inputs = {"x": x, "weight": W, "bias": b, "A": A, "B": B, "magnitude": m}
+            analytic = {"x": dora_g.x, "A": dora_g.A, "B": dora_g.B, "magnitude": dora_g.magnitude}
+            if base_trainable:
+                analytic["weight"] = dora_g.weight
+                if with_bias:
+                    analytic["bias"] = dora_g.bias
+
+            def f_dora(
+                x: np.ndarray,
+                weight: np.ndarray,
+                bias: np.ndarray | None,
+                A: np.ndarray,
+                B: np.ndarray,
+                magnitude: np.ndarray,
+                dy: np.ndarray = dy,
+                scaling: float = scaling,
+                mask: np.ndarray | None = mask,
+            ) -> float:
+                return np.sum(F.dora_linear(x, weight, bias, A, B, magnitude, scaling, mask)[0] * dy)
+
+            def f_dora_frozen(
+                x: np.ndarray,
+                weight: np.ndarray,
+                bias: np.ndarray | None,
+                A: np.ndarray,
+                B: np.ndarray,
+                magnitude: np.ndarray,
+                dy: np.ndarray = dy,
+                scaling: float = scaling,
+                mask: np.ndarray | None = mask,
+                norm: np.ndarray = norm0,
+            ) -> float:
+                # y = (x - xm) @ W.T + (m / n) * (xm @ V.T) + b, V = W + scaling * B @ A, n held fixed
+                xm = x if mask is None else x * mask
+                V = weight + scaling * (B @ A)
+                y = (x - xm) @ weight.T + (magnitude / norm) * (xm @ V.T)
+                return np.sum((y if bias is None else y + bias) * dy)
+
+            mode = "detached norm (vs n frozen)" if detach else "exact"
+            rows += _rows(f"{case}, {mode}", f_dora_frozen if detach else f_dora, inputs, analytic)
+
     # activations (relu's inputs kept away from its kink), gelu in both forms, dropout
     elementwise: list[tuple[str, _Forward, _Backward, np.ndarray]] = [
         ("relu", F.relu, F.relu_backward, _away_from_zero(rng, (3, 4))),
@@ -644,6 +708,10 @@ def _module_rows(rng: np.random.Generator) -> list[GradcheckRow]:
         "LoRALinear rsLoRA r=3, batch dims (2, 3)",
         lora(5, 4, r=3, alpha=4, use_rslora=True), normal((2, 3, 5)),
     )  # fmt: skip
+    dora = lora(5, 4, r=2, alpha=4, use_dora=True)
+    dora.magnitude.data = dora.magnitude.data * rng.uniform(0.5, 1.5, 4)  # m != n, as after training
+    dora.detach_norm = False  # finite differences see the whole forward: the exact gradient
+    rows += check_module("LoRALinear DoRA r=2, exact gradient, batch dims (2, 3)", dora, normal((2, 3, 5)))
     rows += check_module("ReLU", nn.ReLU(), _away_from_zero(rng, (3, 4)))
     rows += check_module("Tanh", nn.Tanh(), normal((3, 4)))
     rows += check_module("Sigmoid", nn.Sigmoid(), 3 * normal((3, 4)))
@@ -667,9 +735,13 @@ def run_all(random_state: RandomState = 0) -> list[GradcheckRow]:
     defaults. Kernel cases: linear (with and without bias, trainable and
     frozen, batch dimensions), lora_linear (with and without bias and
     dropout mask, rsLoRA-like scaling, batch dimensions, the folded-weight
-    path of a large batch, trainable base), relu, tanh, sigmoid, gelu in both
+    path of a large batch, trainable base), dora_linear in both gradient
+    modes (the exact one against the forward, the detached one against the
+    forward with the row norm frozen; bias or not, dropout mask, small
+    magnitudes, rsLoRA-like scaling with batch dimensions, trainable base), relu, tanh, sigmoid, gelu in both
     forms, dropout, and the three losses. Layer cases: Linear, LoRALinear,
-    each activation module, and a Sequential holding a LoRALinear. The scalar
+    a DoRA LoRALinear with the exact gradient, each activation module, and a
+    Sequential holding a LoRALinear. The scalar
     checked is ``sum(y * dy)`` for a fixed random ``dy``, or the loss.
 
     Parameters

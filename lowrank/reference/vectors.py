@@ -49,11 +49,14 @@ from lowrank.io.files import (
     save_json,
     save_safetensors,
 )
-from lowrank.reference.cases import LINEAR_CASES, LORA_CASES
-from lowrank.reference.compare import TOLERANCES, compare, error_stats, tolerance_for
+from lowrank.precision.bounds import dora_linear_bound, lora_linear_bound, lora_merge_bound
+from lowrank.precision.rounding import round_to
+from lowrank.reference.cases import DORA_CASES, LINEAR_CASES, LORA_CASES
+from lowrank.reference.compare import TOLERANCES, compare, compare_within, error_stats, tolerance_for
 from lowrank.utils.validation import RandomState, check_random_state
 
 __all__ = [
+    "HALF_DTYPES",
     "MANIFEST_NAME",
     "TOLERANCES",
     "CheckReport",
@@ -67,6 +70,8 @@ __all__ = [
 ]
 
 MANIFEST_NAME = "manifest.json"
+HALF_DTYPES = ("bfloat16", "float16")
+"""The 16-bit formats ``write_vectors(..., dtypes=...)`` adds cases in."""
 _FORMAT = "lowrank-vectors"
 _VERSION = 1
 
@@ -93,6 +98,20 @@ CONVENTIONS = {
         "weight + scaling * B @ A."
     ),
     "scaling": "scaling = alpha / r; with rsLoRA (use_rslora true), scaling = alpha / sqrt(r).",
+    "dora": (
+        "DoRA (PEFT's use_dora) adds a magnitude vector m of shape (out_features,) to a LoRA layer. "
+        "V = weight + scaling * B @ A; n = the Euclidean norm of each row of V (over in_features, one per "
+        "output feature); c = m / n. Forward, as PEFT computes it: y = x @ weight^T + bias + (c - 1) * "
+        "(xm @ weight^T) + c * scaling * (xm @ A^T) @ B^T with xm = x * dropout_mask (xm = x without "
+        "dropout), c multiplying each output feature; without dropout this is y = x @ (c[:, None] * V)^T + "
+        "bias. The merged weight is c[:, None] * V. The two gradient modes differ only in whether n counts "
+        "as a function of the weights: kind 'dora_linear' treats n as a constant (detach_norm true: the DoRA "
+        "paper's section 4.3 and PEFT, whose autograd sees n detached), kind 'dora_linear_exact' "
+        "differentiates n too (detach_norm false: the true gradient of the forward); their dx, dmagnitude "
+        "and dbias agree (n depends on none of x, m, bias), and each row of their dA, dB, dweight differs by "
+        "the projection of the gradient with respect to V onto that row's direction V_i / n_i. Both kinds "
+        "of a case share their inputs."
+    ),
     "dropout": (
         "Inverted dropout with an explicit mask: dropout_mask holds 0 or 1/(1-p) and multiplies the input of "
         "the LoRA path only (the base path sees x unchanged). The mask either has x's shape or broadcasts to it "
@@ -136,6 +155,24 @@ CONVENTIONS = {
         "6e-8), whatever the shape, batch size or order of evaluation. Your float32 implementation rounds "
         "at every step; the tolerances allow for that."
     ),
+    "half_precision": (
+        "Cases in bfloat16 or float16 (written on request: `lowrank vectors write DIR --dtypes bfloat16,float16`; "
+        "names ending _bf16 or _f16, 'dtype' bfloat16 or float16) store every tensor in that format (BF16 or F16 "
+        "in the file). Their inputs are values of the format; each expected output is computed in float64 from "
+        "them and rounded once to the format. They check forward outputs only: y (the adapted layer, unmerged, "
+        "as PEFT evaluates it; for DoRA PEFT's DoraLinearLayer in eval mode), y_base (the base layer alone: the "
+        "adapter disabled) and merged_weight. Each such "
+        "output has its own per-element tolerance, the tensor '<output>.tolerance' (float64) in the case's file "
+        "(named under 'elementwise_tolerance'): the a priori bound on |computed - exact| of an implementation "
+        "that rounds its inputs and each product's result to the format and accumulates every sum in float32, "
+        "in any order (lowrank.precision.bounds: lora_linear_bound, with zero factors for y_base, "
+        "dora_linear_bound and lora_merge_bound; derived in docs/precision.md), plus the distance from the exact "
+        "result to the stored "
+        "expected value, plus 1e-12 of the output's largest magnitude for the float64 computation itself. An "
+        "output passes when it has the expected shape and dtype, holds values of the format only, and every "
+        "element is within its tolerance. An implementation that accumulates in the 16-bit format, or whose "
+        "base weight drifted through a merge and unmerge in the format, falls outside."
+    ),
     "comparison": (
         "An output passes when it has the expected shape and dtype (a float32 tensor where float64 is "
         "expected fails, whatever its values; so do complex, string and object tensors) and every element "
@@ -164,6 +201,8 @@ class _Case:
         self.docs: dict[str, str] = {}
         rtol, atol = tolerance_for(self.dtype)
         self.tolerance = {"rtol": rtol, "atol": atol}
+        self.extra: dict[str, np.ndarray] = {}  # other tensors of the file: per-element tolerances
+        self.file_dtypes: dict[str, str] = {}  # tensors stored in a 16-bit format
 
     def input(self, name: str, value: np.ndarray, doc: str) -> np.ndarray:
         self.inputs[name] = np.asarray(value, order="C")  # ascontiguousarray would make 0-d 1-d
@@ -180,8 +219,8 @@ class _Case:
 
     def manifest_entry(self, sha256: str) -> dict[str, Any]:
         def describe(tensors: dict[str, np.ndarray]) -> dict[str, Any]:
-            return {k: {"shape": list(v.shape), "dtype": v.dtype.name, "description": self.docs[k]}
-                    for k, v in tensors.items()}
+            return {k: {"shape": list(v.shape), "dtype": self.file_dtypes.get(k, v.dtype.name),
+                        "description": self.docs[k]} for k, v in tensors.items()}
 
         return {
             "name": self.name,
@@ -195,6 +234,38 @@ class _Case:
             "outputs": describe(self.outputs),
             **self.tolerance,
         }
+
+
+class _HalfCase(_Case):
+    """A case in bfloat16 or float16: inputs of the format, outputs rounded once, per-element tolerances."""
+
+    def __init__(self, name: str, kind: str, fmt: str, description: str, **params: Any) -> None:
+        super().__init__(name, kind, np.float64, description, **params)
+        self.dtype = fmt
+        self.tolerance = {"rtol": 0.0, "atol": 0.0}  # unused: see elementwise
+        self.elementwise: dict[str, str] = {}
+        self._stored = np.float32 if fmt == "bfloat16" else np.float16  # how load_safetensors returns it
+
+    def half_input(self, name: str, value: np.ndarray, doc: str) -> np.ndarray:
+        """Round ``value`` to the format, record it, and return it exactly as float64."""
+        exact = round_to(np.asarray(value, np.float64), self.dtype)  # float64 holding values of the format
+        self.input(name, exact.astype(self._stored), doc)
+        self.file_dtypes[name] = self.dtype
+        return exact
+
+    def half_output(self, name: str, value: np.ndarray, bound: np.ndarray, doc: str) -> None:
+        """Record ``value`` (float64) rounded once, and its tolerance: the bound, the rounding, and a float64 slack."""
+        assert value.dtype == np.float64 and bound.shape == value.shape, (name, value.dtype, bound.shape)
+        rounded = round_to(value, self.dtype)  # (..), float64 holding values of the format
+        slack = 1e-12 * float(np.abs(value).max(initial=0.0))  # the float64 computation's own error
+        self.outputs[name] = np.asarray(rounded.astype(self._stored), order="C")
+        self.docs[name] = doc
+        self.file_dtypes[name] = self.dtype
+        self.extra[f"{name}.tolerance"] = np.asarray(bound + np.abs(rounded - value) + slack, order="C")
+        self.elementwise[name] = f"{name}.tolerance"
+
+    def manifest_entry(self, sha256: str) -> dict[str, Any]:
+        return {**super().manifest_entry(sha256), "elementwise_tolerance": dict(self.elementwise)}
 
 
 _SUFFIX = {"float32": "f32", "float64": "f64"}
@@ -295,6 +366,71 @@ def _lora_cases(rng: np.random.Generator) -> list[_Case]:
             if bias:
                 case.output("dbias", g.bias, "gradient with respect to bias, as if it were trainable")
             cases.append(case)
+    return cases
+
+
+_DORA_MODES = {  # kind: (detach_norm, the sentence that names the mode)
+    "dora_linear": (True, "the norm n treated as a constant in backward (PEFT's and the DoRA paper's gradient)"),
+    "dora_linear_exact": (False, "the exact gradient of the forward, through the norm n"),
+}
+
+
+def _dora_cases(rng: np.random.Generator) -> list[_Case]:
+    from lowrank.nn import functional as F
+
+    cases = []
+    for dtype in _DTYPES:
+        for spec in DORA_CASES:
+            docs = {**_LORA_DOCS, "magnitude": "DoRA magnitude m, shape (out,)",
+                    "dropout_mask": _MASK_DOCS.get(spec.dropout, "")}  # fmt: skip
+            drawn = spec.tensors(rng, dtype)  # one draw: both modes of the case share their inputs
+            for kind, (detach_norm, mode) in _DORA_MODES.items():
+                case = _Case(
+                    f"{kind}_{spec.name}_{_SUFFIX[np.dtype(dtype).name]}", kind, dtype,
+                    f"A DoRA layer's forward and backward pass, with {mode}; see the 'dora' convention.",
+                    in_features=spec.in_features, out_features=spec.out_features, r=spec.r, alpha=spec.alpha,
+                    use_rslora=spec.use_rslora, scaling=spec.scaling, dropout_p=spec.dropout_p,
+                    detach_norm=detach_norm,
+                )  # fmt: skip
+                t = widen({k: case.input(k, v, docs[k]) for k, v in drawn.items()})
+                x, w, b, A, B, m, mask, dy = (
+                    t.get(k) for k in ("x", "weight", "bias", "A", "B", "magnitude", "dropout_mask", "dy")
+                )
+                y, cache = F.dora_linear(x, w, b, A, B, m, spec.scaling, dropout_mask=mask, detach_norm=detach_norm)
+                g = F.dora_linear_backward(dy, cache, base_trainable=True)
+                case.output("y", y, "output, shape (..., out_features)")
+                case.output("dx", g.x, "gradient with respect to x (the same in both modes)")
+                case.output("dA", g.A, f"gradient with respect to A, {mode}")
+                case.output("dB", g.B, f"gradient with respect to B, {mode}")
+                case.output("dmagnitude", g.magnitude, "gradient with respect to m (the same in both modes)")
+                case.output("dweight", g.weight, f"gradient with respect to weight as if it were trainable, {mode}")
+                if spec.bias:
+                    case.output("dbias", g.bias, "gradient with respect to bias, as if it were trainable")
+                cases.append(case)
+    return cases
+
+
+def _dora_merge_cases(rng: np.random.Generator) -> list[_Case]:
+    from lowrank import nn
+
+    cases = []
+    for dtype in _DTYPES:
+        r, alpha, n_in, n_out = 3, 6.0, 6, 5
+        case = _Case(f"dora_merge_{_SUFFIX[np.dtype(dtype).name]}", "dora_merge", dtype,
+                     "Merging a DoRA update into its base weight: (m / n)[:, None] * V with V = weight + "
+                     "scaling * B @ A and n its row norms (accumulated in float64, rounded once).",
+                     r=r, alpha=alpha, use_rslora=False, scaling=alpha / r)  # fmt: skip
+        w = case.input("weight", _normal(rng, (n_out, n_in), dtype), "base weight (out, in)")
+        A = case.input("A", _normal(rng, (r, n_in), dtype), "shape (r, in)")
+        B = case.input("B", _normal(rng, (n_out, r), dtype), "shape (out, r)")
+        m = case.input("magnitude", (np.sqrt(n_in) * rng.uniform(0.5, 2.0, n_out)).astype(dtype), "shape (out,)")
+        layer = nn.LoRALinear(nn.Linear(n_in, n_out, bias=False, dtype=np.float64, random_state=0), r=r,
+                              alpha=alpha, use_dora=True)  # fmt: skip
+        layer.weight.data, layer.A.data, layer.B.data = (v.astype(np.float64) for v in (w, A, B))
+        layer.magnitude.data = m.astype(np.float64)
+        layer.merge()
+        case.output("merged_weight", layer.weight.data, "(m / n)[:, None] * (weight + scaling * B @ A), (out, in)")
+        cases.append(case)
     return cases
 
 
@@ -479,16 +615,121 @@ def _factorization_cases(rng: np.random.Generator) -> list[_Case]:
     return cases
 
 
-def _build_cases(random_state: RandomState) -> list[_Case]:
-    rng = check_random_state(random_state)
+_HALF_SUFFIX = {"bfloat16": "bf16", "float16": "f16"}
+
+
+def _half_cases(rng: np.random.Generator, fmt: str) -> list[_Case]:
+    """The linear, LoRA, DoRA and merge cases in a 16-bit format (forward only: the bounds cover the forward pass)."""
+    from lowrank.nn import functional as F
+
+    sfx = _HALF_SUFFIX[fmt]
     cases: list[_Case] = []
-    for build in (_linear_cases, _lora_cases, _merge_cases, _activation_cases, _loss_cases,
-                  _training_cases, _factorization_cases):  # fmt: skip
-        cases.extend(build(rng))
+
+    def linear_case(name: str, x: np.ndarray, w: np.ndarray, b: np.ndarray | None, what: str) -> None:
+        case = _HalfCase(f"linear_{name}_{sfx}", "linear", fmt, f"A linear layer's forward pass in {fmt}{what}.",
+                         in_features=w.shape[1], out_features=w.shape[0])  # fmt: skip
+        x = case.half_input("x", x, "input, shape (..., in_features)")
+        w = case.half_input("weight", w, "weight, shape (out_features, in_features)")
+        b = None if b is None else case.half_input("bias", b, "bias, shape (out_features,)")
+        bound = lora_linear_bound(x, w, b, np.zeros((1, w.shape[1])), np.zeros((w.shape[0], 1)), 0.0, fmt)
+        case.half_output("y", F.linear(x, w, b)[0], bound, "output, shape (..., out_features)")
+        cases.append(case)
+
+    for lin in LINEAR_CASES:
+        t = lin.tensors(rng, np.float64)
+        linear_case(lin.name, t["x"], t["weight"], t.get("bias"), "")
+    n_in = 512  # a long positive dot product: a 16-bit running sum stalls where a float32 one does not
+    linear_case("positive_k512", rng.uniform(0.5, 1.0, (4, n_in)), rng.uniform(0.5, 1.0, (3, n_in)),
+                rng.uniform(0.5, 1.0, 3), ", a long dot product of positive terms")  # fmt: skip
+
+    specs = [(spec.name, spec.tensors(rng, np.float64), spec) for spec in LORA_CASES if spec.dropout == "none"]
+    drift = LORA_CASES[1]  # the update 32 * B @ A dwarfs the weight: a merge and unmerge in the format loses W
+    t = drift.tensors(rng, np.float64)
+    t["weight"] = 0.05 * t["weight"]
+    specs.append(("r2_alpha64_large_update", t, drift))
+    for name, t, spec in specs:
+        scaling = 32.0 if name.endswith("large_update") else spec.scaling
+        case = _HalfCase(
+            f"lora_linear_{name}_{sfx}", "lora_linear", fmt,
+            f"A LoRA layer's forward pass in {fmt}: y the adapted layer (unmerged), y_base the base layer alone.",
+            in_features=spec.in_features, out_features=spec.out_features, r=spec.r,
+            alpha=scaling * spec.r if name.endswith("large_update") else spec.alpha, use_rslora=spec.use_rslora,
+            scaling=scaling, dropout_p=0.0,
+        )  # fmt: skip
+        x = case.half_input("x", t["x"], "input, shape (..., in_features)")
+        w = case.half_input("weight", t["weight"], "frozen base weight (out, in)")
+        b = None if "bias" not in t else case.half_input("bias", t["bias"], "frozen base bias (out,)")
+        A = case.half_input("A", t["A"], "LoRA down-projection, shape (r, in)")
+        B = case.half_input("B", t["B"], "LoRA up-projection, shape (out, r)")
+        y, _ = F.lora_linear(x, w, b, A, B, scaling)
+        case.half_output("y", y, lora_linear_bound(x, w, b, A, B, scaling, fmt), "output of the adapted layer")
+        zeros_A, zeros_B = np.zeros((1, w.shape[1])), np.zeros((w.shape[0], 1))
+        case.half_output("y_base", F.linear(x, w, b)[0], lora_linear_bound(x, w, b, zeros_A, zeros_B, 0.0, fmt),
+                         "output of the base layer alone (the adapter disabled)")  # fmt: skip
+        cases.append(case)
+
+    for spec in DORA_CASES:
+        if spec.dropout != "none":
+            continue
+        t = spec.tensors(rng, np.float64)
+        case = _HalfCase(
+            f"dora_linear_{spec.name}_{sfx}", "dora_linear", fmt,
+            f"A DoRA layer's forward pass in {fmt} (eval, no dropout), as PEFT computes it; see the 'dora' convention.",
+            in_features=spec.in_features, out_features=spec.out_features, r=spec.r, alpha=spec.alpha,
+            use_rslora=spec.use_rslora, scaling=spec.scaling, dropout_p=0.0,
+        )  # fmt: skip
+        x = case.half_input("x", t["x"], "input, shape (..., in_features)")
+        w = case.half_input("weight", t["weight"], "frozen base weight (out, in)")
+        b = None if "bias" not in t else case.half_input("bias", t["bias"], "frozen base bias (out,)")
+        A = case.half_input("A", t["A"], "LoRA down-projection, shape (r, in)")
+        B = case.half_input("B", t["B"], "LoRA up-projection, shape (out, r)")
+        m = case.half_input("magnitude", t["magnitude"], "DoRA magnitude m, shape (out,)")
+        y, _ = F.dora_linear(x, w, b, A, B, m, spec.scaling)
+        case.half_output("y", y, dora_linear_bound(x, w, b, A, B, m, spec.scaling, fmt), "output, (..., out)")
+        cases.append(case)
+
+    r, alpha, n_in, n_out = 3, 6.0, 6, 5
+    case = _HalfCase(f"lora_merge_{sfx}", "lora_merge", fmt,
+                     f"Merging a LoRA update into its base weight in {fmt}.",
+                     r=r, alpha=alpha, use_rslora=False, scaling=alpha / r)  # fmt: skip
+    w = case.half_input("weight", rng.standard_normal((n_out, n_in)), "base weight (out, in)")
+    A = case.half_input("A", rng.standard_normal((r, n_in)), "shape (r, in)")
+    B = case.half_input("B", rng.standard_normal((n_out, r)), "shape (out, r)")
+    merged = w + (alpha / r) * (B @ A)  # (out, in), float64
+    case.half_output("merged_weight", merged, lora_merge_bound(w, A, B, alpha / r, fmt),
+                     "weight + scaling * B @ A, shape (out, in)")  # fmt: skip
+    cases.append(case)
     return cases
 
 
-def write_vectors(directory: PathLike, *, random_state: RandomState = 0) -> list[str]:
+def _build_cases(random_state: RandomState, dtypes: tuple[str, ...] = ()) -> list[_Case]:
+    rng = check_random_state(random_state)
+    cases: list[_Case] = []
+    for build in (_linear_cases, _lora_cases, _merge_cases, _activation_cases, _loss_cases,
+                  _training_cases, _factorization_cases, _dora_cases, _dora_merge_cases):  # fmt: skip
+        cases.extend(build(rng))
+    for fmt in dtypes:  # after every float case: the float cases' bytes do not depend on dtypes
+        cases.extend(_half_cases(rng, fmt))
+    return cases
+
+
+def _check_dtypes(dtypes: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``dtypes`` as a tuple of 16-bit format names (a string is comma-separated, as on the command line)."""
+    if dtypes is None:
+        return ()
+    names = dtypes.split(",") if isinstance(dtypes, str) else list(dtypes)
+    if not all(isinstance(d, str) for d in names):
+        raise TypeError(f"dtypes must be a comma-separated string or strings, got {names!r}")
+    names = [d.strip() for d in names if d.strip()]
+    bad = [d for d in names if d not in HALF_DTYPES]
+    if bad:
+        raise ValueError(f"dtypes must name formats among {', '.join(HALF_DTYPES)}, got {', '.join(map(repr, bad))}")
+    return tuple(dict.fromkeys(names))
+
+
+def write_vectors(
+    directory: PathLike, *, random_state: RandomState = 0, dtypes: str | Iterable[str] | None = None
+) -> list[str]:
     """Write the reference cases and their manifest into ``directory``, as one unit.
 
     The same ``random_state`` (default 0) gives byte-identical files. The
@@ -502,20 +743,26 @@ def write_vectors(directory: PathLike, *, random_state: RandomState = 0) -> list
         Created if missing; its parent must exist. Existing case files of the
         same names are replaced; other files in it are kept.
     random_state : None, int or numpy.random.Generator, default 0
+    dtypes : str or iterable of str, optional
+        Also write the linear, LoRA and merge cases in these 16-bit formats
+        (``"bfloat16,float16"``; see the manifest's ``half_precision``
+        convention). The float32/float64 cases are the same bytes either way.
 
     Returns
     -------
     list of str
         The case names, in manifest order.
     """
+    formats = _check_dtypes(dtypes)
     check_writable(directory, "directory", folder=True)
-    cases = _build_cases(random_state)  # all the maths before anything touches the disk
+    cases = _build_cases(random_state, formats)  # all the maths before anything touches the disk
     entries: list[dict[str, Any]] = []
 
     def write(folder: Path) -> None:
         for case in cases:
-            path = save_safetensors(folder / f"{case.name}.safetensors", {**case.inputs, **case.outputs},
-                                    metadata={_FORMAT: case.name})  # one key: the header's order is then fixed
+            path = save_safetensors(folder / f"{case.name}.safetensors", {**case.inputs, **case.outputs, **case.extra},
+                                    metadata={_FORMAT: case.name},  # one key: the header's order is then fixed
+                                    dtypes=case.file_dtypes or None)  # fmt: skip
             entries.append(case.manifest_entry(hashlib.sha256(path.read_bytes()).hexdigest()))
         save_json(folder / MANIFEST_NAME, {
             "format": _FORMAT,
@@ -674,6 +921,13 @@ def read_manifest(directory: PathLike) -> dict[str, Any]:
             if not _is_tolerance(case[field]):
                 raise _manifest_error(path, f"case {i} ({case['name']!r}): {field!r} must be a real number, "
                                             f"finite and >= 0, got {case[field]!r}")  # fmt: skip
+        elementwise = case.get("elementwise_tolerance", {})
+        ok = (isinstance(elementwise, dict) and all(isinstance(v, str) and k in case["outputs"]
+                                                     for k, v in elementwise.items())
+              and (not elementwise or case.get("dtype") in HALF_DTYPES))  # fmt: skip
+        if not ok:
+            raise _manifest_error(path, f"case {i} ({case['name']!r}): 'elementwise_tolerance' must map outputs "
+                                        f"to tensor names, in a case of dtype {' or '.join(HALF_DTYPES)}")  # fmt: skip
     table = manifest.get("tolerances", {})
     if not isinstance(table, dict):
         raise _manifest_error(path, f"'tolerances' must be an object, got {table!r}")
@@ -826,11 +1080,16 @@ def check_vectors(
             rows.append(CheckRow(name, "*", nan, nan, False, f"missing file {file}"))
             continue
         got_all = load_safetensors(cand_path)
+        elementwise = case.get("elementwise_tolerance", {})
         for tensor in case["outputs"]:
-            if tensor not in want_all:
-                raise ValueError(f"reference file {ref_path} lacks its output {tensor!r}")
+            if tensor not in want_all or elementwise.get(tensor, tensor) not in want_all:
+                raise ValueError(f"reference file {ref_path} lacks its output {tensor!r} or its tolerance")
             if tensor not in got_all:
                 rows.append(CheckRow(name, tensor, nan, nan, False, "missing tensor"))
+                continue
+            if tensor in elementwise:  # a 16-bit case: each element against its own bound
+                c = compare_within(got_all[tensor], want_all[tensor], want_all[elementwise[tensor]], case["dtype"])
+                rows.append(CheckRow(name, tensor, c.max_abs, c.max_rel, c.ok, c.note))
                 continue
             rows.append(_compare(name, tensor, got_all[tensor], want_all[tensor], case["rtol"], case["atol"]))
     return CheckReport(

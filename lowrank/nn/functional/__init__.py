@@ -26,7 +26,7 @@ The symbols are those of ``docs/lora.md``: ``x``, ``weight`` (``W``),
 ``xa = xm @ A.T``, the upstream gradient ``dy``, and ``dxa``/``dxm`` for the
 gradients with respect to ``xa``/``xm``.
 
-Files: ``dense`` (linear and LoRA linear), ``activations``, ``regularization``
+Files: ``dense`` (linear and LoRA linear), ``dora`` (DoRA linear, ``docs/dora.md``), ``activations``, ``regularization``
 (dropout and its mask), ``losses``, ``checks`` (the argument checks).
 """
 
@@ -66,6 +66,16 @@ from lowrank.nn.functional.dense import (
     lora_linear_backward_core,
     lora_linear_core,
 )
+from lowrank.nn.functional.dora import (
+    DoRACache,
+    DoRAGrads,
+    dora_linear,
+    dora_linear_backward,
+    dora_linear_backward_core,
+    dora_linear_core,
+    weight_norm,
+    weight_norm_core,
+)
 from lowrank.nn.functional.losses import (
     binary_cross_entropy_with_logits,
     binary_cross_entropy_with_logits_core,
@@ -84,6 +94,8 @@ from lowrank.nn.functional.regularization import (
 )
 
 __all__ = [
+    "DoRACache",
+    "DoRAGrads",
     "DropoutCache",
     "GELUCache",
     "LinearCache",
@@ -97,6 +109,10 @@ __all__ = [
     "binary_cross_entropy_with_logits_core",
     "cross_entropy",
     "cross_entropy_core",
+    "dora_linear",
+    "dora_linear_backward",
+    "dora_linear_backward_core",
+    "dora_linear_core",
     "dropout",
     "dropout_backward",
     "dropout_backward_core",
@@ -128,4 +144,6 @@ __all__ = [
     "tanh_backward",
     "tanh_backward_core",
     "tanh_core",
+    "weight_norm",
+    "weight_norm_core",
 ]

@@ -31,6 +31,7 @@ __all__ = [
     "LoRACache",
     "LoRAGrads",
     "fold_pays",
+    "folded_weight",
     "linear",
     "linear_backward",
     "linear_backward_core",
