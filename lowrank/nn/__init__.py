@@ -20,6 +20,9 @@ from lowrank.nn.lora import (
 from lowrank.nn.mlp import MLP
 from lowrank.nn.modules import (
     GELU,
+    Conv1D,
+    Embedding,
+    LayerNorm,
     Linear,
     Module,
     Parameter,
@@ -33,6 +36,9 @@ __all__ = [
     "GELU",
     "LORA_BIAS",
     "MLP",
+    "Conv1D",
+    "Embedding",
+    "LayerNorm",
     "Linear",
     "LoRALinear",
     "Module",

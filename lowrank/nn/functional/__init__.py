@@ -52,6 +52,13 @@ from lowrank.nn.functional.activations import (
     tanh_backward_core,
     tanh_core,
 )
+from lowrank.nn.functional.conv1d import (
+    Conv1DCache,
+    conv1d,
+    conv1d_backward,
+    conv1d_backward_core,
+    conv1d_core,
+)
 from lowrank.nn.functional.dense import (
     LinearCache,
     LinearGrads,
@@ -66,6 +73,14 @@ from lowrank.nn.functional.dense import (
     lora_linear_backward_core,
     lora_linear_core,
 )
+from lowrank.nn.functional.embedding import (
+    EmbeddingCache,
+    check_indices,
+    embedding,
+    embedding_backward,
+    embedding_backward_core,
+    embedding_core,
+)
 from lowrank.nn.functional.losses import (
     binary_cross_entropy_with_logits,
     binary_cross_entropy_with_logits_core,
@@ -73,6 +88,14 @@ from lowrank.nn.functional.losses import (
     cross_entropy_core,
     mse_loss,
     mse_loss_core,
+)
+from lowrank.nn.functional.normalization import (
+    LayerNormCache,
+    LayerNormGrads,
+    layer_norm,
+    layer_norm_backward,
+    layer_norm_backward_core,
+    layer_norm_core,
 )
 from lowrank.nn.functional.regularization import (
     DropoutCache,
@@ -84,8 +107,12 @@ from lowrank.nn.functional.regularization import (
 )
 
 __all__ = [
+    "Conv1DCache",
     "DropoutCache",
+    "EmbeddingCache",
     "GELUCache",
+    "LayerNormCache",
+    "LayerNormGrads",
     "LinearCache",
     "LinearGrads",
     "LoRACache",
@@ -95,6 +122,11 @@ __all__ = [
     "TanhCache",
     "binary_cross_entropy_with_logits",
     "binary_cross_entropy_with_logits_core",
+    "check_indices",
+    "conv1d",
+    "conv1d_backward",
+    "conv1d_backward_core",
+    "conv1d_core",
     "cross_entropy",
     "cross_entropy_core",
     "dropout",
@@ -102,10 +134,18 @@ __all__ = [
     "dropout_backward_core",
     "dropout_core",
     "dropout_mask",
+    "embedding",
+    "embedding_backward",
+    "embedding_backward_core",
+    "embedding_core",
     "gelu",
     "gelu_backward",
     "gelu_backward_core",
     "gelu_core",
+    "layer_norm",
+    "layer_norm_backward",
+    "layer_norm_backward_core",
+    "layer_norm_core",
     "linear",
     "linear_backward",
     "linear_backward_core",
