@@ -7,7 +7,10 @@ formula); the classes here hold parameters and call them.
 from lowrank.nn import functional
 from lowrank.nn.lora import (
     LORA_BIAS,
+    LORA_LAYERS,
+    LoRAEmbedding,
     LoRALinear,
+    LoRAMergedLinear,
     check_lora_config,
     check_pissa_rank,
     inject_lora,
@@ -35,12 +38,15 @@ from lowrank.nn.modules import (
 __all__ = [
     "GELU",
     "LORA_BIAS",
+    "LORA_LAYERS",
     "MLP",
     "Conv1D",
     "Embedding",
     "LayerNorm",
     "Linear",
+    "LoRAEmbedding",
     "LoRALinear",
+    "LoRAMergedLinear",
     "Module",
     "Parameter",
     "ReLU",
