@@ -676,7 +676,8 @@ def test_inject_lora_target_modules_is_peft_rule_and_targets_stays_exact():
     model = two_blocks()
     nn.inject_lora(model, r=1, alpha=1, target_modules=r"\d\.0", random_state=0)  # a full-match regex
     assert [n for n, m in model.named_modules() if isinstance(m, nn.LoRALinear)] == ["0.0", "1.0"]
-    with pytest.raises(ValueError, match=r"targets \['1'\] are not Linear, Conv1D or Embedding layers"):  # targets: exact names only
+    # targets: exact names only
+    with pytest.raises(ValueError, match=r"targets \['1'\] are not Linear, Conv1D or Embedding layers"):
         nn.inject_lora(model, r=1, alpha=1, targets=["1"])
     with pytest.raises(ValueError, match=r"target_modules \['nope'\] matches no Linear, Conv1D or Embedding layer"):
         nn.inject_lora(model, r=1, alpha=1, target_modules=["nope"])
