@@ -5,6 +5,7 @@ formula); the classes here hold parameters and call them.
 """
 
 from lowrank.nn import functional
+from lowrank.nn.gpt2 import GPT2, GPT2Config, lm_loss
 from lowrank.nn.lora import (
     LORA_BIAS,
     LoRALinear,
@@ -34,10 +35,12 @@ from lowrank.nn.modules import (
 
 __all__ = [
     "GELU",
+    "GPT2",
     "LORA_BIAS",
     "MLP",
     "Conv1D",
     "Embedding",
+    "GPT2Config",
     "LayerNorm",
     "Linear",
     "LoRALinear",
@@ -51,6 +54,7 @@ __all__ = [
     "check_pissa_rank",
     "functional",
     "inject_lora",
+    "lm_loss",
     "mark_only_lora_as_trainable",
     "match_target_modules",
     "merge_lora",
