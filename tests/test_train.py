@@ -337,7 +337,8 @@ def _fit_kwargs(model, **overrides):
 @pytest.mark.parametrize(
     ("overrides", "error", "match"),
     [
-        ({"loss": "hinge"}, ValueError, "loss must be one of 'cross_entropy', 'mse', 'bce', 'lm' or a callable, got 'hinge'"),
+        ({"loss": "hinge"}, ValueError,
+         "loss must be one of 'cross_entropy', 'mse', 'bce', 'lm' or a callable, got 'hinge'"),
         ({"loss": 3}, TypeError, "loss must be a loss name or a callable"),
         ({"epochs": 0}, ValueError, r"epochs must be in \[1, inf\], got 0"),
         ({"batch_size": 0}, ValueError, r"batch_size must be in \[1, inf\], got 0"),

@@ -54,6 +54,7 @@ from lowrank.utils.validation import (
     RandomState,
     as_float_array,
     check_bool,
+    check_finite,
     check_float_dtype,
     check_int,
     check_random_state,
@@ -256,13 +257,22 @@ def lm_loss(logits: Any, labels: Any, ignore_index: int = -100) -> tuple[float, 
     Returns
     -------
     loss : float
-        Accumulated in float64. NaN when no position has a label (as in
-        PyTorch: a mean over nothing).
+        Accumulated in float64.
     dlogits : ndarray of logits' shape and dtype
         Zero at the last position and wherever the next label is ignored.
+
+    Raises
+    ------
+    ValueError
+        Logits not (batch, T, vocab_size) or not finite, labels of another
+        shape or out of range, or no position left to count (T = 1, or every
+        next label ignored: PyTorch returns NaN there, lowrank refuses).
+    TypeError
+        Labels that are not integers.
     """
     logits, labels, ignore_index = _check_lm_inputs(logits, labels, ignore_index)
-    return F.cross_entropy(logits, shift_labels(labels, ignore_index), ignore_index=ignore_index)
+    check_finite(logits, "logits")
+    return F.cross_entropy_core(logits, shift_labels(labels, ignore_index), ignore_index)
 
 
 def lm_accuracy(logits: np.ndarray, labels: np.ndarray, ignore_index: int = -100) -> float:

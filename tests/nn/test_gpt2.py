@@ -132,6 +132,8 @@ def test_lm_loss_is_the_shifted_cross_entropy_written_out():
     (np.zeros((2, 3, 4)), np.zeros((2, 3)), TypeError, "labels must hold integer token ids"),
     (np.zeros((2, 3, 4)), np.zeros((2, 4), int), ValueError, r"labels must have shape logits.shape\[:2\]"),
     (np.zeros((1, 2, 4)), np.array([[0, 4]]), ValueError, r"got 4 at index \(0, 1\)"),
+    (np.zeros((1, 1, 4)), np.array([[0]]), ValueError, "at least one position"),  # T = 1: nothing to predict
+    (np.full((1, 2, 4), np.nan), np.array([[0, 1]]), ValueError, "logits must be finite"),
 ])
 def test_lm_loss_refuses_bad_input(logits, labels, error, match):
     with pytest.raises(error, match=match):
