@@ -5,6 +5,7 @@ formula); the classes here hold parameters and call them.
 """
 
 from lowrank.nn import functional
+from lowrank.nn.gpt2 import GPT2, GPT2Config, lm_loss
 from lowrank.nn.lora import (
     LORA_BIAS,
     LORA_LAYERS,
@@ -37,11 +38,13 @@ from lowrank.nn.modules import (
 
 __all__ = [
     "GELU",
+    "GPT2",
     "LORA_BIAS",
     "LORA_LAYERS",
     "MLP",
     "Conv1D",
     "Embedding",
+    "GPT2Config",
     "LayerNorm",
     "Linear",
     "LoRAEmbedding",
@@ -57,6 +60,7 @@ __all__ = [
     "check_pissa_rank",
     "functional",
     "inject_lora",
+    "lm_loss",
     "mark_only_lora_as_trainable",
     "match_target_modules",
     "merge_lora",

@@ -27,7 +27,10 @@ The symbols are those of ``docs/lora.md``: ``x``, ``weight`` (``W``),
 gradients with respect to ``xa``/``xm``.
 
 Files: ``dense`` (linear and LoRA linear), ``activations``, ``regularization``
-(dropout and its mask), ``losses``, ``checks`` (the argument checks).
+(dropout and its mask), ``losses``, ``checks`` (the argument checks);
+``conv1d`` (transformers' Conv1D), ``normalization`` (layer norm),
+``embedding`` and ``attention`` (softmax, scaled dot-product attention),
+whose symbols are those of ``docs/attention.md``.
 """
 
 from lowrank.nn.functional.activations import (
@@ -39,6 +42,10 @@ from lowrank.nn.functional.activations import (
     gelu_backward,
     gelu_backward_core,
     gelu_core,
+    gelu_tanh,
+    gelu_tanh_backward,
+    gelu_tanh_backward_core,
+    gelu_tanh_core,
     relu,
     relu_backward,
     relu_backward_core,
@@ -51,6 +58,20 @@ from lowrank.nn.functional.activations import (
     tanh_backward,
     tanh_backward_core,
     tanh_core,
+)
+from lowrank.nn.functional.attention import (
+    AttentionCache,
+    AttentionGrads,
+    SoftmaxCache,
+    causal_mask,
+    scaled_dot_product_attention,
+    scaled_dot_product_attention_backward,
+    scaled_dot_product_attention_backward_core,
+    scaled_dot_product_attention_core,
+    softmax,
+    softmax_backward,
+    softmax_backward_core,
+    softmax_core,
 )
 from lowrank.nn.functional.conv1d import (
     Conv1DCache,
@@ -98,6 +119,7 @@ from lowrank.nn.functional.lora_variants import (
     merged_delta_core,
 )
 from lowrank.nn.functional.losses import (
+    IGNORE_INDEX,
     binary_cross_entropy_with_logits,
     binary_cross_entropy_with_logits_core,
     cross_entropy,
@@ -123,6 +145,9 @@ from lowrank.nn.functional.regularization import (
 )
 
 __all__ = [
+    "IGNORE_INDEX",
+    "AttentionCache",
+    "AttentionGrads",
     "Conv1DCache",
     "DropoutCache",
     "EmbeddingCache",
@@ -138,9 +163,11 @@ __all__ = [
     "LoRAMergedCache",
     "ReLUCache",
     "SigmoidCache",
+    "SoftmaxCache",
     "TanhCache",
     "binary_cross_entropy_with_logits",
     "binary_cross_entropy_with_logits_core",
+    "causal_mask",
     "check_enable_lora",
     "check_indices",
     "conv1d",
@@ -163,6 +190,10 @@ __all__ = [
     "gelu_backward",
     "gelu_backward_core",
     "gelu_core",
+    "gelu_tanh",
+    "gelu_tanh_backward",
+    "gelu_tanh_backward_core",
+    "gelu_tanh_core",
     "layer_norm",
     "layer_norm_backward",
     "layer_norm_backward_core",
@@ -190,10 +221,18 @@ __all__ = [
     "relu_backward",
     "relu_backward_core",
     "relu_core",
+    "scaled_dot_product_attention",
+    "scaled_dot_product_attention_backward",
+    "scaled_dot_product_attention_backward_core",
+    "scaled_dot_product_attention_core",
     "sigmoid",
     "sigmoid_backward",
     "sigmoid_backward_core",
     "sigmoid_core",
+    "softmax",
+    "softmax_backward",
+    "softmax_backward_core",
+    "softmax_core",
     "tanh",
     "tanh_backward",
     "tanh_backward_core",

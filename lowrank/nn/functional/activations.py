@@ -26,6 +26,10 @@ __all__ = [
     "gelu_backward",
     "gelu_backward_core",
     "gelu_core",
+    "gelu_tanh",
+    "gelu_tanh_backward",
+    "gelu_tanh_backward_core",
+    "gelu_tanh_core",
     "logistic",
     "relu",
     "relu_backward",
@@ -290,3 +294,29 @@ def gelu_backward_core(dy: np.ndarray, cache: GELUCache) -> np.ndarray:
     else:
         dcdf = 2 * cdf * (1 - cdf) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_TANH_K * xc * xc)
     return dy * (cdf + x * dcdf)
+
+
+# ---------------------------------------------------------------- GPT-2's gelu_new
+
+
+def gelu_tanh(x: Any) -> tuple[np.ndarray, GELUCache]:
+    """GPT-2's ``gelu_new``: :func:`gelu` with ``approximate="tanh"``, under the name transformers uses.
+
+    ``y = 0.5 x (1 + tanh(sqrt(2/π) (x + 0.044715 x³)))``. Shapes as in :func:`relu`.
+    """
+    return gelu_core(as_float_array(x, "x"), "tanh")
+
+
+def gelu_tanh_core(x: np.ndarray) -> tuple[np.ndarray, GELUCache]:
+    """:func:`gelu_tanh` without validation: ``x`` is a float32/float64 array."""
+    return gelu_core(x, "tanh")
+
+
+def gelu_tanh_backward(dy: Any, cache: GELUCache) -> np.ndarray:
+    """The gradient of :func:`gelu_tanh`: :func:`gelu_backward` of its cache."""
+    return gelu_backward(dy, cache)
+
+
+def gelu_tanh_backward_core(dy: np.ndarray, cache: GELUCache) -> np.ndarray:
+    """:func:`gelu_tanh_backward` without validation: ``dy`` has ``x``'s shape and dtype."""
+    return gelu_backward_core(dy, cache)
