@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,12 +37,14 @@ from lowrank.nn.modules import (
 from lowrank.utils.validation import RandomState, check_bool, check_choice, check_int, check_random_state, check_real
 
 __all__ = [
+    "ADAPTABLE",
     "LORA_BIAS",
     "LORA_INITS",
     "LORA_LAYERS",
     "LoRAEmbedding",
     "LoRALinear",
     "LoRAMergedLinear",
+    "TrainedBeside",
     "check_lora_config",
     "check_pissa_rank",
     "inject_lora",
@@ -50,6 +53,7 @@ __all__ = [
     "merge_lora",
     "replace_modules",
     "trainable_summary",
+    "trained_beside_lora",
 ]
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
@@ -883,7 +887,8 @@ def mark_only_lora_as_trainable(
     Returns
     -------
     Module
-        ``model``.
+        ``model``, which remembers ``bias`` and ``also_trainable`` for
+        :func:`trained_beside_lora` (so an adapter saves back with them).
 
     Raises
     ------
@@ -916,7 +921,37 @@ def mark_only_lora_as_trainable(
             p.trainable = True
         elif id(p) not in factors:
             p.trainable = False
+    object.__setattr__(model, "_lora_trained_beside", TrainedBeside(bias=bias, modules_to_save=tuple(keep)))
     return model
+
+
+@dataclass(frozen=True, slots=True)
+class TrainedBeside:
+    """What trains beside the LoRA factors: PEFT's ``bias`` and ``modules_to_save``.
+
+    Attributes
+    ----------
+    bias : {"none", "lora_only", "all"}
+    modules_to_save : tuple of str
+        Dotted names of the modules trained in full.
+    """
+
+    bias: str = "none"
+    modules_to_save: tuple[str, ...] = ()
+
+
+def trained_beside_lora(model: Module) -> TrainedBeside:
+    """The ``bias`` and ``modules_to_save`` the last :func:`mark_only_lora_as_trainable` on ``model`` set.
+
+    :func:`inject_lora` and :func:`lowrank.io.load_peft_adapter` end with that
+    call, so :func:`lowrank.io.save_peft_adapter` saves a loaded or injected
+    adapter back with its settings without being told them again.
+    ``TrainedBeside("none", ())`` for a model never marked.
+    """
+    if not isinstance(model, Module):
+        raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
+    found = model.__dict__.get("_lora_trained_beside")
+    return found if isinstance(found, TrainedBeside) else TrainedBeside()
 
 
 def _check_module_names(names: Any, modules: Mapping[str, Module], what: str) -> list[str]:
