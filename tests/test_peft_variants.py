@@ -77,3 +77,17 @@ def test_refusals_name_the_layer(tmp_path):
     lora.transformer.wte.merge()
     with pytest.raises(RuntimeError, match="merged LoRAEmbedding"):
         load_peft_adapter(lora, tmp_path / "e")
+
+
+def test_targets_takes_a_short_name_as_a_suffix_when_no_module_has_it():
+    """targets=["c_attn"] (the design's call) adapts every block's c_attn; an exact module name stays exact."""
+    model = nn.GPT2(vocab_size=13, n_positions=8, n_embd=8, n_layer=2, n_head=2, random_state=0)
+    model = nn.inject_lora(model, r=2, alpha=4, targets=["c_attn"], random_state=0)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, nn.LORA_LAYERS)]
+    assert adapted == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    with pytest.raises(ValueError, match="already LoRA layers"):
+        nn.inject_lora(model, r=2, alpha=4, targets=["c_attn"])
+    with pytest.raises(ValueError, match=r"targets \['transformer.h.0.attn'\] are not Linear, Conv1D or Embedding"):
+        nn.inject_lora(_gpt2(), r=2, alpha=4, targets=["transformer.h.0.attn"])  # a module, not a layer: exact
+    with pytest.raises(ValueError, match=r"targets \['q_proj'\] are not"):
+        nn.inject_lora(_gpt2(), r=2, alpha=4, targets=["q_proj"])

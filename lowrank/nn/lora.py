@@ -1013,7 +1013,9 @@ def inject_lora(
     targets : iterable of str, optional
         The exact dotted names of the layers to adapt (``["0", "2"]``,
         or ``"block.fc"`` in nested modules): Linear, Conv1D or Embedding
-        layers. When None (and ``target_modules`` is None), every Linear and
+        layers. An entry that is the name of no module of the model is
+        taken as a dotted suffix, PEFT's list rule: ``["c_attn"]`` adapts
+        every ``transformer.h.N.attn.c_attn`` of a GPT-2. When None (and ``target_modules`` is None), every Linear and
         Conv1D layer; an Embedding is adapted only when named. An
         Embedding's LoRA path has no dropout (PEFT applies none there), so
         ``dropout`` does not reach it.
@@ -1110,7 +1112,7 @@ def inject_lora(
                 f"model has no Linear or Conv1D layer to adapt ({type(model).__name__}); name an Embedding with targets"
             )
     else:
-        chosen = _check_targets(targets, linears, adapted)
+        chosen = _check_targets(targets, linears, adapted, {name for name, _ in modules})
     settings = {name: _layer_settings(r, alpha, dropout, use_rslora, init, name) for name in chosen}
     embeddings = [name for name in chosen if isinstance(linears[name], Embedding)]
     if init == "pissa":
@@ -1214,8 +1216,14 @@ def _match_modules_to_save(modules_to_save: Any, names: list[str], adapted: set[
     return matched
 
 
-def _check_targets(targets: Any, linears: Mapping[str, Module], adapted: list[str]) -> list[str]:
-    """The targeted Linear names, in the model's order; every problem in one message."""
+def _check_targets(
+    targets: Any, linears: Mapping[str, Module], adapted: list[str], names: set[str] | None = None
+) -> list[str]:
+    """The targeted layer names, in the model's order; every problem in one message.
+
+    With ``names`` (every module name of the model), an entry that is none of
+    them is matched as a dotted suffix (PEFT's list rule) against the layers.
+    """
     if isinstance(targets, (str, bytes)) or not isinstance(targets, Iterable):
         raise TypeError(
             f"targets must be a list of layer names such as ['0', '2'], got {type(targets).__name__} {targets!r}"
@@ -1226,6 +1234,12 @@ def _check_targets(targets: Any, linears: Mapping[str, Module], adapted: list[st
         raise TypeError(f"targets must hold layer names (str), got {bad_types!r}")
     if not targets:
         raise ValueError(f"targets must name at least one layer of {list(linears)}, got []")
+    if names is not None:  # "c_attn", the name of no module: every layer whose name ends in ".c_attn"
+        targets = [
+            n
+            for t in targets
+            for n in ([t] if t in names else [m for m in (*linears, *adapted) if match_target_modules([t], m)] or [t])
+        ]
     again = [t for t in targets if t in adapted]
     if again:
         raise ValueError(
