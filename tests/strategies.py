@@ -497,6 +497,48 @@ def lora_problems(draw, dtype=np.float64, bias=None, dropout=None, views: bool =
 
 
 @st.composite
+def lora_embedding_problems(draw, dtype=np.float64):
+    """Inputs of ``F.lora_embedding`` and an upstream gradient: idx (integers, any of 0 to 2 dims, repeats
+    likely: drawn from a small table), weight (num, dim), A (r, num) and B (dim, r) with nonzero entries,
+    scaling, dy (*idx.shape, dim)."""
+    num, dim, r = draw(st.integers(1, 6)), draw(st.integers(1, 5)), draw(st.integers(1, 3))
+    idx_shape = draw(batch_shapes(max_dims=2, max_side=5))
+    idx = draw(hnp.arrays(np.int64, idx_shape, elements=st.integers(0, num - 1)))
+    return {
+        "idx": idx,
+        "weight": draw(_nn_array(dtype, (num, dim), views=True)),
+        "A": draw(_nn_array(dtype, (r, num), views=True, min_magnitude=0.25)),
+        "B": draw(_nn_array(dtype, (dim, r), views=True, min_magnitude=0.25)),
+        "scaling": draw(st.floats(0.25, 8.0)),
+        "dy": draw(_nn_array(dtype, (*idx_shape, dim), views=False)),
+    }
+
+
+@st.composite
+def merged_lora_problems(draw, dtype=np.float64):
+    """Inputs of ``F.lora_merged_linear`` (loralib's MergedLinear): x, weight (out, in) with out =
+    len(enable_lora) * d, bias or None, enable_lora (one True at least), A (k r, in), B (k d, r) with
+    nonzero entries, scaling, dropout_mask or None, dy."""
+    enable = draw(st.lists(st.booleans(), min_size=1, max_size=4).filter(any))
+    d, n_in, r = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 3))
+    k, n_out = sum(enable), len(enable) * d
+    batch = draw(batch_shapes(max_dims=2, max_side=4))
+    with_dropout = draw(st.booleans())
+    keep = draw(masks((*batch, n_in), at_least_one=False)) if with_dropout else None
+    return {
+        "x": draw(_nn_array(dtype, (*batch, n_in), views=True)),
+        "weight": draw(_nn_array(dtype, (n_out, n_in), views=True)),
+        "bias": draw(_nn_array(dtype, (n_out,), views=False)) if draw(st.booleans()) else None,
+        "A": draw(_nn_array(dtype, (k * r, n_in), views=True)),
+        "B": draw(_nn_array(dtype, (k * d, r), views=True, min_magnitude=0.25)),
+        "scaling": draw(st.floats(0.25, 8.0)),
+        "enable_lora": enable,
+        "dropout_mask": (keep / 0.5).astype(dtype) if with_dropout else None,
+        "dy": draw(_nn_array(dtype, (*batch, n_out), views=False)),
+    }
+
+
+@st.composite
 def elementwise_inputs(draw, dtype=np.float64, scale: float = 3.0, away_from_zero: float = 0.0, views: bool = False):
     """An array of 0 to 2 batch dims plus a feature axis, drawn entries of size up to ``scale``;
     with ``away_from_zero > 0`` every entry has magnitude at least that (relu's kink).

@@ -391,3 +391,10 @@ def test_gradcheck_command_exit_codes(monkeypatch, capsys):
     _break_dB(monkeypatch)
     assert main(["gradcheck"]) == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_numerical_gradient_of_a_fortran_ordered_input():
+    """A Fortran-ordered input is perturbed in place too (its flat copy used to be a C-order copy: gradient 0)."""
+    M = np.asfortranarray(np.arange(6.0).reshape(2, 3))
+    g = numerical_gradient(lambda M: float(np.sum(M * M)), {"M": M}, "M")
+    np.testing.assert_allclose(g, 2 * M, rtol=1e-8)

@@ -182,7 +182,7 @@ def numerical_gradient(
     if name not in inputs:
         raise ValueError(f"name must be one of the inputs {sorted(inputs)}, got {name!r}")
     eps = check_real(eps, "eps", 0.0, low_open=True)
-    x = np.array(as_float_array(inputs[name], name, np.dtype(np.float64)), dtype=np.float64, copy=True)
+    x = np.array(as_float_array(inputs[name], name, np.dtype(np.float64)), dtype=np.float64, order="C", copy=True)
     flat = x.reshape(-1)  # a view: x is a fresh contiguous copy
     if indices is None:
         idx = np.arange(flat.size)
