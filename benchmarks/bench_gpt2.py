@@ -113,7 +113,7 @@ def lowrank_model(hf_state: dict, vocab: int, dropout: float, lora: bool) -> nn.
                     dtype=np.float32, random_state=0)
     model.load_state_dict(hf_state)
     if lora:
-        nn.inject_lora(model, r=R, alpha=ALPHA, targets=["c_attn"], random_state=0)
+        nn.inject_lora(model, r=R, alpha=ALPHA, target_modules=["c_attn"], random_state=0)
     return model.train()
 
 
