@@ -270,7 +270,9 @@ def gelu_core(x: np.ndarray, approximate: str = "none") -> tuple[np.ndarray, GEL
         cdf = (0.5 * erfc(x.astype(np.float64) * -math.sqrt(0.5))).astype(x.dtype, copy=False)
     else:
         xc = np.clip(x, -_GELU_SATURATES, _GELU_SATURATES)  # tanh is ±1 past the clip: same values
-        cdf = 0.5 * (1 + np.tanh(_SQRT_2_OVER_PI * (xc + _GELU_TANH_K * xc**3)))
+        # xc * xc * xc, not xc**3: NumPy's float32 power is a slow scalar loop (measured 129 ms
+        # against 1.9 ms on GPT-2's (16, 64, 512) MLP activations), the product is vectorized
+        cdf = 0.5 * (1 + np.tanh(_SQRT_2_OVER_PI * (xc + _GELU_TANH_K * (xc * xc * xc))))
     return x * cdf, GELUCache(x=x, cdf=cdf, approximate=approximate)
 
 
