@@ -524,6 +524,10 @@ class LoRAEmbedding(Module):
         """PEFT's ``lora_embedding_B``, shape (embedding_dim, r)."""
         return self.lora_embedding_B
 
+    def adapter_parameters(self) -> list[Parameter]:
+        """The parameters the adapter trains: A and B."""
+        return [self.A, self.B]
+
     def forward(self, x: Any) -> np.ndarray:
         """Map integer ids ``x`` (any shape) to ``y`` (*x.shape, embedding_dim); checks ``x`` once."""
         idx = F.check_indices(x, self.num_embeddings, "indices")
@@ -681,6 +685,10 @@ class LoRAMergedLinear(Module):
     def B(self) -> Parameter:
         """The stacked up-projections, shape (k * d, r)."""
         return self.lora_B
+
+    def adapter_parameters(self) -> list[Parameter]:
+        """The parameters the adapter trains: A and B."""
+        return [self.A, self.B]
 
     def weight_out_in(self) -> np.ndarray:
         """The base weight as ``(out_features, in_features)`` (a view for Conv1D)."""
