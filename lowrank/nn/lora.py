@@ -1,4 +1,4 @@
-"""LoRA layers and LoRA on a whole model: LoRALinear, injection, merging, counting.
+"""LoRA layers and LoRA on a whole model: LoRALinear, LoRAEmbedding, LoRAMergedLinear, injection, merging, counting.
 
 >>> from lowrank import nn
 >>> model = nn.MLP([16, 32, 4], random_state=0)
@@ -1062,8 +1062,11 @@ def inject_lora(
         An unknown target (the message lists the Linear layers there are), a
         target that is already a LoRA layer, no Linear layer to adapt, a
         per-layer mapping without an adapted layer, a ``modules_to_save``
-        entry that matches no module or an adapted layer, or a value
-        :func:`check_lora_config` or :func:`check_pissa_rank` refuses.
+        entry that matches no module or an adapted layer, ``enable_lora``
+        with an Embedding target or a length that does not divide a
+        targeted layer's ``out_features``, ``init="pissa"`` with an Embedding
+        or ``enable_lora``, or a value :func:`check_lora_config` or
+        :func:`check_pissa_rank` refuses.
     TypeError
         ``model`` is not a Module, ``targets`` is a string or holds
         non-strings, both ``targets`` and ``target_modules`` are given, or a
