@@ -316,3 +316,28 @@ def test_merge_refused_on_overflow_leaves_weights(kind, conv):
         layer.merge()
     np.testing.assert_array_equal(layer.weight.data, W0)
     assert not layer.merged
+
+
+@given(st.sampled_from(["conv1d", "embedding", "merged"]), st.sampled_from([np.float32, np.float64]),
+       st.integers(0, 2**32 - 1))  # fmt: skip
+def test_merge_unmerge_round_trip_within_two_roundings(kind, dtype, seed):
+    """After merge(); unmerge() every entry is within eps (|W| + |ΔW|) of where it was: one rounding each way."""
+    if kind == "conv1d":
+        layer = nn.LoRALinear(nn.Conv1D(5, 6, dtype=dtype, random_state=seed), r=2, alpha=3, random_state=seed)
+    elif kind == "embedding":
+        layer = nn.LoRAEmbedding(nn.Embedding(7, 4, dtype=dtype, random_state=seed), r=2, alpha=3, random_state=seed)
+    else:
+        layer = nn.LoRAMergedLinear(nn.Conv1D(5, 6, dtype=dtype, random_state=seed), r=2, alpha=3,
+                                    enable_lora=[True, False, True], random_state=seed)  # fmt: skip
+    rng = np.random.default_rng(seed)
+    layer.A.data = rng.standard_normal(layer.A.shape).astype(dtype)
+    layer.B.data = rng.standard_normal(layer.B.shape).astype(dtype)
+    W0 = layer.weight.data.copy()
+    delta = layer.delta_weight()
+    delta = delta.T if getattr(layer, "fan_in_fan_out", False) else delta  # into the stored layout
+    layer.merge()
+    np.testing.assert_allclose(layer.weight.data, W0.astype(np.float64) + delta,
+                               rtol=np.finfo(dtype).eps, atol=0)  # fmt: skip
+    layer.unmerge()
+    bound = np.finfo(dtype).eps * (np.abs(W0) + np.abs(delta))
+    assert np.all(np.abs(layer.weight.data.astype(np.float64) - W0) <= bound)
