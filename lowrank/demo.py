@@ -249,6 +249,137 @@ def _evaluate_on(model: Any, task: Any) -> dict[str, float | None]:
     return {"val_loss": loss, "val_acc": acc}
 
 
+# ---------------------------------------------------------------- part 7: the paper in miniature
+
+# A tiny GPT-2 and a sequence task: token x_{t+1} = (x_t + s) mod V, the stride s drawn per sequence.
+# Pretraining uses strides 1-3, the downstream task strides 4-5: the same rule, continued with strides
+# the model has never seen. Sizes chosen so that part 7 takes a few seconds on 2 cores.
+_GPT_VOCAB, _GPT_T, _GPT_EMBD, _GPT_LAYERS, _GPT_HEADS = 16, 16, 32, 2, 2
+_GPT_PRE_STRIDES, _GPT_NEW_STRIDES = (1, 2, 3), (4, 5)
+_GPT_BATCH, _GPT_RANK = 64, 4
+_GPT_FULL_LR, _GPT_LORA_LR = 3e-3, 1e-2
+# method -> inject_lora's arguments (None: full fine-tuning); every LoRA variant at rank _GPT_RANK, alpha 2r
+_GPT_METHODS: dict[str, dict[str, Any] | None] = {
+    "full": None,
+    "lora W_q,W_v": {"target_modules": ["c_attn"], "enable_lora": [True, False, True]},  # the paper's choice
+    "lora c_attn": {"target_modules": ["c_attn"]},
+    "lora all proj": {"target_modules": ["c_attn", "c_proj", "c_fc"]},
+}
+
+
+def stride_sequences(n: int, strides: tuple[int, ...], seed: int) -> np.ndarray:
+    """``n`` sequences of ``_GPT_T`` tokens, ``x_{t+1} = (x_t + s) mod V``, start and stride ``s`` drawn per sequence.
+
+    The first token and the stride are random, every later token follows:
+    a model must read the stride off the first two tokens (through attention)
+    and continue it.
+    """
+    rng = check_random_state(seed)
+    start = rng.integers(0, _GPT_VOCAB, (n, 1))  # (n, 1)
+    stride = rng.choice(np.asarray(strides), (n, 1))  # (n, 1)
+    return (start + stride * np.arange(_GPT_T)) % _GPT_VOCAB  # (n, T), int64
+
+
+def _tiny_gpt2(seed: int) -> Any:
+    from lowrank.nn import GPT2
+
+    return GPT2(vocab_size=_GPT_VOCAB, n_positions=_GPT_T, n_embd=_GPT_EMBD, n_layer=_GPT_LAYERS,
+                n_head=_GPT_HEADS, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, random_state=seed)
+
+
+def _fit_lm(model: Any, train: np.ndarray, val: np.ndarray, lr: float, epochs: int,
+            seed: int) -> tuple[dict[str, Any], float]:
+    from lowrank.nn.optim import AdamW
+    from lowrank.train.fit import fit
+
+    optimizer = AdamW(model.named_parameters(), lr=lr)
+    start = time.perf_counter()
+    history = fit(model, train, train, loss="lm", optimizer=optimizer, epochs=epochs, batch_size=_GPT_BATCH,
+                  val=(val, val), random_state=seed, verbose=False)
+    return history.to_dict(), time.perf_counter() - start
+
+
+def _qv_updates(model: Any, pretrained: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """ΔW_q and ΔW_v (n_embd, n_embd) of every layer: the merged ``c_attn`` weight minus the pretrained one.
+
+    ``c_attn.weight`` is transformers' Conv1D layout (in, 3 n_embd): columns
+    ``[0, C)`` project to q, ``[C, 2C)`` to k, ``[2C, 3C)`` to v.
+    """
+    from lowrank.nn import merge_lora
+
+    merged = merge_lora(model).state_dict()  # a copy with scaling * B @ A folded in (a plain model: a copy)
+    c = _GPT_EMBD
+    out = {}
+    for i in range(_GPT_LAYERS):
+        key = f"transformer.h.{i}.attn.c_attn.weight"
+        delta = merged[key].astype(np.float64) - pretrained[key]  # (C, 3C)
+        out[f"transformer.h.{i}"] = {"q": delta[:, :c], "v": delta[:, 2 * c:]}
+    return out
+
+
+def _spectrum(delta: np.ndarray) -> dict[str, Any]:
+    """Singular values of ``delta``, the energy of its top directions, and its numerical rank."""
+    s = np.linalg.svd(delta, compute_uv=False)
+    tol = s[0] * max(delta.shape) * np.finfo(np.float32).eps if s[0] > 0 else 0.0  # the weights are float32
+    return {"singular_values": s.tolist(), "energy_top": _energy_top(s), "numerical_rank": int(np.sum(s > tol))}
+
+
+def gpt2_adaptation(seed: int = 0, quick: bool = False) -> dict[str, Any]:
+    """Part 7: pretrain a tiny GPT-2 on strides 1-3, adapt it to strides 4-5, four ways; ΔW_q and ΔW_v.
+
+    Returns the pretraining result; one row per method (trainable
+    parameters, their share of the model, validation loss and next-token
+    accuracy, seconds): full fine-tuning, and LoRA at the same rank on W_q and
+    W_v only (loralib's ``enable_lora=[True, False, True]`` on the fused
+    ``c_attn``), on all of ``c_attn``, and on every projection (``c_attn``,
+    ``c_proj``, ``c_fc``); then the singular values of ΔW_q and ΔW_v of each
+    layer after full fine-tuning and after LoRA on W_q, W_v.
+    """
+    from lowrank.nn import inject_lora
+    from lowrank.train.fit import evaluate
+
+    n_pre, n_new, n_val = (1_500, 600, 300) if quick else (4_000, 1_000, 500)
+    pre_epochs, ft_epochs = (3, 3) if quick else (4, 4)
+    pre_train, pre_val = stride_sequences(n_pre, _GPT_PRE_STRIDES, seed), stride_sequences(n_val, _GPT_PRE_STRIDES,
+                                                                                            seed + 1)
+    new_train, new_val = stride_sequences(n_new, _GPT_NEW_STRIDES, seed + 2), stride_sequences(
+        n_val, _GPT_NEW_STRIDES, seed + 3)
+
+    model = _tiny_gpt2(seed)
+    pre_history, pre_seconds = _fit_lm(model, pre_train, pre_val, _GPT_FULL_LR, pre_epochs, seed)
+    pretrained = {k: v.astype(np.float64) for k, v in model.state_dict().items()}
+    before = evaluate(model, new_val, new_val, loss="lm")
+    n_params = model.n_params
+
+    rows, spectra = [], {}
+    for method, lora in _GPT_METHODS.items():
+        student = _tiny_gpt2(seed)
+        student.load_state_dict(model.state_dict())
+        if lora is not None:
+            inject_lora(student, r=_GPT_RANK, alpha=2 * _GPT_RANK, random_state=seed, **lora)
+        history, seconds = _fit_lm(student, new_train, new_val, _GPT_FULL_LR if lora is None else _GPT_LORA_LR,
+                                   ft_epochs, seed)
+        trainable = sum(p.size for p in student.parameters() if p.trainable)
+        rows.append({"method": method, "trainable_params": trainable, "percent_of_full": 100 * trainable / n_params,
+                     "val_loss": history["val_loss"][-1], "val_acc": history["val_acc"][-1], "seconds": seconds,
+                     "val_loss_curve": history["val_loss"]})
+        if method in ("full", "lora W_q,W_v"):
+            spectra[method] = {layer: {w: _spectrum(d) for w, d in qv.items()}
+                               for layer, qv in _qv_updates(student, pretrained).items()}
+    return {
+        "sizes": {"vocab_size": _GPT_VOCAB, "T": _GPT_T, "n_embd": _GPT_EMBD, "n_layer": _GPT_LAYERS,
+                  "n_head": _GPT_HEADS, "n_params": n_params},
+        "strides": {"pretrain": list(_GPT_PRE_STRIDES), "downstream": list(_GPT_NEW_STRIDES)},
+        "rank": _GPT_RANK,
+        "pretrain": {"epochs": pre_epochs, "val_loss": pre_history["val_loss"][-1],
+                     "val_acc": pre_history["val_acc"][-1], "seconds": pre_seconds},
+        "before_adaptation": {"val_loss": before.loss, "val_acc": before.accuracy},
+        "finetune_epochs": ft_epochs,
+        "methods": rows,
+        "delta_qv": spectra,
+    }
+
+
 def run_demo(seed: int = 0, quick: bool = False) -> dict[str, Any]:
     """Run every part of the demo and return its measurements."""
     seed = check_int(seed, "seed", 0)
@@ -263,6 +394,7 @@ def run_demo(seed: int = 0, quick: bool = False) -> dict[str, Any]:
             "completion": completion(seed, quick),
             "gpt3": gpt3_budget(),
             "adaptation": adaptation(seed, quick),
+            "gpt2": gpt2_adaptation(seed, quick),
         }
     results["seconds"] = time.perf_counter() - start
     return results
@@ -298,7 +430,8 @@ def format_report(results: dict[str, Any]) -> str:
               f"   trainable {g['trainable']:,} of {g['total']:,.0f} parameters: "
               f"{g['trainable_percent']:.4f} %",
               "   Take-away: r·(in + out) per adapted matrix is a vanishing share of a large model."]
-    lines += ["", *_format_adaptation(results["adaptation"]), "", f"({results['seconds']:.1f} s in all)"]
+    lines += ["", *_format_adaptation(results["adaptation"])]
+    lines += ["", *_format_gpt2(results["gpt2"]), "", f"({results['seconds']:.1f} s in all)"]
     return "\n".join(lines)
 
 
@@ -348,6 +481,29 @@ def _format_adaptation(a: dict[str, Any]) -> list[str]:
                  f"directions on B (against {100 * c['energy_top']['2']:.0f} % on C), and LoRA's top direction "
                  f"is φ(1, 1) = {d['similarity_lora8_vs_full']['1,1']:.2f} aligned with ΔW's: "
                  "LoRA's update points where full fine-tuning's does.")
+    return lines
+
+
+def _format_gpt2(g: dict[str, Any]) -> list[str]:
+    z, p, b = g["sizes"], g["pretrain"], g["before_adaptation"]
+    lines = [f"7. The LoRA paper in miniature: a GPT-2 ({z['n_layer']} layers, n_embd {z['n_embd']}, "
+             f"{z['n_head']} heads, {z['n_params']:,} parameters) learns x_t+1 = x_t + s mod {z['vocab_size']}",
+             f"   pretrained on strides {g['strides']['pretrain']}: val next-token accuracy {p['val_acc']:.3f} "
+             f"after {p['epochs']} epochs ({p['seconds']:.1f} s); on strides {g['strides']['downstream']} it "
+             f"scores {b['val_acc']:.3f} (loss {b['val_loss']:.2f}).",
+             f"   Adapt to strides {g['strides']['downstream']} ({g['finetune_epochs']} epochs each, "
+             f"LoRA at r = {g['rank']}):",
+             "   method          trainable   % of full   val acc   val loss   seconds"]
+    for row in g["methods"]:
+        lines.append(f"   {row['method']:<14}  {row['trainable_params']:>9,}  {row['percent_of_full']:>9.2f}"
+                     f"  {row['val_acc']:>8.3f}  {row['val_loss']:>9.4f}  {row['seconds']:>8.2f}")
+    lines.append("   ΔW_q and ΔW_v (n_embd × n_embd): numerical rank, energy in the top 1 / 2 / 4 directions")
+    for method, layers in g["delta_qv"].items():
+        for layer, ws in layers.items():
+            parts = [f"{w}: rank {d['numerical_rank']:>2}, "
+                     + " / ".join(f"{100 * d['energy_top'][k]:.0f} %" for k in ("1", "2", "4"))
+                     for w, d in ws.items()]
+            lines.append(f"   {method:<13} {layer}  " + "   ".join(parts))
     return lines
 
 

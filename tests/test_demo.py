@@ -222,3 +222,46 @@ def test_linear_layer_names_follow_the_torch_style_indices():
     assert linear_layer_names(mlp) == ["0", "2", "4"]
     assert linear_layer_names(nn.inject_lora(mlp, r=2, alpha=4, random_state=0)) == ["0", "2", "4"]
     assert linear_layer_names(nn.Sequential(nn.ReLU(), nn.Linear(3, 3))) == ["1"]
+
+
+def test_gpt2_part_counts_follow_the_lora_formulas(demo_json):
+    g = demo_json["gpt2"]
+    z = g["sizes"]
+    c, v, t, n_layer, r = z["n_embd"], z["vocab_size"], z["T"], z["n_layer"], g["rank"]
+    per_block = 4 * c + (3 * c * c + 3 * c) + (c * c + c) + (4 * c * c + 4 * c) + (4 * c * c + c)
+    assert z["n_params"] == v * c + t * c + n_layer * per_block + 2 * c  # the head tied to wte: counted once
+    counts = {row["method"]: row["trainable_params"] for row in g["methods"]}
+    assert list(counts) == ["full", "lora W_q,W_v", "lora c_attn", "lora all proj"]
+    assert counts["full"] == z["n_params"]
+    # loralib's MergedLinear: A (2r, C) and B (2C, r) for the two enabled blocks of c_attn (C -> 3C)
+    assert counts["lora W_q,W_v"] == n_layer * (2 * r * c + 2 * c * r)
+    assert counts["lora c_attn"] == n_layer * r * (c + 3 * c)
+    assert counts["lora all proj"] == n_layer * r * ((c + 3 * c) + (c + c) + (c + 4 * c) + (4 * c + c))
+    for row in g["methods"]:
+        assert row["percent_of_full"] == pytest.approx(100 * row["trainable_params"] / z["n_params"], rel=1e-12)
+        assert row["val_loss"] == row["val_loss_curve"][-1] and len(row["val_loss_curve"]) == g["finetune_epochs"]
+
+
+def test_gpt2_part_delta_qv_spectra(demo_json):
+    g = demo_json["gpt2"]
+    c, r = g["sizes"]["n_embd"], g["rank"]
+    assert sorted(g["delta_qv"]) == ["full", "lora W_q,W_v"]
+    for method, layers in g["delta_qv"].items():
+        assert sorted(layers) == [f"transformer.h.{i}" for i in range(g["sizes"]["n_layer"])]
+        for ws in layers.values():
+            for d in ws.values():
+                s = np.asarray(d["singular_values"])
+                assert s.shape == (c,) and np.all(np.diff(s) <= 0) and s[-1] >= 0
+                for k in ("1", "2", "4"):
+                    assert d["energy_top"][k] == pytest.approx(np.sum(s[: int(k)] ** 2) / np.sum(s**2), rel=1e-9)
+                if method != "full":
+                    assert d["numerical_rank"] <= r  # ΔW = scaling * B_j @ A_j has rank at most r
+
+
+def test_gpt2_part_tells_the_story(demo_json):
+    """Every method learns the new strides, which the pretrained model gets wrong; LoRA W_q,W_v among them."""
+    g = demo_json["gpt2"]
+    before = g["before_adaptation"]["val_acc"]
+    assert before < 0.2
+    for row in g["methods"]:
+        assert row["val_acc"] > before + 0.3, row["method"]

@@ -337,7 +337,8 @@ def _fit_kwargs(model, **overrides):
 @pytest.mark.parametrize(
     ("overrides", "error", "match"),
     [
-        ({"loss": "hinge"}, ValueError, "loss must be one of 'cross_entropy', 'mse', 'bce' or a callable, got 'hinge'"),
+        ({"loss": "hinge"}, ValueError,
+         "loss must be one of 'cross_entropy', 'mse', 'bce', 'lm' or a callable, got 'hinge'"),
         ({"loss": 3}, TypeError, "loss must be a loss name or a callable"),
         ({"epochs": 0}, ValueError, r"epochs must be in \[1, inf\], got 0"),
         ({"batch_size": 0}, ValueError, r"batch_size must be in \[1, inf\], got 0"),
@@ -421,7 +422,7 @@ def _config(**overrides):
         ({"epochs": "3"}, TypeError, "epochs must be an integer"),
         ({"batch_size": -1}, ValueError, r"batch_size must be in \[1, inf\], got -1"),
         ({"batch_size": 2.0}, TypeError, "batch_size must be an integer"),
-        ({"loss": "hinge"}, ValueError, "loss must be one of 'cross_entropy', 'mse', 'bce' or None, got 'hinge'"),
+        ({"loss": "hinge"}, ValueError, "loss must be one of 'cross_entropy', 'mse', 'bce', 'lm' or None, got 'hinge'"),
         ({"shuffle": 1}, TypeError, "shuffle must be True or False"),
         ({"has_val": "yes"}, TypeError, "has_val must be True or False"),
         ({"clip_grad_norm": 0.0}, ValueError, r"clip_grad_norm must be in \(0, inf\)"),

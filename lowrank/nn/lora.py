@@ -1,4 +1,4 @@
-"""LoRA layers and LoRA on a whole model: LoRALinear, injection, merging, counting.
+"""LoRA layers and LoRA on a whole model: LoRALinear, LoRAEmbedding, LoRAMergedLinear, injection, merging, counting.
 
 >>> from lowrank import nn
 >>> model = nn.MLP([16, 32, 4], random_state=0)
@@ -15,14 +15,18 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from lowrank.io.adapter import BIAS_MODES, lora_scaling, match_target_modules  # the one matcher and scaling rule
 from lowrank.nn import functional as F
+from lowrank.nn.functional import lora_variants as FV
 from lowrank.nn.functional.dora import check_row_norm, row_norm
 from lowrank.nn.modules import (
+    Conv1D,
+    Embedding,
     Linear,
     Module,
     Parameter,
@@ -34,9 +38,14 @@ from lowrank.nn.modules import (
 from lowrank.utils.validation import RandomState, check_bool, check_choice, check_int, check_random_state, check_real
 
 __all__ = [
+    "ADAPTABLE",
     "LORA_BIAS",
     "LORA_INITS",
+    "LORA_LAYERS",
+    "LoRAEmbedding",
     "LoRALinear",
+    "LoRAMergedLinear",
+    "TrainedBeside",
     "check_lora_config",
     "check_pissa_rank",
     "inject_lora",
@@ -45,6 +54,7 @@ __all__ = [
     "merge_lora",
     "replace_modules",
     "trainable_summary",
+    "trained_beside_lora",
 ]
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
@@ -154,7 +164,7 @@ class _Factor(Module):
 
 
 class LoRALinear(Module):
-    """A frozen Linear plus a trainable low-rank update: ``W + scaling * B @ A``.
+    """A frozen Linear (or Conv1D) plus a trainable low-rank update: ``W + scaling * B @ A``.
 
     ``y = x @ W.T + b + scaling * (drop(x) @ A.T) @ B.T``
     (:func:`lowrank.nn.functional.lora_linear`); with ``use_dora=True``,
@@ -164,7 +174,12 @@ class LoRALinear(Module):
 
     Parameters
     ----------
-    base : Linear
+    base : Linear or Conv1D
+        A :class:`~lowrank.nn.Conv1D` (transformers' layout, weight ``(in,
+        out)``) is PEFT's ``fan_in_fan_out=True``: A and B keep LoRA's
+        layout ``(r, in)`` and ``(out, r)``, only the base weight is stored
+        transposed, so the kernels get the ``(out, in)`` view ``weight.T``
+        and ``merge()`` adds ``(scaling * B @ A).T`` into it.
         Wrapped, not copied: its weight and bias Parameters become this
         layer's ``weight`` and ``bias`` and are frozen (``trainable=False``).
         ``init="pissa"`` replaces the weight's data with the residual, and
@@ -202,6 +217,8 @@ class LoRALinear(Module):
     B : Parameter of shape (out_features, r)
         Registered as ``lora_B.weight``.
     scaling : float
+    fan_in_fan_out : bool
+        True for a Conv1D base (weight stored ``(in, out)``).
     merged : bool
         True between ``merge()`` and ``unmerge()``. While merged, forward is
         the plain linear with ``W + scaling * B @ A`` (DoRA: ``(m / n)[:, None] *
@@ -224,11 +241,11 @@ class LoRALinear(Module):
     computed only if its Parameters are trainable.
     """
 
-    _base: Linear  # held, not registered as a sub-module: its Parameters are, as weight and bias
+    _base: Linear | Conv1D  # held, not registered as a sub-module: its Parameters are, as weight and bias
 
     def __init__(
         self,
-        base: Linear,
+        base: Linear | Conv1D,
         r: int = 8,
         alpha: float = 8,
         dropout: float = 0.0,
@@ -239,13 +256,14 @@ class LoRALinear(Module):
         use_dora: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(base, Linear):
-            raise TypeError(f"base must be a Linear, got {type(base).__name__}")
+        if not isinstance(base, (Linear, Conv1D)):
+            raise TypeError(f"base must be a Linear or a Conv1D, got {type(base).__name__}")
         r, alpha, dropout, use_rslora, init = check_lora_config(r, alpha, dropout, use_rslora, init)
         use_dora = check_bool(use_dora, "use_dora")
         in_features, out_features = base.in_features, base.out_features
+        self.fan_in_fan_out = isinstance(base, Conv1D)  # weight stored (in, out): PEFT's fan_in_fan_out
         if init == "pissa":
-            check_pissa_rank(r, base.weight.shape)
+            check_pissa_rank(r, (out_features, in_features))
         self._set_generator(random_state)
         object.__setattr__(self, "_base", base)  # held, not registered: its Parameters are, below
         self.weight = base.weight
@@ -261,7 +279,7 @@ class LoRALinear(Module):
         self._detach_norm = True
         self._merge_scale: np.ndarray | None = None  # DoRA's m / n, float64 (out,), while merged
         if use_dora:  # after the factors (and PiSSA's residual), as PEFT: the norm the forward divides by
-            norm = F.weight_norm_core(self.weight.data, A, B, self.scaling)  # (out,)
+            norm = F.weight_norm_core(self.weight_out_in(), A, B, self.scaling)  # (out,)
             self.lora_magnitude_vector = Parameter(check_row_norm(norm))  # PEFT's key
         self.weight.trainable = False
         if self.bias is not None:
@@ -281,19 +299,28 @@ class LoRALinear(Module):
             return A.astype(dtype), np.zeros((n_out, r), dtype)
         from lowrank.factor.svd import truncated_svd  # lazily: svd is not needed otherwise
 
-        W = self.weight.data.astype(np.float64)  # (out, in)
+        W = self.weight_out_in().astype(np.float64)  # (out, in)
         svd = truncated_svd(W, r)  # U (out, r), s (r,), Vt (r, in)
         root = np.sqrt(svd.s / self.scaling)  # (r,)
         A = (root[:, None] * svd.Vt).astype(dtype)  # (r, in)
         B = (svd.U * root).astype(dtype)  # (out, r)
         # the residual from the factors as stored, so residual + scaling * B @ A == W up to one rounding
         residual = W - self.scaling * (B.astype(np.float64) @ A.astype(np.float64))  # (out, in)
-        self.weight.data = residual.astype(dtype)
+        self._set_weight_out_in(residual.astype(dtype))
         return A, B
 
+    def weight_out_in(self) -> np.ndarray:
+        """The base weight as ``(out_features, in_features)``: ``weight``, or the view ``weight.T`` for Conv1D."""
+        W = self.weight.data
+        return W.T if self.fan_in_fan_out else W
+
+    def _set_weight_out_in(self, W: np.ndarray) -> None:
+        """Store an ``(out, in)`` weight in the base's layout (C-contiguous)."""
+        self.weight.data = np.ascontiguousarray(W.T) if self.fan_in_fan_out else W
+
     @property
-    def base(self) -> Linear:
-        """The wrapped Linear (sharing this layer's weight and bias Parameters)."""
+    def base(self) -> Linear | Conv1D:
+        """The wrapped Linear or Conv1D (sharing this layer's weight and bias Parameters)."""
         return self._base
 
     @property
@@ -337,18 +364,18 @@ class LoRALinear(Module):
         bias = None if self.bias is None else self.bias.data
         cache: F.LinearCache | F.LoRACache | F.DoRACache
         if self.merged:  # the update lives inside W now: the plain linear is the whole layer
-            y, cache = F.linear_core(x, self.weight.data, bias)
+            y, cache = F.linear_core(x, self.weight_out_in(), bias)
         else:
             mask = None
             if self.training and self.dropout > 0:
                 mask = F.dropout_mask(x.shape, self.dropout, random_state=self.generator, dtype=x.dtype)
+            W = self.weight_out_in()  # (out, in): a view for a Conv1D base
             if self.use_dora:
                 y, cache = F.dora_linear_core(
-                    x, self.weight.data, bias, self.A.data, self.B.data, self.magnitude.data, self.scaling,
-                    mask, self.detach_norm,
-                )  # fmt: skip
+                    x, W, bias, self.A.data, self.B.data, self.magnitude.data, self.scaling, mask, self.detach_norm
+                )
             else:
-                y, cache = F.lora_linear_core(x, self.weight.data, bias, self.A.data, self.B.data, self.scaling, mask)
+                y, cache = F.lora_linear_core(x, W, bias, self.A.data, self.B.data, self.scaling, mask)
         self._save_for_backward(cache, y)
         return y
 
@@ -374,7 +401,8 @@ class LoRALinear(Module):
         if self.B.trainable:
             accumulate_grad(self.B, g.B)
         if base_trainable:
-            accumulate_grad(self.weight, g.weight)
+            assert g.weight is not None  # computed when base_trainable
+            accumulate_grad(self.weight, np.ascontiguousarray(g.weight.T) if self.fan_in_fan_out else g.weight)
             if self.bias is not None:
                 accumulate_grad(self.bias, g.bias)
         elif self.bias is not None and self.bias.trainable:  # PEFT's bias="lora_only"/"all": db alone
@@ -382,7 +410,10 @@ class LoRALinear(Module):
         return g.x
 
     def delta_weight(self) -> np.ndarray:
-        """The update ``scaling * B @ A``, ndarray of shape (out_features, in_features), float64."""
+        """The update ``scaling * B @ A``, ndarray of shape (out_features, in_features), float64.
+
+        In LoRA's layout for a Conv1D base too (whose weight takes its transpose).
+        """
         B = self.B.data.astype(np.float64)  # (out, r)
         A = self.A.data.astype(np.float64)  # (r, in)
         return self.scaling * (B @ A)  # (out, in)
@@ -440,7 +471,7 @@ class LoRALinear(Module):
         every bit. Refused (ValueError) if a row norm or a magnitude is 0: a
         zero magnitude erases the row, which unmerge could not restore.
         """
-        W = self.weight.data  # (out, in)
+        W = self.weight_out_in()  # (out, in)
         norm = check_row_norm(F.weight_norm_core(W, self.A.data, self.B.data, self.scaling))  # (out,)
         m = self.magnitude.data  # (out,)
         zero = np.flatnonzero(m == 0)
@@ -459,13 +490,13 @@ class LoRALinear(Module):
         """DoRA's unmerge: ``W <- W' / c - scaling * B @ A`` with the merge's ``c``, float64, cast once."""
         scale = self._merge_scale
         assert scale is not None  # set by _merge_dora, the only way merged becomes True with DoRA
-        V = self.weight.data.astype(np.float64) / scale[:, None]  # (out, in)
+        V = self.weight_out_in().astype(np.float64) / scale[:, None]  # (out, in)
         V -= self.delta_weight()
         self._set_weight(V, "unmerge", "W' / (m / n) - scaling * B @ A")
         self._merge_scale = None
 
     def _set_weight(self, new64: np.ndarray, action: str, what: str) -> None:
-        """``W <- new64`` cast to W's dtype once; FloatingPointError (W unchanged) if not finite there."""
+        """``W <- new64`` (out, in) cast to W's dtype once; FloatingPointError (W unchanged) if not finite there."""
         dtype = self.weight.dtype
         with np.errstate(over="ignore", invalid="ignore"):  # checked right below
             new = new64.astype(dtype)  # (out, in)
@@ -476,14 +507,18 @@ class LoRALinear(Module):
                 f"non-finite entries in {dtype} (max |W| = {np.abs(self.weight.data).max():.3g}); "
                 f"the weights are unchanged"
             )
-        self.weight.data = new
+        self._set_weight_out_in(new)
 
     def _add_to_weight(self, sign: float, action: str) -> None:
-        """``W <- W + sign * scaling * B @ A`` in float64, cast once; refused if not finite."""
+        """``W <- W + sign * scaling * B @ A`` in float64, cast once; refused if not finite.
+
+        For a Conv1D base the ``(out, in)`` view ``weight.T`` is updated, so its
+        ``(in, out)`` weight gets ``(scaling * B @ A).T``.
+        """
         dtype = self.weight.dtype
         delta = self.delta_weight()  # (out, in), float64
         with np.errstate(over="ignore", invalid="ignore"):  # checked right below
-            new = (self.weight.data.astype(np.float64) + sign * delta).astype(dtype)  # (out, in)
+            new = (self.weight_out_in().astype(np.float64) + sign * delta).astype(dtype)  # (out, in)
         finite = np.isfinite(new)
         if not finite.all():
             raise FloatingPointError(
@@ -492,7 +527,7 @@ class LoRALinear(Module):
                 f"(max |W| = {np.abs(self.weight.data).max():.3g}, "
                 f"max |scaling * B @ A| = {np.abs(delta).max():.3g}); the weights are unchanged"
             )
-        self.weight.data = new
+        self._set_weight_out_in(new)
 
     def extra_repr(self) -> str:
         """The layer's sizes and settings, for ``repr``."""
@@ -501,8 +536,362 @@ class LoRALinear(Module):
             f"bias={self.bias is not None}, r={self.r}, alpha={self.alpha:g}, "
             f"scaling={self.scaling:g}, dropout={self.dropout:g}, use_rslora={self.use_rslora}, "
             f"init={self.init!r}, merged={self.merged}"
+            + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
             + (f", use_dora=True, detach_norm={self.detach_norm}" if self.use_dora else "")
         )
+
+
+def _add_delta(weight: Parameter, delta: np.ndarray, sign: float, who: str, action: str) -> None:
+    """``weight <- weight + sign * delta`` in float64, cast once; FloatingPointError if not finite, weight unchanged.
+
+    ``delta`` is float64 and already in the weight's layout. The fold of
+    :class:`LoRAEmbedding` and :class:`LoRAMergedLinear` (the rule of
+    :meth:`LoRALinear.merge`).
+    """
+    dtype = weight.dtype
+    with np.errstate(over="ignore", invalid="ignore"):  # checked right below
+        new = (weight.data.astype(np.float64) + sign * delta).astype(dtype)
+    finite = np.isfinite(new)
+    if not finite.all():
+        raise FloatingPointError(
+            f"{who}.{action} refused: W {'+' if sign > 0 else '-'} delta would have "
+            f"{int(np.count_nonzero(~finite))} non-finite entries in {dtype} (max |W| = "
+            f"{np.abs(weight.data).max():.3g}, max |delta| = {np.abs(delta).max():.3g}); the weights are unchanged"
+        )
+    weight.data = new
+
+
+class LoRAEmbedding(Module):
+    """A frozen Embedding plus a trainable low-rank update, as PEFT's ``lora.Embedding``.
+
+    ``y = W[idx] + scaling * A.T[idx] @ B.T`` (:func:`lowrank.nn.functional.lora_embedding`):
+    the table ``W (num_embeddings, embedding_dim)`` gets ``ΔW = scaling * (B @ A).T``.
+
+    Parameters
+    ----------
+    base : Embedding
+        Wrapped, not copied: its weight Parameter becomes this layer's
+        ``weight`` and is frozen; ``merge()`` writes into it.
+    r : int, default 8
+    alpha : float, default 8
+    use_rslora : bool, default False
+        As :class:`LoRALinear`.
+    init : {"kaiming", "gaussian"}, default "kaiming"
+        PEFT initialises an Embedding's factors the same way for both (and
+        for ``init_lora_weights=True``): ``A = 0``, ``B ~ N(0, 1)``
+        (loralib's choice), so a fresh adapter changes nothing. PiSSA is
+        refused.
+    random_state : None, int or numpy.random.Generator
+        Draws the initial B. PEFT applies no dropout on an Embedding's LoRA
+        path, so this layer has none and draws nothing while training.
+
+    Attributes
+    ----------
+    A : Parameter of shape (r, num_embeddings)
+        Registered as ``lora_embedding_A`` (PEFT's key, without ``.weight``).
+    B : Parameter of shape (embedding_dim, r)
+        Registered as ``lora_embedding_B``.
+    scaling : float
+    merged : bool
+
+    Notes
+    -----
+    State-dict keys: ``"weight"``, ``"lora_embedding_A"``, ``"lora_embedding_B"``.
+    Trainable numbers: ``r * (num_embeddings + embedding_dim)``.
+    """
+
+    _base: Embedding
+
+    def __init__(
+        self,
+        base: Embedding,
+        r: int = 8,
+        alpha: float = 8,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        random_state: RandomState = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, Embedding):
+            raise TypeError(f"base must be an Embedding, got {type(base).__name__}")
+        r, alpha, _, use_rslora, init = check_lora_config(r, alpha, 0.0, use_rslora, init)
+        if init == "pissa":
+            raise ValueError("init='pissa' is not available for an Embedding; use 'kaiming' or 'gaussian'")
+        object.__setattr__(self, "_base", base)
+        self.weight = base.weight
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.r, self.alpha, self.use_rslora, self.init = r, alpha, use_rslora, init
+        self.scaling = lora_scaling(alpha, r, use_rslora)
+        self.merged = False
+        rng = check_random_state(random_state)
+        dtype = self.weight.dtype
+        self.lora_embedding_A = Parameter(np.zeros((r, self.num_embeddings), dtype))  # (r, num)
+        self.lora_embedding_B = Parameter(rng.standard_normal((self.embedding_dim, r)).astype(dtype))  # (dim, r)
+        self.weight.trainable = False
+
+    @property
+    def base(self) -> Embedding:
+        """The wrapped Embedding (sharing this layer's weight Parameter)."""
+        return self._base
+
+    @property
+    def A(self) -> Parameter:
+        """PEFT's ``lora_embedding_A``, shape (r, num_embeddings)."""
+        return self.lora_embedding_A
+
+    @property
+    def B(self) -> Parameter:
+        """PEFT's ``lora_embedding_B``, shape (embedding_dim, r)."""
+        return self.lora_embedding_B
+
+    def adapter_parameters(self) -> list[Parameter]:
+        """The parameters the adapter trains: A and B."""
+        return [self.A, self.B]
+
+    def forward(self, x: Any) -> np.ndarray:
+        """Map integer ids ``x`` (any shape) to ``y`` (*x.shape, embedding_dim); checks ``x`` once."""
+        idx = F.check_indices(x, self.num_embeddings, "indices")
+        cache: Any
+        if self.merged:
+            flat = idx.reshape(-1)
+            y = self.weight.data[flat].reshape(*idx.shape, self.embedding_dim)  # (..., dim)
+            cache = None
+        else:
+            y, cache = FV.lora_embedding_core(idx, self.weight.data, self.A.data, self.B.data, self.scaling)
+        self._save_for_backward(cache, y)
+        return y
+
+    def backward(self, dy: Any) -> None:  # type: ignore[override]  # integer input: no dx
+        """Add into A.grad and B.grad (and the table's, if trainable); an integer input has no gradient.
+
+        Raises RuntimeError while merged.
+        """
+        if self.merged:
+            raise RuntimeError("LoRAEmbedding.backward while merged: call unmerge() and run forward again")
+        cache, dy = self._take_for_backward(dy)
+        g = FV.lora_embedding_backward_core(dy, cache, base_trainable=self.weight.trainable)
+        if self.A.trainable:
+            accumulate_grad(self.A, g.A)
+        if self.B.trainable:
+            accumulate_grad(self.B, g.B)
+        if self.weight.trainable:
+            accumulate_grad(self.weight, g.weight)
+        return None
+
+    def delta_weight(self) -> np.ndarray:
+        """The update ``scaling * (B @ A).T``, ndarray of shape (num_embeddings, embedding_dim), float64."""
+        return self.scaling * (self.B.data.astype(np.float64) @ self.A.data.astype(np.float64)).T  # (num, dim)
+
+    def merge(self) -> None:
+        """``W <- W + scaling * (B @ A).T``, in float64, cast once (as :meth:`LoRALinear.merge`)."""
+        if self.merged:
+            raise RuntimeError("LoRAEmbedding.merge: already merged (call unmerge() first)")
+        _add_delta(self.weight, self.delta_weight(), +1.0, "LoRAEmbedding", "merge")
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """``W <- W - scaling * (B @ A).T``, in float64, cast once (as :meth:`LoRALinear.unmerge`)."""
+        if not self.merged:
+            raise RuntimeError("LoRAEmbedding.unmerge: not merged")
+        _add_delta(self.weight, self.delta_weight(), -1.0, "LoRAEmbedding", "unmerge")
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        """The layer's sizes and settings, for ``repr``."""
+        return (
+            f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, r={self.r}, "
+            f"alpha={self.alpha:g}, scaling={self.scaling:g}, use_rslora={self.use_rslora}, merged={self.merged}"
+        )
+
+
+class LoRAMergedLinear(Module):
+    """LoRA on some output blocks of a fused projection: loralib's ``MergedLinear``.
+
+    The ``out_features`` outputs of the base are ``len(enable_lora)`` equal
+    blocks of ``d`` rows (GPT-2's ``c_attn``: q, k, v); each enabled block
+    ``j`` gets its own update ``scaling * B_j @ A_j``, the others none
+    (:func:`lowrank.nn.functional.lora_merged_linear`).
+    ``enable_lora=[True, False, True]`` on ``c_attn`` adapts W_q and W_v
+    only: the LoRA paper's GPT-2 and GPT-3 setting.
+
+    Parameters
+    ----------
+    base : Linear or Conv1D
+        As :class:`LoRALinear` (a Conv1D is ``fan_in_fan_out``).
+    r, alpha, dropout, use_rslora
+        As :class:`LoRALinear`; ``r`` is each block's rank.
+    enable_lora : sequence of bool
+        One per block; its length divides ``out_features``; one True at least.
+    init : {"kaiming", "gaussian"}, default "kaiming"
+        As :class:`LoRALinear` over the stacked ``A`` (loralib: kaiming, B = 0).
+    random_state : None, int or numpy.random.Generator
+
+    Attributes
+    ----------
+    A : Parameter of shape (k * r, in_features)
+        ``k = sum(enable_lora)``; rows ``j*r:(j+1)*r`` are ``A_j``. Registered
+        as ``lora_A`` (loralib's key, no ``.weight``).
+    B : Parameter of shape (k * d, r)
+        Rows ``j*d:(j+1)*d`` are ``B_j``. Registered as ``lora_B``.
+    scaling : float
+    merged : bool
+
+    Notes
+    -----
+    State-dict keys: ``"weight"``, ``"bias"``, ``"lora_A"``, ``"lora_B"``,
+    the names and shapes of a loralib checkpoint. PEFT has no equivalent
+    (it adapts the whole fused projection), so
+    :func:`lowrank.io.save_peft_adapter` refuses this layer.
+    Trainable numbers: ``k * r * (in_features + d)``.
+    """
+
+    _base: Linear | Conv1D
+
+    def __init__(
+        self,
+        base: Linear | Conv1D,
+        r: int = 8,
+        alpha: float = 8,
+        dropout: float = 0.0,
+        enable_lora: Any = (True, False, True),
+        use_rslora: bool = False,
+        init: str = "kaiming",
+        random_state: RandomState = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, (Linear, Conv1D)):
+            raise TypeError(f"base must be a Linear or a Conv1D, got {type(base).__name__}")
+        r, alpha, dropout, use_rslora, init = check_lora_config(r, alpha, dropout, use_rslora, init)
+        if init == "pissa":
+            raise ValueError("init='pissa' is not available with enable_lora; use 'kaiming' or 'gaussian'")
+        in_features, out_features = base.in_features, base.out_features
+        self.enable_lora = FV.check_enable_lora(enable_lora, out_features)
+        self.rows = FV.enabled_rows(out_features, self.enable_lora)  # (k * d,)
+        k, d = sum(self.enable_lora), out_features // len(self.enable_lora)
+        self.fan_in_fan_out = isinstance(base, Conv1D)
+        self._set_generator(random_state)
+        object.__setattr__(self, "_base", base)
+        self.weight = base.weight
+        self.bias = base.bias
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.alpha, self.dropout, self.use_rslora, self.init = r, alpha, dropout, use_rslora, init
+        self.scaling = lora_scaling(alpha, r, use_rslora)
+        self.merged = False
+        rng = self.generator
+        assert rng is not None
+        dtype = self.weight.dtype
+        if init == "kaiming":
+            bound = 1.0 / math.sqrt(in_features)
+            A = rng.uniform(-bound, bound, (k * r, in_features))
+        else:
+            A = rng.normal(0.0, 1.0 / r, (k * r, in_features))
+        self.lora_A = Parameter(A.astype(dtype))  # (k*r, in)
+        self.lora_B = Parameter(np.zeros((k * d, r), dtype))  # (k*d, r)
+        self.weight.trainable = False
+        if self.bias is not None:
+            self.bias.trainable = False
+
+    @property
+    def base(self) -> Linear | Conv1D:
+        """The wrapped Linear or Conv1D."""
+        return self._base
+
+    @property
+    def A(self) -> Parameter:
+        """The stacked down-projections, shape (k * r, in_features)."""
+        return self.lora_A
+
+    @property
+    def B(self) -> Parameter:
+        """The stacked up-projections, shape (k * d, r)."""
+        return self.lora_B
+
+    def adapter_parameters(self) -> list[Parameter]:
+        """The parameters the adapter trains: A and B."""
+        return [self.A, self.B]
+
+    def weight_out_in(self) -> np.ndarray:
+        """The base weight as ``(out_features, in_features)`` (a view for Conv1D)."""
+        W = self.weight.data
+        return W.T if self.fan_in_fan_out else W
+
+    def forward(self, x: Any) -> np.ndarray:
+        """Map ``x`` (..., in_features) to ``y`` (..., out_features); checks ``x`` once."""
+        x = as_array_of(x, "x", self.weight.dtype)
+        check_features(x, self.in_features)
+        bias = None if self.bias is None else self.bias.data
+        cache: F.LinearCache | FV.LoRAMergedCache
+        if self.merged:
+            y, cache = F.linear_core(x, self.weight_out_in(), bias)
+        else:
+            mask = None
+            if self.training and self.dropout > 0:
+                mask = F.dropout_mask(x.shape, self.dropout, random_state=self.generator, dtype=x.dtype)
+            y, cache = FV.lora_merged_linear_core(
+                x, self.weight_out_in(), bias, self.A.data, self.B.data, self.scaling, self.rows, mask
+            )
+        self._save_for_backward(cache, y)
+        return y
+
+    def backward(self, dy: Any) -> np.ndarray:
+        """Map ``dy`` (..., out_features) to ``dx``; adds into A.grad and B.grad. RuntimeError while merged."""
+        if self.merged:
+            raise RuntimeError("LoRAMergedLinear.backward while merged: call unmerge() and run forward again")
+        base_trainable = base_is_trainable(self)
+        cache, dy = self._take_for_backward(dy)
+        g = FV.lora_merged_linear_backward_core(dy, cache, base_trainable=base_trainable)
+        if self.A.trainable:
+            accumulate_grad(self.A, g.A)
+        if self.B.trainable:
+            accumulate_grad(self.B, g.B)
+        if base_trainable:
+            assert g.weight is not None
+            accumulate_grad(self.weight, np.ascontiguousarray(g.weight.T) if self.fan_in_fan_out else g.weight)
+            if self.bias is not None:
+                accumulate_grad(self.bias, g.bias)
+        elif self.bias is not None and self.bias.trainable:
+            accumulate_grad(self.bias, dy.reshape(-1, self.out_features).sum(axis=0))  # (out,)
+        return g.x
+
+    def delta_weight(self) -> np.ndarray:
+        """The update ``ΔW``, ndarray of shape (out_features, in_features), float64: loralib's ``merge_AB() * scaling``.
+
+        Block ``j``'s rows are ``scaling * B_j @ A_j``; a disabled block's are 0.
+        """
+        return FV.merged_delta_core(self.A.data, self.B.data, self.scaling, self.rows, self.out_features)
+
+    def _delta_in_layout(self) -> np.ndarray:
+        delta = self.delta_weight()  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self) -> None:
+        """``W <- W + ΔW`` (transposed for Conv1D), in float64, cast once (as :meth:`LoRALinear.merge`)."""
+        if self.merged:
+            raise RuntimeError("LoRAMergedLinear.merge: already merged (call unmerge() first)")
+        _add_delta(self.weight, self._delta_in_layout(), +1.0, "LoRAMergedLinear", "merge")
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """``W <- W - ΔW``, in float64, cast once (as :meth:`LoRALinear.unmerge`)."""
+        if not self.merged:
+            raise RuntimeError("LoRAMergedLinear.unmerge: not merged")
+        _add_delta(self.weight, self._delta_in_layout(), -1.0, "LoRAMergedLinear", "unmerge")
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        """The layer's sizes and settings, for ``repr``."""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, r={self.r}, alpha={self.alpha:g}, enable_lora={list(self.enable_lora)}, "
+            f"scaling={self.scaling:g}, dropout={self.dropout:g}, merged={self.merged}"
+            + (", fan_in_fan_out=True" if self.fan_in_fan_out else "")
+        )
+
+
+# The LoRA layer classes: what mark_only_lora_as_trainable keeps trainable, merge_lora folds,
+# inject_lora refuses to adapt twice. Each has .A, .B, .base, .merged, merge() and unmerge().
+LORA_LAYERS = (LoRALinear, LoRAEmbedding, LoRAMergedLinear)
+ADAPTABLE = (Linear, Conv1D, Embedding)  # the base layers inject_lora wraps
 
 
 # ---------------------------------------------------------------- LoRA on a model: replace, freeze, match
@@ -602,8 +991,9 @@ def mark_only_lora_as_trainable(
 ) -> Module:
     """Freeze every parameter of ``model`` except the LoRA factors, in place (loralib's and PEFT's name).
 
-    Every parameter that is not the ``A`` or ``B`` (or DoRA's magnitude) of a
-    :class:`LoRALinear` gets ``trainable=False``, except the biases ``bias`` names and the
+    Every parameter that is not the ``A`` or ``B`` of a LoRA layer (:class:`LoRALinear`,
+    :class:`LoRAEmbedding`, :class:`LoRAMergedLinear`), or DoRA's magnitude,
+    gets ``trainable=False``, except the biases ``bias`` names and the
     modules ``also_trainable`` names, which get ``trainable=True``; the
     factors keep their flags (a new layer's are True). :func:`inject_lora`
     and :func:`lowrank.io.load_peft_adapter` end with it, as PEFT's
@@ -625,7 +1015,8 @@ def mark_only_lora_as_trainable(
     Returns
     -------
     Module
-        ``model``.
+        ``model``, which remembers ``bias`` and ``also_trainable`` for
+        :func:`trained_beside_lora` (so an adapter saves back with them).
 
     Raises
     ------
@@ -641,7 +1032,7 @@ def mark_only_lora_as_trainable(
     bias = check_choice(bias, "bias", LORA_BIAS)
     modules = dict(model.named_modules())
     keep = _check_module_names(also_trainable, modules, "also_trainable")
-    factors = {id(p) for m in model.modules() if isinstance(m, LoRALinear) for p in m.adapter_parameters()}
+    factors = {id(p) for m in model.modules() if isinstance(m, LORA_LAYERS) for p in m.adapter_parameters()}
     if not factors:
         raise ValueError(
             f"model has no LoRALinear layer ({type(model).__name__}): marking only LoRA factors as "
@@ -649,7 +1040,8 @@ def mark_only_lora_as_trainable(
         )
     trained = {id(p) for name in keep for p in modules[name].parameters()}
     if bias == "lora_only":
-        trained |= {id(m.bias) for m in model.modules() if isinstance(m, LoRALinear) and m.bias is not None}
+        linear_lora = (LoRALinear, LoRAMergedLinear)  # an Embedding has no bias
+        trained |= {id(m.bias) for m in model.modules() if isinstance(m, linear_lora) and m.bias is not None}
     elif bias == "all":
         trained |= {id(p) for name, p in model.named_parameters() if name.rpartition(".")[2] == "bias"}
     for p in model.parameters():
@@ -657,7 +1049,37 @@ def mark_only_lora_as_trainable(
             p.trainable = True
         elif id(p) not in factors:
             p.trainable = False
+    object.__setattr__(model, "_lora_trained_beside", TrainedBeside(bias=bias, modules_to_save=tuple(keep)))
     return model
+
+
+@dataclass(frozen=True, slots=True)
+class TrainedBeside:
+    """What trains beside the LoRA factors: PEFT's ``bias`` and ``modules_to_save``.
+
+    Attributes
+    ----------
+    bias : {"none", "lora_only", "all"}
+    modules_to_save : tuple of str
+        Dotted names of the modules trained in full.
+    """
+
+    bias: str = "none"
+    modules_to_save: tuple[str, ...] = ()
+
+
+def trained_beside_lora(model: Module) -> TrainedBeside:
+    """The ``bias`` and ``modules_to_save`` the last :func:`mark_only_lora_as_trainable` on ``model`` set.
+
+    :func:`inject_lora` and :func:`lowrank.io.load_peft_adapter` end with that
+    call, so :func:`lowrank.io.save_peft_adapter` saves a loaded or injected
+    adapter back with its settings without being told them again.
+    ``TrainedBeside("none", ())`` for a model never marked.
+    """
+    if not isinstance(model, Module):
+        raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
+    found = model.__dict__.get("_lora_trained_beside")
+    return found if isinstance(found, TrainedBeside) else TrainedBeside()
 
 
 def _check_module_names(names: Any, modules: Mapping[str, Module], what: str) -> list[str]:
@@ -673,7 +1095,7 @@ def _check_module_names(names: Any, modules: Mapping[str, Module], what: str) ->
     unknown = [n for n in names if n not in modules]
     if unknown:
         raise ValueError(f"{what} {unknown} are not modules of the model; its modules are {[n for n in modules if n]}")
-    lora = [n for n in names if isinstance(modules[n], (LoRALinear, _Factor))]
+    lora = [n for n in names if isinstance(modules[n], (*LORA_LAYERS, _Factor))]
     if lora:
         raise ValueError(f"{what} {lora} are LoRA layers: their factors train already, and their base stays frozen")
     return names
@@ -693,8 +1115,14 @@ def inject_lora(
     bias: str = "none",
     modules_to_save: Iterable[str] | None = None,
     use_dora: bool = False,
+    enable_lora: Iterable[bool] | None = None,
 ) -> Module:
-    """Wrap Linear layers in :class:`LoRALinear` and freeze everything else, in place.
+    """Wrap Linear, Conv1D and Embedding layers in LoRA layers and freeze everything else, in place.
+
+    A :class:`~lowrank.nn.Linear` or :class:`~lowrank.nn.Conv1D` becomes a
+    :class:`LoRALinear` (a Conv1D is PEFT's ``fan_in_fan_out``), or a
+    :class:`LoRAMergedLinear` with ``enable_lora``; an
+    :class:`~lowrank.nn.Embedding` becomes a :class:`LoRAEmbedding`.
 
     Parameters
     ----------
@@ -712,9 +1140,14 @@ def inject_lora(
     dropout, use_rslora, init
         As :class:`LoRALinear`, the same for every adapted layer.
     targets : iterable of str, optional
-        The exact dotted names of the Linear layers to adapt (``["0", "2"]``,
-        or ``"block.fc"`` in nested modules); all Linear layers when None
-        (and ``target_modules`` is None).
+        The exact dotted names of the layers to adapt (``["0", "2"]``,
+        or ``"block.fc"`` in nested modules): Linear, Conv1D or Embedding
+        layers. An entry that is the name of no module of the model is
+        taken as a dotted suffix, PEFT's list rule: ``["c_attn"]`` adapts
+        every ``transformer.h.N.attn.c_attn`` of a GPT-2. When None (and ``target_modules`` is None), every Linear and
+        Conv1D layer; an Embedding is adapted only when named. An
+        Embedding's LoRA path has no dropout (PEFT applies none there), so
+        ``dropout`` does not reach it.
     random_state : None, int or numpy.random.Generator
         Resolved once and handed to every new layer, in the model's order:
         the same seed gives the same adapters (and the same dropout masks).
@@ -734,6 +1167,12 @@ def inject_lora(
     use_dora : bool, default False
         Every new layer is DoRA (:class:`LoRALinear` with ``use_dora=True``):
         its trainable magnitude (key ``"0.lora_magnitude_vector"``) joins the factors.
+    enable_lora : sequence of bool, optional
+        loralib's ``MergedLinear``: each targeted Linear/Conv1D becomes a
+        :class:`LoRAMergedLinear` whose output is ``len(enable_lora)`` equal
+        blocks, only the enabled ones adapted (``[True, False, True]`` on
+        GPT-2's fused ``c_attn``: W_q and W_v, the LoRA paper's choice).
+        Not with an Embedding target or ``init="pissa"``.
 
     Returns
     -------
@@ -747,9 +1186,12 @@ def inject_lora(
         An unknown target (the message lists the Linear layers there are), a
         target that is already a LoRA layer, no Linear layer to adapt, a
         per-layer mapping without an adapted layer, a ``modules_to_save``
-        entry that matches no module or an adapted layer, a value
-        :func:`check_lora_config` or :func:`check_pissa_rank` refuses, or
-        with ``use_dora`` a weight with a zero row (DoRA's direction is undefined there).
+        entry that matches no module or an adapted layer, ``enable_lora``
+        with an Embedding target or a length that does not divide a
+        targeted layer's ``out_features``, ``init="pissa"`` with an Embedding
+        or ``enable_lora``, ``use_dora`` with an Embedding or ``enable_lora``
+        or a weight with a zero row (DoRA's direction is undefined there), or
+        a value :func:`check_lora_config` or :func:`check_pissa_rank` refuses.
     TypeError
         ``model`` is not a Module, ``targets`` is a string or holds
         non-strings, both ``targets`` and ``target_modules`` are given, or a
@@ -783,16 +1225,16 @@ def inject_lora(
     use_dora = check_bool(use_dora, "use_dora")
     bias = check_choice(bias, "bias", LORA_BIAS)
     modules = model.named_modules()
-    linears = {name: m for name, m in modules if isinstance(m, Linear)}
-    adapted = [name for name, m in modules if isinstance(m, LoRALinear)]
+    linears = {name: m for name, m in modules if isinstance(m, ADAPTABLE)}  # what LoRA can wrap
+    adapted = [name for name, m in modules if isinstance(m, LORA_LAYERS)]
     if targets is not None and target_modules is not None:
         raise TypeError("give targets (exact layer names) or target_modules (PEFT's rule), not both")
     if target_modules is not None:
         chosen = [name for name in linears if match_target_modules(target_modules, name)]
         if not chosen:
             raise ValueError(
-                f"target_modules {target_modules!r} matches no Linear layer of the model; "
-                f"its Linear layers are {list(linears)}"
+                f"target_modules {target_modules!r} matches no Linear, Conv1D or Embedding layer of the model; "
+                f"its layers LoRA can adapt are {list(linears)}"
             )
         chosen = _check_targets(chosen, linears, adapted)
     elif targets is None:
@@ -801,19 +1243,49 @@ def inject_lora(
                 f"model already has LoRA layers at {adapted}: name the Linear layers still to adapt "
                 f"with targets (plain Linear layers: {list(linears)}), or merge_lora(model) first"
             )
-        if not linears:
-            raise ValueError(f"model has no Linear layer to adapt ({type(model).__name__})")
-        chosen = list(linears)
+        chosen = [name for name, m in linears.items() if not isinstance(m, Embedding)]
+        if not chosen:
+            raise ValueError(
+                f"model has no Linear or Conv1D layer to adapt ({type(model).__name__}); name an Embedding with targets"
+            )
     else:
-        chosen = _check_targets(targets, linears, adapted)
+        chosen = _check_targets(targets, linears, adapted, {name for name, _ in modules})
     settings = {name: _layer_settings(r, alpha, dropout, use_rslora, init, name) for name in chosen}
+    embeddings = [name for name in chosen if isinstance(linears[name], Embedding)]
     if init == "pissa":
+        if embeddings or enable_lora is not None:
+            raise ValueError(
+                f"init='pissa' is for Linear and Conv1D layers without enable_lora, got "
+                f"{f'the Embedding layers {embeddings}' if embeddings else f'enable_lora={enable_lora!r}'}"
+            )
         for name in chosen:
-            check_pissa_rank(settings[name][0], linears[name].weight.shape, layer=name)
-    if use_dora:  # each new layer refuses a zero row norm; find one before any layer (PiSSA's) changes W
+            base = linears[name]
+            assert not isinstance(base, Embedding)  # refused just above
+            check_pissa_rank(settings[name][0], (base.out_features, base.in_features), layer=name)
+    if enable_lora is not None:
+        if embeddings:
+            raise ValueError(
+                f"enable_lora is for fused Linear/Conv1D projections, not the Embedding layers {embeddings}"
+            )
         for name in chosen:
+            base = linears[name]
+            assert not isinstance(base, Embedding)  # refused just above
             try:
-                check_row_norm(row_norm(linears[name].weight.data))  # V = W while B = 0
+                enable_lora = FV.check_enable_lora(enable_lora, base.out_features)
+            except ValueError as exc:
+                raise ValueError(f"layer {name or '<the model itself>'!r}: {exc}") from None
+    if use_dora:  # each new layer refuses a zero row norm; find one before any layer (PiSSA's) changes W
+        if embeddings or enable_lora is not None:
+            raise ValueError(
+                f"use_dora is for Linear and Conv1D layers without enable_lora, got "
+                f"{f'the Embedding layers {embeddings}' if embeddings else f'enable_lora={enable_lora!r}'}"
+            )
+        for name in chosen:
+            base = linears[name]
+            assert not isinstance(base, Embedding)  # refused just above
+            weight = base.weight.data.T if isinstance(base, Conv1D) else base.weight.data  # (out, in)
+            try:
+                check_row_norm(row_norm(weight))  # V = W while B = 0
             except (ValueError, FloatingPointError) as exc:
                 raise type(exc)(f"layer {name or '<the model itself>'!r}: {exc}") from None
     saved = _match_modules_to_save(modules_to_save, [n for n, _ in modules], set(chosen))
@@ -823,10 +1295,19 @@ def inject_lora(
     for name in chosen:  # in model order: the generator's draws follow it
         base = linears[name]
         r_i, alpha_i = settings[name]
-        lora = LoRALinear(
-            base, r=r_i, alpha=alpha_i, dropout=dropout, use_rslora=use_rslora, init=init, random_state=rng,
-            use_dora=use_dora,
-        )
+        lora: Module
+        if isinstance(base, Embedding):
+            lora = LoRAEmbedding(base, r=r_i, alpha=alpha_i, use_rslora=use_rslora, init=init, random_state=rng)
+        elif enable_lora is not None:
+            lora = LoRAMergedLinear(
+                base, r=r_i, alpha=alpha_i, dropout=dropout, enable_lora=enable_lora, use_rslora=use_rslora,
+                init=init, random_state=rng,
+            )  # fmt: skip
+        else:
+            lora = LoRALinear(
+                base, r=r_i, alpha=alpha_i, dropout=dropout, use_rslora=use_rslora, init=init, random_state=rng,
+                use_dora=use_dora,
+            )  # fmt: skip
         new_layers[name] = lora.train(base.training)
     model = replace_modules(model, new_layers)
     return mark_only_lora_as_trainable(model, bias=bias, also_trainable=saved)
@@ -887,8 +1368,14 @@ def _match_modules_to_save(modules_to_save: Any, names: list[str], adapted: set[
     return matched
 
 
-def _check_targets(targets: Any, linears: dict[str, Linear], adapted: list[str]) -> list[str]:
-    """The targeted Linear names, in the model's order; every problem in one message."""
+def _check_targets(
+    targets: Any, linears: Mapping[str, Module], adapted: list[str], names: set[str] | None = None
+) -> list[str]:
+    """The targeted layer names, in the model's order; every problem in one message.
+
+    With ``names`` (every module name of the model), an entry that is none of
+    them is matched as a dotted suffix (PEFT's list rule) against the layers.
+    """
     if isinstance(targets, (str, bytes)) or not isinstance(targets, Iterable):
         raise TypeError(
             f"targets must be a list of layer names such as ['0', '2'], got {type(targets).__name__} {targets!r}"
@@ -898,7 +1385,13 @@ def _check_targets(targets: Any, linears: dict[str, Linear], adapted: list[str])
     if bad_types:
         raise TypeError(f"targets must hold layer names (str), got {bad_types!r}")
     if not targets:
-        raise ValueError(f"targets must name at least one Linear layer of {list(linears)}, got []")
+        raise ValueError(f"targets must name at least one layer of {list(linears)}, got []")
+    if names is not None:  # "c_attn", the name of no module: every layer whose name ends in ".c_attn"
+        targets = [
+            n
+            for t in targets
+            for n in ([t] if t in names else [m for m in (*linears, *adapted) if match_target_modules([t], m)] or [t])
+        ]
     again = [t for t in targets if t in adapted]
     if again:
         raise ValueError(
@@ -907,7 +1400,10 @@ def _check_targets(targets: Any, linears: dict[str, Linear], adapted: list[str])
         )
     unknown = [t for t in targets if t not in linears]
     if unknown:
-        raise ValueError(f"targets {unknown} are not Linear layers of the model; the Linear layers are {list(linears)}")
+        raise ValueError(
+            f"targets {unknown} are not Linear, Conv1D or Embedding layers of the model; "
+            f"the layers LoRA can adapt are {list(linears)}"
+        )
     wanted = set(targets)
     return [name for name in linears if name in wanted]
 
@@ -981,7 +1477,7 @@ def merge_lora(model: Module) -> Module:
     plain = copy.deepcopy(model)
     bases: dict[str, Module] = {}
     for name, lora in plain.named_modules():
-        if not isinstance(lora, LoRALinear):
+        if not isinstance(lora, LORA_LAYERS):
             continue
         if not lora.merged:
             try:

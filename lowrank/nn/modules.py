@@ -49,11 +49,15 @@ from lowrank.utils.validation import (
     check_float_dtype,
     check_int,
     check_random_state,
+    check_real,
 )
 
 __all__ = [
     "GELU",
+    "Conv1D",
+    "Embedding",
     "IncompatibleKeys",
+    "LayerNorm",
     "Linear",
     "Module",
     "Parameter",
@@ -526,6 +530,199 @@ class Linear(Module):
     def extra_repr(self) -> str:
         """``in_features=…, out_features=…, bias=…``, as torch prints it."""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# ---------------------------------------------------------------- Conv1D, LayerNorm, Embedding
+
+
+class Conv1D(Module):
+    """``y = x @ weight + bias``, transformers' ``Conv1D`` (:func:`lowrank.nn.functional.conv1d`).
+
+    GPT-2's projection layer: a linear layer whose weight is stored
+    ``(in_features, out_features)``, the transpose of :class:`Linear`'s, so a
+    transformers state dict loads without transposing. Note the argument
+    order: ``Conv1D(in_features, out_features)`` here, ``Conv1D(nf=out, nx=in)``
+    in transformers.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    bias : bool, default True
+    dtype : float32 or float64, default float32
+    random_state : None, int or numpy.random.Generator
+        For the initialization, transformers': weight ``~ N(0, 0.02²)`` (drawn
+        in float64, then cast), bias zeros.
+
+    Attributes
+    ----------
+    weight : Parameter of shape (in_features, out_features)
+    bias : Parameter of shape (out_features,), or None
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        dtype: Any = np.float32,
+        random_state: RandomState = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_int(in_features, "in_features", low=1)
+        self.out_features = check_int(out_features, "out_features", low=1)
+        bias = check_bool(bias, "bias")
+        dtype = check_float_dtype(dtype)
+        rng = check_random_state(random_state)
+        self.weight = Parameter(rng.normal(0.0, 0.02, (self.in_features, self.out_features)).astype(dtype))
+        self.bias = Parameter(np.zeros(self.out_features, dtype=dtype)) if bias else None
+
+    def forward(self, x: Any) -> np.ndarray:
+        """Map ``x`` (..., in_features) to ``y`` (..., out_features); checks ``x`` once."""
+        x = as_array_of(x, "x", self.weight.dtype)
+        check_features(x, self.in_features)
+        bias = None if self.bias is None else self.bias.data
+        y, cache = F.conv1d_core(x, self.weight.data, bias)  # (..., out)
+        self._save_for_backward(cache, y)
+        return y
+
+    def backward(self, dy: Any) -> np.ndarray:
+        """Map ``dy`` (..., out_features) to ``dx`` (..., in_features); adds into weight.grad, bias.grad."""
+        trainable = base_is_trainable(self)  # before taking the cache: an error leaves it in place
+        cache, dy = self._take_for_backward(dy)
+        g = F.conv1d_backward_core(dy, cache, trainable=trainable)
+        if trainable:
+            accumulate_grad(self.weight, g.weight)
+            if self.bias is not None:
+                accumulate_grad(self.bias, g.bias)
+        elif self.bias is not None and self.bias.trainable:  # a trainable bias beside a frozen weight
+            accumulate_grad(self.bias, dy.reshape(-1, self.out_features).sum(axis=0))  # (out,)
+        return g.x
+
+    def extra_repr(self) -> str:
+        """``in_features=…, out_features=…, bias=…``."""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class LayerNorm(Module):
+    """Layer normalization over the last axis (:func:`lowrank.nn.functional.layer_norm`).
+
+    Parameters
+    ----------
+    normalized_shape : int
+        ``D``, the length of the last axis (a single int: only the last axis
+        is normalized).
+    eps : float, default 1e-5
+    elementwise_affine : bool, default True
+        With False there is no weight and no bias (``y = xhat``).
+    dtype : float32 or float64, default float32
+
+    Attributes
+    ----------
+    weight : Parameter of shape (D,), ones, or None
+    bias : Parameter of shape (D,), zeros, or None
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        dtype: Any = np.float32,
+    ) -> None:
+        super().__init__()
+        self.normalized_shape = check_int(normalized_shape, "normalized_shape", low=1)
+        self.eps = check_real(eps, "eps", 0.0, low_open=True)
+        self.elementwise_affine = check_bool(elementwise_affine, "elementwise_affine")
+        self.dtype = check_float_dtype(dtype)
+        d = self.normalized_shape
+        self.weight = Parameter(np.ones(d, dtype=self.dtype)) if self.elementwise_affine else None
+        self.bias = Parameter(np.zeros(d, dtype=self.dtype)) if self.elementwise_affine else None
+
+    def forward(self, x: Any) -> np.ndarray:
+        """Normalize ``x`` (..., D) over its last axis; checks ``x`` once."""
+        x = as_array_of(x, "x", self.dtype)
+        if x.ndim == 0 or x.shape[-1] != self.normalized_shape:
+            d = self.normalized_shape
+            raise ValueError(f"x must have shape (..., normalized_shape) = (..., {d}), got {x.shape}")
+        weight = None if self.weight is None else self.weight.data
+        bias = None if self.bias is None else self.bias.data
+        y, cache = F.layer_norm_core(x, weight, bias, self.eps)
+        self._save_for_backward(cache, y)
+        return y
+
+    def backward(self, dy: Any) -> np.ndarray:
+        """``dx`` (..., D) from ``dy``; adds into weight.grad and bias.grad when they are trainable."""
+        cache, dy = self._take_for_backward(dy)
+        weight_trainable = self.weight is not None and self.weight.trainable
+        bias_trainable = self.bias is not None and self.bias.trainable
+        g = F.layer_norm_backward_core(dy, cache, trainable=weight_trainable or bias_trainable)
+        if weight_trainable:
+            assert self.weight is not None
+            accumulate_grad(self.weight, g.weight)
+        if bias_trainable:
+            assert self.bias is not None
+            accumulate_grad(self.bias, g.bias)
+        return g.x
+
+    def extra_repr(self) -> str:
+        """``(D,), eps=…, elementwise_affine=…``, as torch prints it."""
+        return f"({self.normalized_shape},), eps={self.eps:g}, elementwise_affine={self.elementwise_affine}"
+
+
+class Embedding(Module):
+    """A lookup table: ``y = weight[indices]`` (:func:`lowrank.nn.functional.embedding`).
+
+    Parameters
+    ----------
+    num_embeddings, embedding_dim : int
+    dtype : float32 or float64, default float32
+    random_state : None, int or numpy.random.Generator
+        For the initialization, PyTorch's: weight ``~ N(0, 1)`` (drawn in
+        float64, then cast).
+
+    Attributes
+    ----------
+    weight : Parameter of shape (num_embeddings, embedding_dim)
+
+    Notes
+    -----
+    ``forward`` takes integer indices of any shape ``(...)`` and returns
+    ``(..., embedding_dim)``; a float or bool array is a TypeError, an index
+    outside ``[0, num_embeddings)`` a ValueError naming it. The input is not
+    differentiable, so ``backward(dy)`` adds the scattered ``dy`` into
+    ``weight.grad`` (repeated indices summed) and returns None.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        dtype: Any = np.float32,
+        random_state: RandomState = None,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = check_int(num_embeddings, "num_embeddings", low=1)
+        self.embedding_dim = check_int(embedding_dim, "embedding_dim", low=1)
+        dtype = check_float_dtype(dtype)
+        rng = check_random_state(random_state)
+        self.weight = Parameter(rng.standard_normal((self.num_embeddings, self.embedding_dim)).astype(dtype))
+
+    def forward(self, x: Any) -> np.ndarray:
+        """Look up the rows ``x`` (integers of any shape); returns (..., embedding_dim)."""
+        indices = F.check_indices(x, self.num_embeddings, "indices")
+        y, cache = F.embedding_core(indices, self.weight.data)
+        self._save_for_backward(cache, y)
+        return y
+
+    def backward(self, dy: Any) -> None:  # type: ignore[override]  # integer input: no dx
+        """Add the scattered ``dy`` (..., embedding_dim) into ``weight.grad``; returns None (no input gradient)."""
+        cache, dy = self._take_for_backward(dy)
+        if self.weight.trainable:
+            accumulate_grad(self.weight, F.embedding_backward_core(dy, cache))
+
+    def extra_repr(self) -> str:
+        """``num_embeddings, embedding_dim``, as torch prints it."""
+        return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
 # ---------------------------------------------------------------- activations

@@ -182,7 +182,7 @@ def numerical_gradient(
     if name not in inputs:
         raise ValueError(f"name must be one of the inputs {sorted(inputs)}, got {name!r}")
     eps = check_real(eps, "eps", 0.0, low_open=True)
-    x = np.array(as_float_array(inputs[name], name, np.dtype(np.float64)), dtype=np.float64, copy=True)
+    x = np.array(as_float_array(inputs[name], name, np.dtype(np.float64)), dtype=np.float64, order="C", copy=True)
     flat = x.reshape(-1)  # a view: x is a fresh contiguous copy
     if indices is None:
         idx = np.arange(flat.size)
@@ -674,6 +674,128 @@ def _kernel_rows(rng: np.random.Generator) -> list[GradcheckRow]:
             return loss_fn(pred, target)[0]
 
         rows += _rows(case, f_loss, {"pred": pred}, {"pred": grad})
+    rows += _attention_kernel_rows(rng)
+    return rows
+
+
+def _attention_kernel_rows(rng: np.random.Generator) -> list[GradcheckRow]:
+    """conv1d, layer_norm, embedding, softmax, attention, gelu_tanh, cross_entropy with ignore_index."""
+    from lowrank.nn import functional as F
+
+    rows: list[GradcheckRow] = []
+    normal = rng.standard_normal
+
+    # conv1d: transformers' layout, weight (in, out); trainable and frozen
+    for case, x_shape, trainable in [("conv1d", (5, 4), True), ("conv1d, frozen, batch dims (2, 3)", (2, 3, 4), False)]:
+        x, W, b = normal(x_shape), normal((4, 3)), normal(3)
+        dy = normal((*x_shape[:-1], 3))
+        conv_g = F.conv1d_backward(dy, F.conv1d(x, W, b)[1], trainable=trainable)
+        analytic: dict[str, np.ndarray | None] = {"x": conv_g.x}
+        if trainable:
+            analytic |= {"weight": conv_g.weight, "bias": conv_g.bias}
+
+        def f_conv1d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, dy: np.ndarray = dy) -> float:
+            return np.sum(F.conv1d(x, weight, bias)[0] * dy)
+
+        rows += _rows(case, f_conv1d, {"x": x, "weight": W, "bias": b}, analytic)
+
+    # layer_norm: affine or not, batch dims
+    for case, x_shape, affine in [("layer_norm", (4, 6), True), ("layer_norm, no affine, batch dims (2, 3)",
+                                                                  (2, 3, 5), False)]:
+        d = x_shape[-1]
+        x = 2 * normal(x_shape) + 1
+        weight, bias = (normal(d), normal(d)) if affine else (None, None)
+        dy = normal(x_shape)
+        ln_g = F.layer_norm_backward(dy, F.layer_norm(x, weight, bias)[1])
+        inputs: dict[str, Any] = {"x": x}
+        analytic = {"x": ln_g.x}
+        if affine:
+            inputs |= {"weight": weight, "bias": bias}
+            analytic |= {"weight": ln_g.weight, "bias": ln_g.bias}
+
+        def f_layer_norm(
+            x: np.ndarray, weight: np.ndarray | None = None, bias: np.ndarray | None = None, dy: np.ndarray = dy
+        ) -> float:
+            return np.sum(F.layer_norm(x, weight, bias)[0] * dy)
+
+        rows += _rows(case, f_layer_norm, inputs, analytic)
+
+    # embedding: repeated indices, the gradient of the table only
+    indices = np.array([[1, 3, 1], [0, 3, 3]])
+    table = normal((5, 4))
+    dy = normal((2, 3, 4))
+    demb = F.embedding_backward(dy, F.embedding(indices, table)[1])
+
+    def f_embedding(weight: np.ndarray, dy: np.ndarray = dy) -> float:
+        return np.sum(F.embedding(indices, weight)[0] * dy)
+
+    rows += _rows("embedding, repeated indices", f_embedding, {"weight": table}, {"weight": demb})
+
+    # softmax over either axis, and with a masked (-inf) entry
+    for case, axis in [("softmax", -1), ("softmax, axis 0", 0)]:
+        x = 2 * normal((3, 4))
+        dy = normal((3, 4))
+        dsoft = F.softmax_backward(dy, F.softmax(x, axis)[1])
+
+        def f_softmax(x: np.ndarray, dy: np.ndarray = dy, axis: int = axis) -> float:
+            return np.sum(F.softmax(x, axis)[0] * dy)
+
+        rows += _rows(case, f_softmax, {"x": x}, {"x": dsoft})
+
+    # attention: plain, causal, boolean mask with a query that sees nothing plus dropout,
+    # additive mask with T != S and a given scale
+    t, s, d, dv = 3, 4, 2, 3
+    keep = np.ones((t, s), dtype=bool)
+    keep[0] = False  # a query allowed to see no key: output 0, gradients 0
+    keep[1, 2] = False
+    for case, q_shape, s_len, attn_mask, is_causal, p, scale in [
+        ("scaled_dot_product_attention", (2, t, d), t, None, False, 0.0, None),
+        ("scaled_dot_product_attention, causal, heads (2, 2)", (2, 2, t, d), t, None, True, 0.0, None),
+        ("scaled_dot_product_attention, bool mask, dropout", (2, t, d), s, keep, False, 0.4, None),
+        ("scaled_dot_product_attention, additive mask, scale 0.7", (2, t, d), s, normal((t, s)), False, 0.0, 0.7),
+    ]:
+        batch = q_shape[:-2]
+        q, k, v = normal(q_shape), normal((*batch, s_len, d)), normal((*batch, s_len, dv))
+        scores_shape = (*batch, t, s_len)
+        dmask = F.dropout_mask(scores_shape, p, random_state=rng) if p > 0 else None
+        dy = normal((*batch, t, dv))
+        _, att_cache = F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal, dmask, scale)
+        att_g = F.scaled_dot_product_attention_backward(dy, att_cache)
+
+        def f_attention(
+            q: np.ndarray,
+            k: np.ndarray,
+            v: np.ndarray,
+            dy: np.ndarray = dy,
+            attn_mask: np.ndarray | None = attn_mask,
+            is_causal: bool = is_causal,
+            dmask: np.ndarray | None = dmask,
+            scale: float | None = scale,
+        ) -> float:
+            return np.sum(F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal, dmask, scale)[0] * dy)
+
+        rows += _rows(case, f_attention, {"q": q, "k": k, "v": v}, {"q": att_g.q, "k": att_g.k, "v": att_g.v})
+
+    # gelu_tanh, GPT-2's gelu_new
+    x = 2 * normal((3, 4))
+    dy = normal((3, 4))
+    dgelu = F.gelu_tanh_backward(dy, F.gelu_tanh(x)[1])
+
+    def f_gelu_tanh(x: np.ndarray, dy: np.ndarray = dy) -> float:
+        return np.sum(F.gelu_tanh(x)[0] * dy)
+
+    rows += _rows("gelu_tanh (gelu_new)", f_gelu_tanh, {"x": x}, {"x": dgelu})
+
+    # cross_entropy skipping the targets equal to ignore_index
+    logits = 3 * normal((2, 4, 5))
+    target = rng.integers(0, 5, size=(2, 4))
+    target[0, 1] = target[1, 3] = -100
+    _, dlogits = F.cross_entropy(logits, target)
+
+    def f_ce(pred: np.ndarray) -> float:
+        return F.cross_entropy(pred, target)[0]
+
+    rows += _rows("cross_entropy, ignore_index -100", f_ce, {"pred": logits}, {"pred": dlogits})
     return rows
 
 
@@ -725,7 +847,34 @@ def _module_rows(rng: np.random.Generator) -> list[GradcheckRow]:
         nn.Linear(4, 3, dtype=np.float64, random_state=rng),
     )
     rows += check_module("Sequential(Linear, Tanh, LoRALinear, GELU, Linear)", model, normal((2, 3, 5)))
+    conv = nn.Conv1D(4, 3, dtype=np.float64, random_state=rng)
+    conv.load_state_dict({"weight": conv.weight.data, "bias": normal(3)})  # the bias is zeros at init
+    rows += check_module("Conv1D, batch dims (2, 3)", conv, normal((2, 3, 4)))
+    norm = nn.LayerNorm(5, dtype=np.float64)
+    norm.load_state_dict({"weight": normal(5), "bias": normal(5)})  # ones and zeros at init
+    rows += check_module("LayerNorm, batch dims (2, 3)", norm, 2 * normal((2, 3, 5)) + 1)
+    rows += _embedding_module_rows(nn.Embedding(6, 3, dtype=np.float64, random_state=rng), rng)
     return rows
+
+
+def _embedding_module_rows(layer: Any, rng: np.random.Generator) -> list[GradcheckRow]:
+    """``nn.Embedding``: its input is integers, so only ``weight.grad`` is checked (repeated indices)."""
+    indices = np.array([[0, 5, 0, 2], [5, 5, 1, 0]])
+    layer.zero_grad()
+    dy = rng.standard_normal((*indices.shape, layer.embedding_dim))
+    layer(indices)
+    layer.backward(dy)
+    original = layer.weight.data
+
+    def f(weight: np.ndarray) -> float:
+        layer.weight.data = weight
+        return np.sum(layer(indices) * dy)
+
+    try:
+        return _rows("Embedding, repeated indices", f, {"weight": original.copy()}, {"weight": layer.weight.grad})
+    finally:
+        layer.weight.data = original
+        layer.clear_cache()
 
 
 def run_all(random_state: RandomState = 0) -> list[GradcheckRow]:
@@ -738,10 +887,16 @@ def run_all(random_state: RandomState = 0) -> list[GradcheckRow]:
     path of a large batch, trainable base), dora_linear in both gradient
     modes (the exact one against the forward, the detached one against the
     forward with the row norm frozen; bias or not, dropout mask, small
-    magnitudes, rsLoRA-like scaling with batch dimensions, trainable base), relu, tanh, sigmoid, gelu in both
-    forms, dropout, and the three losses. Layer cases: Linear, LoRALinear,
-    a DoRA LoRALinear with the exact gradient, each activation module, and a
-    Sequential holding a LoRALinear. The scalar
+    magnitudes, rsLoRA-like scaling with batch dimensions, trainable base),
+    relu, tanh, sigmoid, gelu in both forms, dropout, and the three losses;
+    conv1d, layer_norm, embedding with repeated indices, softmax,
+    scaled_dot_product_attention (causal, boolean and additive masks, a
+    dropout mask, a given scale), gelu_tanh and cross_entropy with ignored
+    targets. Layer cases: Linear, LoRALinear, a DoRA LoRALinear with the
+    exact gradient, each activation module, a Sequential holding a
+    LoRALinear, Conv1D, LayerNorm and Embedding (its weight); and LoRA's
+    variants: lora_embedding and lora_merged_linear (kernels), LoRALinear on
+    a Conv1D, LoRAMergedLinear and LoRAEmbedding (layers). The scalar
     checked is ``sum(y * dy)`` for a fixed random ``dy``, or the loss.
 
     Parameters
@@ -754,7 +909,75 @@ def run_all(random_state: RandomState = 0) -> list[GradcheckRow]:
         One row per checked argument of each case (see :func:`format_table`).
     """
     rng = check_random_state(random_state)
-    return _kernel_rows(rng) + _module_rows(rng)
+    return _kernel_rows(rng) + _module_rows(rng) + _lora_variant_rows(rng)
+
+
+def _lora_variant_rows(rng: np.random.Generator) -> list[GradcheckRow]:
+    """LoRA on an Embedding and on a fused projection (kernels and layers), and LoRA on a Conv1D (layer)."""
+    from lowrank import nn
+    from lowrank.nn import functional as F
+
+    normal = rng.standard_normal
+    rows: list[GradcheckRow] = []
+    indices = np.array([[0, 5, 0, 2], [5, 5, 1, 0]])  # repeated: their gradients must sum
+    table, A, B, dy = normal((6, 3)), normal((2, 6)), normal((3, 2)), normal((2, 4, 3))
+    _, emb_cache = F.lora_embedding(indices, table, A, B, 1.5)
+    eg = F.lora_embedding_backward(dy, emb_cache, base_trainable=True)
+
+    def f_lora_embedding(weight: np.ndarray, A: np.ndarray, B: np.ndarray) -> float:
+        return float(np.sum(F.lora_embedding(indices, weight, A, B, 1.5)[0] * dy))
+
+    rows += _rows("lora_embedding, repeated indices", f_lora_embedding, {"weight": table, "A": A, "B": B},
+                  {"weight": eg.weight, "A": eg.A, "B": eg.B})  # fmt: skip
+
+    enable = (True, False, True)  # W_q and W_v of a fused qkv projection
+    x, W, b = normal((2, 3, 4)), normal((6, 4)), normal(6)
+    A2, B2, dy2 = normal((4, 4)), normal((4, 2)), normal((2, 3, 6))
+    mask = rng.choice([0.0, 2.0], size=x.shape)  # p = 0.5
+    _, merged_cache = F.lora_merged_linear(x, W, b, A2, B2, 2.0, enable, mask)
+    mg = F.lora_merged_linear_backward(dy2, merged_cache, base_trainable=True)
+
+    def f_merged(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, A: np.ndarray, B: np.ndarray) -> float:
+        return float(np.sum(F.lora_merged_linear(x, weight, bias, A, B, 2.0, enable, mask)[0] * dy2))
+
+    rows += _rows("lora_merged_linear [q, v], dropout mask", f_merged,
+                  {"x": x, "weight": W, "bias": b, "A": A2, "B": B2},
+                  {"x": mg.x, "weight": mg.weight, "bias": mg.bias, "A": mg.A, "B": mg.B})  # fmt: skip
+
+    def check_module(case: str, module: Any, x: np.ndarray) -> list[GradcheckRow]:
+        module.B.data = normal(module.B.shape)  # B = 0 at init would make dA = 0
+        try:
+            report = check_module_gradients(module, x, random_state=rng)
+        except GradcheckError as err:
+            report = err.report
+        return _report_rows(case, report)
+
+    conv = nn.Conv1D(5, 4, dtype=np.float64, random_state=rng)
+    rows += check_module("LoRALinear on Conv1D (fan_in_fan_out)",
+                         nn.LoRALinear(conv, r=2, alpha=4, random_state=rng), normal((2, 3, 5)))  # fmt: skip
+    fused = nn.Conv1D(4, 6, dtype=np.float64, random_state=rng)
+    rows += check_module("LoRAMergedLinear [q, v] on Conv1D, dropout",
+                         nn.LoRAMergedLinear(fused, r=2, alpha=4, dropout=0.5, enable_lora=enable, random_state=rng),
+                         normal((2, 3, 4)))  # fmt: skip
+
+    layer = nn.LoRAEmbedding(nn.Embedding(6, 3, dtype=np.float64, random_state=rng), r=2, alpha=3, random_state=rng)
+    layer.A.data = normal(layer.A.shape)  # A = 0 at init would make dB = 0
+    layer(indices)
+    layer.backward(dy)
+    originals = layer.A.data, layer.B.data
+
+    def f_layer(A: np.ndarray, B: np.ndarray) -> float:
+        layer.A.data, layer.B.data = A, B
+        return float(np.sum(layer(indices) * dy))
+
+    try:
+        rows += _rows("LoRAEmbedding, repeated indices", f_layer,
+                      {"A": originals[0].copy(), "B": originals[1].copy()},
+                      {"A": layer.A.grad, "B": layer.B.grad})  # fmt: skip
+    finally:
+        layer.A.data, layer.B.data = originals
+        layer.clear_cache()
+    return rows
 
 
 def format_table(rows: list[GradcheckRow]) -> str:

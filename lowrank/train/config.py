@@ -18,6 +18,7 @@ import numpy as np
 
 from lowrank.io.files import check_writable
 from lowrank.nn import functional as F
+from lowrank.nn.gpt2 import lm_accuracy, lm_loss
 from lowrank.utils.validation import check_bool, check_int, check_real
 
 __all__ = ["LOSSES", "VERBOSE", "FitConfig", "LossFn", "resolve_loss"]
@@ -41,6 +42,7 @@ LOSSES: dict[str, tuple[LossFn, AccuracyFn | None]] = {
     "cross_entropy": (F.cross_entropy, _class_accuracy),
     "mse": (F.mse_loss, None),
     "bce": (F.binary_cross_entropy_with_logits, _binary_accuracy),
+    "lm": (lm_loss, lm_accuracy),  # next-token loss of a language model: y = the token ids (labels), shifted inside
 }
 
 # the accepted values of fit's ``verbose``
@@ -52,7 +54,7 @@ def resolve_loss(loss: Any) -> tuple[str | None, LossFn, AccuracyFn | None]:
 
     Parameters
     ----------
-    loss : {"cross_entropy", "mse", "bce"} or callable
+    loss : {"cross_entropy", "mse", "bce", "lm"} or callable
         A callable ``loss(out, y) -> (mean loss, dout)``. One of the
         functions of :data:`LOSSES` passed as a callable gets its name and
         accuracy too.

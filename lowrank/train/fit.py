@@ -97,10 +97,27 @@ def _model_dtype(model: Module) -> np.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
+def _input_dtype(model: Module) -> np.dtype | None:
+    """What ``model`` reads: integers for a model of token ids (``takes_token_ids``: ``nn.GPT2``), else floats."""
+    if getattr(model, "takes_token_ids", False):
+        return np.dtype(np.int64)  # stands for every integer dtype: token ids pass through unchanged
+    return _model_dtype(model)
+
+
 def _check_data(X: Any, y: Any, dtype: np.dtype | None, name_x: str = "X",
                 name_y: str = "y") -> tuple[np.ndarray, np.ndarray]:
-    """``X`` in the model's ``dtype`` (integers, bools and lists converted, as the layers do) and ``y``, checked."""
-    X = as_float_array(X, name_x) if dtype is None else as_array_of(X, name_x, dtype)
+    """``X`` as the model reads it and ``y``, checked.
+
+    ``dtype`` is :func:`_input_dtype`'s: a float dtype converts ``X`` as the
+    layers do (integers, bools and lists converted); an integer one keeps
+    integer ``X`` (token ids) as it is and refuses anything else.
+    """
+    if dtype is not None and dtype.kind in "iu":
+        X = np.asarray(X)
+        if X.dtype.kind not in "iu":
+            raise TypeError(f"{name_x} must hold integer token ids for a model that reads them, got dtype {X.dtype}")
+    else:
+        X = as_float_array(X, name_x) if dtype is None else as_array_of(X, name_x, dtype)
     y = np.asarray(y)
     if X.ndim < 1 or X.shape[0] == 0:
         raise ValueError(f"{name_x} must have at least one sample along axis 0, got shape {X.shape}")
@@ -108,7 +125,7 @@ def _check_data(X: Any, y: Any, dtype: np.dtype | None, name_x: str = "X",
         raise ValueError(
             f"{name_y} must have one target per sample of {name_x} ({X.shape[0]}), got shape {y.shape}"
         )
-    return check_finite(X, name_x), y
+    return (X if X.dtype.kind in "iu" else check_finite(X, name_x)), y
 
 
 def _call_loss(loss_fn: LossFn, out: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -180,7 +197,7 @@ def evaluate(model: Module, X: Any, y: Any, *, loss: str | LossFn = "cross_entro
         Finite; converted to the model's dtype as in :func:`fit`.
     y : array_like of shape (n, ...)
         Targets as the loss takes them (class indices for ``"cross_entropy"``).
-    loss : {"cross_entropy", "mse", "bce"} or callable, default "cross_entropy"
+    loss : {"cross_entropy", "mse", "bce", "lm"} or callable, default "cross_entropy"
         A callable ``loss(out, y) -> (loss, dout)`` returns the mean over
         its batch (a real number) and an ndarray of ``out``'s shape.
     batch_size : int, default 1024
@@ -195,7 +212,7 @@ def evaluate(model: Module, X: Any, y: Any, *, loss: str | LossFn = "cross_entro
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
     _, loss_fn, acc_fn = resolve_loss(loss)
-    X, y = _check_data(X, y, _model_dtype(model))
+    X, y = _check_data(X, y, _input_dtype(model))
     batch_size = check_int(batch_size, "batch_size", low=1)
     return _evaluate(model, X, y, loss_fn, acc_fn, batch_size, "during evaluate")
 
@@ -472,15 +489,23 @@ def fit(
     X : array_like of shape (n, ...)
         Finite; in the model's dtype, as its layers take input: integers,
         bools and lists are converted to it, a float array of the other
-        precision is a TypeError (cast it first).
+        precision is a TypeError (cast it first). A model of token ids
+        (``takes_token_ids``, as :class:`lowrank.nn.GPT2`) takes integer
+        ``X`` of shape (n, T) unchanged, and refuses a float one (TypeError).
     y : array_like of shape (n, ...)
         Targets as ``loss`` takes them: int class indices for
-        ``"cross_entropy"``, floats for ``"mse"``, values in [0, 1] for ``"bce"``.
-    loss : {"cross_entropy", "mse", "bce"} or callable
+        ``"cross_entropy"``, floats for ``"mse"``, values in [0, 1] for ``"bce"``,
+        the token ids (n, T) themselves for ``"lm"`` (-100 where ignored).
+    loss : {"cross_entropy", "mse", "bce", "lm"} or callable
         A name, or ``loss(out, y_batch) -> (mean loss, dout)`` like the
         losses of :mod:`lowrank.nn.functional`: a real number and an
         ndarray of ``out``'s shape. Accuracy is reported for
-        ``"cross_entropy"`` (argmax) and ``"bce"`` (logit > 0).
+        ``"cross_entropy"`` (argmax) and ``"bce"`` (logit > 0), and for
+        ``"lm"`` (:func:`lowrank.nn.lm_loss`, the next-token loss: the
+        logits at position t against ``y[:, t + 1]``) the next-token accuracy.
+        ``"lm"`` is a mean over the counted tokens of a batch, which the
+        batch-size weighting of the epoch's loss treats as a mean over rows
+        (exact when no label is ignored).
     optimizer : lowrank.nn.optim.Optimizer
         Built on the model's parameters, e.g. ``Adam(model.named_parameters())``,
         *after* ``inject_lora`` and any freezing: it must hold every
@@ -564,7 +589,7 @@ def fit(
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
     loss_name, loss_fn, acc_fn = resolve_loss(loss)
-    dtype = _model_dtype(model)
+    dtype = _input_dtype(model)
     X, y = _check_data(X, y, dtype)
     _check_optimizer(optimizer)
     checked_val = _check_val(val, dtype)

@@ -244,7 +244,7 @@ def test_inject_lora_nested_and_shared_layers():
     shared = nn.Linear(4, 4, random_state=1)
     model = nn.Sequential(inner, shared, nn.Tanh(), nn.Linear(4, 2, random_state=2))
     model.alias = shared  # the same layer under a second name
-    with pytest.raises(ValueError, match=r"the Linear layers are \['0.0', '1', '3'\]"):
+    with pytest.raises(ValueError, match=r"the layers LoRA can adapt are \['0.0', '1', '3'\]"):
         nn.inject_lora(model, r=1, alpha=1, targets=["0"])
     nn.inject_lora(model, r=1, alpha=1, targets=["0.0", "1"], random_state=0)
     assert isinstance(model[0][0], nn.LoRALinear) and isinstance(model[1], nn.LoRALinear)
@@ -274,8 +274,8 @@ def test_inject_lora_pissa_keeps_the_output():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"targets": ["1"]}, ValueError, r"targets \['1'\] are not Linear layers.*\['0', '2'\]"),
-        ({"targets": ["0", "7", "x"]}, ValueError, r"targets \['7', 'x'\] are not Linear layers"),
+        ({"targets": ["1"]}, ValueError, r"targets \['1'\] are not Linear, Conv1D or Embedding layers.*\['0', '2'\]"),
+        ({"targets": ["0", "7", "x"]}, ValueError, r"targets \['7', 'x'\] are not Linear, Conv1D or Embedding layers"),
         ({"targets": "0"}, TypeError, "targets must be a list of layer names"),
         ({"targets": [0]}, TypeError, r"targets must hold layer names \(str\), got \[0\]"),
         ({"targets": []}, ValueError, "targets must name at least one"),
@@ -300,7 +300,7 @@ def test_inject_lora_refuses_to_adapt_twice_and_models_without_linears():
     with pytest.raises(ValueError, match=r"targets \['0'\] are already LoRA layers"):
         nn.inject_lora(model, r=1, alpha=1, targets=["0", "2"])
     assert_same_snapshot(snapshot(model), before)
-    with pytest.raises(ValueError, match="no Linear layer"):
+    with pytest.raises(ValueError, match="no Linear or Conv1D layer"):
         nn.inject_lora(nn.Sequential(nn.ReLU()), r=1, alpha=1)
     with pytest.raises(TypeError, match=r"model must be a lowrank\.nn\.Module, got list"):
         nn.inject_lora([nn.Linear(2, 2)], r=1, alpha=1)
@@ -676,9 +676,10 @@ def test_inject_lora_target_modules_is_peft_rule_and_targets_stays_exact():
     model = two_blocks()
     nn.inject_lora(model, r=1, alpha=1, target_modules=r"\d\.0", random_state=0)  # a full-match regex
     assert [n for n, m in model.named_modules() if isinstance(m, nn.LoRALinear)] == ["0.0", "1.0"]
-    with pytest.raises(ValueError, match=r"targets \['1'\] are not Linear layers"):  # targets: exact names only
+    # targets: exact names only
+    with pytest.raises(ValueError, match=r"targets \['1'\] are not Linear, Conv1D or Embedding layers"):
         nn.inject_lora(model, r=1, alpha=1, targets=["1"])
-    with pytest.raises(ValueError, match=r"target_modules \['nope'\] matches no Linear layer"):
+    with pytest.raises(ValueError, match=r"target_modules \['nope'\] matches no Linear, Conv1D or Embedding layer"):
         nn.inject_lora(model, r=1, alpha=1, target_modules=["nope"])
     with pytest.raises(TypeError, match="not both"):
         nn.inject_lora(model, r=1, alpha=1, targets=["0.1"], target_modules=["1"])

@@ -776,12 +776,12 @@ def test_lora_bad_arguments(kwargs, error, match):
 
 @pytest.mark.parametrize("base", [nn.ReLU(), np.ones((2, 2)), None])
 def test_lora_base_must_be_a_linear(base):
-    with pytest.raises(TypeError, match="base must be a Linear, got"):
+    with pytest.raises(TypeError, match="base must be a Linear or a Conv1D, got"):
         nn.LoRALinear(base)
 
 
 def test_lora_cannot_wrap_a_lora():
-    with pytest.raises(TypeError, match="base must be a Linear, got LoRALinear"):
+    with pytest.raises(TypeError, match="base must be a Linear or a Conv1D, got LoRALinear"):
         nn.LoRALinear(nn.LoRALinear(nn.Linear(2, 2), r=1))
 
 

@@ -15,9 +15,10 @@ import numpy as np
 
 from lowrank.nn.functional.activations import logistic
 from lowrank.nn.functional.checks import as_input, check_nonempty
-from lowrank.utils.validation import as_float_array, check_finite
+from lowrank.utils.validation import as_float_array, check_finite, check_int
 
 __all__ = [
+    "IGNORE_INDEX",
     "binary_cross_entropy_with_logits",
     "binary_cross_entropy_with_logits_core",
     "cross_entropy",
@@ -58,23 +59,40 @@ def mse_loss_core(pred: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarr
     return loss, (diff * (2.0 / diff.size)).astype(pred.dtype)
 
 
-def cross_entropy(logits: Any, target: Any) -> tuple[float, np.ndarray]:
-    """Softmax cross-entropy with integer class targets, mean over all leading dims.
+IGNORE_INDEX = -100  # cross_entropy's default ignore_index, PyTorch's
 
-    ``loss = mean(logsumexp(logits) - logits[target])`` and
-    ``dlogits = (softmax(logits) - onehot(target)) / n``, computed in float64
-    after subtracting each row's maximum, so large logits stay finite.
+
+def cross_entropy(logits: Any, target: Any, ignore_index: int = IGNORE_INDEX) -> tuple[float, np.ndarray]:
+    """Softmax cross-entropy with integer class targets, mean over the positions not ignored.
+
+    ``loss = mean over kept positions of (logsumexp(logits) - logits[target])``
+    and ``dlogits = (softmax(logits) - onehot(target)) / n_kept`` at kept
+    positions, 0 at ignored ones, where a position is kept unless its target
+    equals ``ignore_index`` (PyTorch's rule: the mean divides by the number of
+    kept positions). Each row's maximum is subtracted first, so large logits
+    stay finite; the softmax is computed in logits' dtype and the loss
+    accumulated in float64 (``docs/attention.md``).
 
     Parameters
     ----------
     logits : ndarray of shape (..., C)
     target : ndarray of int of shape (...)
-        Class indices in ``[0, C)``.
+        Class indices in ``[0, C)``, or ``ignore_index``.
+    ignore_index : int, default -100
+        Targets equal to it are skipped (no loss, zero gradient). It may be
+        a class index too, as in PyTorch: that class is then never scored.
 
     Returns
     -------
     loss : float
     dlogits : ndarray of logits' shape and dtype
+
+    Raises
+    ------
+    ValueError
+        A target outside ``[0, C)`` that is not ``ignore_index``; every
+        target ignored (PyTorch returns NaN there; lowrank refuses rather than
+        return a silent NaN); non-finite logits.
     """
     logits = as_input(logits, "logits")
     target = np.asarray(target)
@@ -85,30 +103,53 @@ def cross_entropy(logits: Any, target: Any) -> tuple[float, np.ndarray]:
             f"target must have shape logits.shape[:-1] = {logits.shape[:-1]} for logits of shape "
             f"{logits.shape}, got target of shape {target.shape}"
         )
+    ignore_index = check_int(ignore_index, "ignore_index")
     check_nonempty(target, "target")
     n_classes = logits.shape[-1]
-    bad = (target < 0) | (target >= n_classes)
+    bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
     if bad.any():
         index = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(
-            f"target must hold class indices in [0, C-1] = [0, {n_classes - 1}], got {target[index]} at index {index}"
+            f"target must hold class indices in [0, C-1] = [0, {n_classes - 1}], got {target[index]} at "
+            f"index {index} (a target equal to ignore_index = {ignore_index} is skipped)"
         )
     check_finite(logits, "logits")
-    return cross_entropy_core(logits, target)
+    return cross_entropy_core(logits, target, ignore_index)
 
 
-def cross_entropy_core(logits: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
-    """:func:`cross_entropy` without validation: finite logits (..., C), class indices (...) in [0, C)."""
+def cross_entropy_core(
+    logits: np.ndarray, target: np.ndarray, ignore_index: int = IGNORE_INDEX
+) -> tuple[float, np.ndarray]:
+    """:func:`cross_entropy` without validation: finite logits (..., C), targets (...) in [0, C) or ignore_index.
+
+    Still raises the ValueError for targets that are all ``ignore_index``:
+    the mean over no position is not a number.
+    """
     n_classes, n = logits.shape[-1], target.size
-    z = logits.reshape(n, n_classes).astype(np.float64)  # (n, C), a float64 copy
-    z -= z.max(axis=1, keepdims=True)  # each row's max is 0: exp never overflows
-    lse = np.log(np.exp(z).sum(axis=1))  # (n,)
-    rows, t = np.arange(n), target.reshape(n)
-    loss = float(np.mean(lse - z[rows, t]))
-    dz = np.exp(z - lse[:, None])  # softmax, (n, C)
-    dz[rows, t] -= 1.0
-    dz /= n
-    return loss, dz.astype(logits.dtype).reshape(logits.shape)
+    z = logits.reshape(n, n_classes)  # (n, C), a view when possible
+    t = target.reshape(n)  # (n,)
+    kept = t != ignore_index  # (n,)
+    n_kept = int(np.count_nonzero(kept))
+    if n_kept == 0:
+        raise ValueError(
+            f"target must keep at least one position for the mean, got every target equal to "
+            f"ignore_index = {ignore_index}"
+        )
+    rows = np.flatnonzero(kept)  # (n_kept,)
+    t_kept = t[rows]
+    e = z - z.max(axis=1, keepdims=True)  # (n, C), fresh; each row's max is 0: exp never overflows
+    picked = e[rows, t_kept].astype(np.float64)  # (n_kept,), the shifted target logits
+    np.exp(e, out=e)
+    total = e.sum(axis=1, dtype=np.float64)  # (n,), in [1, C]
+    lse = np.log(total[rows])  # (n_kept,), logsumexp of the shifted rows
+    loss = float(np.sum(lse - picked) / n_kept)
+    # dlogits = (softmax - onehot) / n_kept at kept rows, 0 at ignored ones: one pass over (n, C),
+    # then the n_kept target entries rewritten as (p_t - 1) / n_kept, subtracting before dividing
+    factor = np.where(kept, 1.0 / (total * n_kept), 0.0).astype(logits.dtype)  # (n,)
+    e *= factor[:, None]
+    p_target = np.exp(picked - lse)  # (n_kept,), float64
+    e[rows, t_kept] = (p_target - 1.0) / n_kept
+    return loss, e.reshape(logits.shape)
 
 
 def binary_cross_entropy_with_logits(logits: Any, target: Any) -> tuple[float, np.ndarray]:
