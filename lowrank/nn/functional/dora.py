@@ -48,10 +48,13 @@ __all__ = [
     "DoRACache",
     "DoRAGrads",
     "check_magnitude",
+    "check_row_norm",
+    "direction_products",
     "dora_linear",
     "dora_linear_backward",
     "dora_linear_backward_core",
     "dora_linear_core",
+    "row_norm",
     "weight_norm",
     "weight_norm_core",
 ]
