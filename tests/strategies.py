@@ -596,6 +596,102 @@ def lora_path_cases(draw, path=None, zero_B=None):
     }
 
 
+# attention kernels and layers (tests/nn/test_attention.py, tests/crosscheck/test_attention_torch.py)
+
+
+@st.composite
+def layer_norm_problems(draw, dtype=np.float64, views: bool = False):
+    """Inputs of ``F.layer_norm`` and an upstream gradient: x (*batch, D) with D in [2, 6],
+    weight and bias (D,) or None, dy; 0 to 2 batch dims; drawn entries in [-3, 3].
+
+    Every row of x is a drawn row plus ``0.5 * arange(D)``, so no row is constant: at a row
+    of zero variance the derivative grows as ``1/sqrt(eps)`` and the central differences
+    would judge rounding, not the gradient. With ``views=True`` x comes in a drawn layout.
+    """
+    d = draw(st.integers(2, 6))
+    shape = (*draw(batch_shapes(max_dims=2, max_side=3)), d)
+    x = draw(_nn_array(dtype, shape, views, bound=3.0))
+    affine = draw(st.booleans())
+    return {
+        "x": x + np.arange(d, dtype=dtype) * dtype(0.5),
+        "weight": draw(float_arrays(dtype, (d,), bound=3.0)) if affine else None,
+        "bias": draw(float_arrays(dtype, (d,), bound=3.0)) if affine else None,
+        "dy": draw(float_arrays(dtype, shape, bound=3.0)),
+    }
+
+
+@st.composite
+def attention_problems(draw, dtype=np.float64, causal=None, mask_kind=None, dropout=None, views: bool = False):
+    """Inputs of ``F.scaled_dot_product_attention`` and an upstream gradient.
+
+    q (*batch, T, d), k (*batch, S, d), v (*batch, S, dv), 0 to 2 batch dims, T in [1, 4],
+    S in [1, 5] (S = T when causal), d and dv in [1, 4], entries in [-2, 2]; ``attn_mask`` None,
+    boolean (shape (T, S) or the scores' full shape, rows entirely False included) or additive
+    float in [-3, 3] with some ``-inf`` entries; ``is_causal``; a dropout mask on the weights
+    (0 or 1/(1-p)) or None; ``scale`` None or drawn in [0.2, 2]; ``dy`` (*batch, T, dv).
+    """
+    batch = draw(batch_shapes(max_dims=2, max_side=3))
+    is_causal = draw(st.booleans()) if causal is None else causal
+    t = draw(st.integers(1, 4))
+    s = t if is_causal else draw(st.integers(1, 5))
+    d, dv = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    scores_shape = (*batch, t, s)
+    kind = draw(st.sampled_from(["none", "bool", "float"])) if mask_kind is None else mask_kind
+    mask_shape = draw(st.sampled_from([(t, s), scores_shape]))
+    attn_mask = None
+    if kind == "bool":
+        attn_mask = draw(masks(mask_shape, at_least_one=False))
+    elif kind == "float":
+        values = draw(float_arrays(dtype, mask_shape, bound=3.0))
+        attn_mask = np.where(draw(masks(mask_shape)), values, -np.inf).astype(dtype)
+    with_dropout = draw(st.booleans()) if dropout is None else dropout
+    dropout_mask = None
+    if with_dropout:
+        p = draw(st.sampled_from([0.25, 0.5]))
+        dropout_mask = (draw(masks(scores_shape, at_least_one=False)) / (1 - p)).astype(dtype)
+    return {
+        "q": draw(_nn_array(dtype, (*batch, t, d), views)),
+        "k": draw(_nn_array(dtype, (*batch, s, d), views)),
+        "v": draw(_nn_array(dtype, (*batch, s, dv), views)),
+        "attn_mask": attn_mask,
+        "is_causal": is_causal,
+        "dropout_mask": dropout_mask,
+        "scale": draw(st.none() | st.floats(0.2, 2.0)),
+        "dy": draw(float_arrays(dtype, (*batch, t, dv), bound=2.0)),
+    }
+
+
+@st.composite
+def embedding_problems(draw, dtype=np.float64):
+    """A table (V, D) with V in [1, 6] and D in [1, 4], integer indices of 0 to 3 dims (few
+    rows, so repeated indices are common) and dy (*indices.shape, D)."""
+    v, d = draw(st.integers(1, 6)), draw(st.integers(1, 4))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=4))
+    indices = draw(hnp.arrays(np.int64, shape, elements=st.integers(0, v - 1)))
+    return {
+        "indices": indices,
+        "weight": draw(float_arrays(dtype, (v, d), bound=3.0)),
+        "dy": draw(float_arrays(dtype, (*shape, d), bound=3.0)),
+    }
+
+
+@st.composite
+def ignored_target_problems(draw, dtype=np.float64, ignore_index: int = -100):
+    """Logits (*batch, C) with 0 to 2 batch dims and C in [1, 5], entries in [-8, 8], and integer
+    targets (*batch) in [0, C) where a drawn subset (never all) equals ``ignore_index``."""
+    c = draw(st.integers(1, 5))
+    batch = draw(batch_shapes(max_dims=2, max_side=4))
+    target = draw(hnp.arrays(np.int64, batch, elements=st.integers(0, c - 1)))
+    ignored = draw(masks(batch, at_least_one=False)) if target.size else np.zeros(batch, bool)
+    if ignored.all():
+        ignored.flat[draw(st.integers(0, ignored.size - 1))] = False
+    return {
+        "logits": draw(float_arrays(dtype, (*batch, c), bound=8.0)),
+        "target": np.where(ignored, ignore_index, target),
+        "ignore_index": ignore_index,
+    }
+
+
 # ---------------------------------------------------------------- io (tests/test_safetensors.py)
 
 # the dtypes a safetensors file stores; big-endian input is accepted and stored little-endian

@@ -95,7 +95,7 @@ def softmax_core(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, SoftmaxCach
     total = x.sum(axis=axis, keepdims=True)  # >= 1, or 0 for an all-masked slice
     if masked:
         total[all_masked] = 1
-    x /= total
+    x *= 1 / total  # a multiplication by the slice's reciprocal: cheaper than dividing every entry
     return x, SoftmaxCache(y=x, axis=axis)
 
 
@@ -117,10 +117,13 @@ def softmax_backward(dy: Any, cache: SoftmaxCache) -> np.ndarray:
 
 def softmax_backward_core(dy: np.ndarray, cache: SoftmaxCache) -> np.ndarray:
     """:func:`softmax_backward` without validation: ``dy`` has the output's shape and dtype."""
-    y = cache.y
-    dx = dy * y  # (..., n, ...), fresh
-    inner = dx.sum(axis=cache.axis, keepdims=True)  # Σ dy * y, (..., 1, ...)
-    dx -= y * inner  # y * dy - y * Σ dy * y
+    y, axis = cache.y, cache.axis
+    if axis in (-1, y.ndim - 1):  # the attention case: a row dot product, no (..., n) temporary
+        inner = np.einsum("...i,...i->...", dy, y)[..., None]  # Σ dy * y, (..., 1)
+    else:
+        inner = (dy * y).sum(axis=axis, keepdims=True)  # (..., 1, ...)
+    dx = dy - inner  # (..., n, ...), fresh
+    dx *= y  # y * (dy - Σ dy * y)
     return dx
 
 

@@ -138,12 +138,13 @@ def layer_norm_backward_core(dy: np.ndarray, cache: LayerNormCache, *, trainable
     """:func:`layer_norm_backward` without validation: ``dy`` has the output's shape and dtype."""
     xhat, rstd, weight = cache.xhat, cache.rstd, cache.weight
     d = xhat.shape[-1]
-    g = dy if weight is None else dy * weight  # (..., D)
+    g = dy.copy() if weight is None else dy * weight  # (..., D), fresh: it becomes dx in place
     mean_g = g.mean(axis=-1, keepdims=True)  # (..., 1)
     mean_gx = np.einsum("...i,...i->...", g, xhat)[..., None] / d  # (..., 1)
-    dx = g - mean_g  # (..., D), a fresh array
+    dx = g
+    dx -= mean_g
     dx -= xhat * mean_gx
-    dx *= rstd
+    dx *= rstd  # rstd * (g - mean(g) - xhat * mean(g * xhat))
     dweight = dbias = None
     if trainable:
         rows = dy.reshape(-1, d)  # (N, D)
