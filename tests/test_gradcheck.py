@@ -398,3 +398,20 @@ def test_numerical_gradient_of_a_fortran_ordered_input():
     M = np.asfortranarray(np.arange(6.0).reshape(2, 3))
     g = numerical_gradient(lambda M: float(np.sum(M * M)), {"M": M}, "M")
     np.testing.assert_allclose(g, 2 * M, rtol=1e-8)
+
+
+def test_run_all_checks_the_lora_variants():
+    """LoRA on an Embedding, on a fused projection and on a Conv1D: every argument of each is checked, and passes."""
+    rows = [r for r in run_all() if r.case.startswith(("lora_embedding", "lora_merged", "LoRAEmbedding", "LoRAMerged",
+                                                         "LoRALinear on Conv1D"))]  # fmt: skip
+    by_case = {}
+    for r in rows:
+        by_case.setdefault(r.case, set()).add(r.argument)
+        assert r.passed and r.n_checked == r.n_total > 0, r
+    assert by_case == {
+        "lora_embedding, repeated indices": {"weight", "A", "B"},
+        "lora_merged_linear [q, v], dropout mask": {"x", "weight", "bias", "A", "B"},
+        "LoRALinear on Conv1D (fan_in_fan_out)": {"x", "lora_A.weight", "lora_B.weight"},
+        "LoRAMergedLinear [q, v] on Conv1D, dropout": {"x", "lora_A", "lora_B"},
+        "LoRAEmbedding, repeated indices": {"A", "B"},
+    }

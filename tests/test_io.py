@@ -258,7 +258,7 @@ def test_load_refuses_bad_weights(tmp_path):
         load_peft_adapter(_mlp(), folder)
 
     folder = _write_adapter(tmp_path / "d")
-    with pytest.raises(ValueError, match="adapts '2', which must be a Linear of model, got ReLU"):
+    with pytest.raises(ValueError, match="adapts '2', which must be a Linear or a Conv1D of model, got ReLU"):
         load_peft_adapter(nn.Sequential(nn.Linear(4, 6, dtype=np.float64), nn.ReLU(), nn.ReLU()), folder)
     with pytest.raises(ValueError, match="got no such module"):
         load_peft_adapter(nn.Sequential(nn.Linear(4, 6, dtype=np.float64)), folder)
@@ -621,7 +621,7 @@ def test_check_regex_is_safe_accepts_the_usual_patterns(pattern):
 
 def test_load_looks_names_up_in_the_model_before_matching(tmp_path):
     folder = _write_adapter(tmp_path / "ad", {"target_modules": "9"})  # matches neither "0" nor "2"
-    with pytest.raises(ValueError, match="adapts '0', which must be a Linear of model, got ReLU"):
+    with pytest.raises(ValueError, match="adapts '0', which must be a Linear or a Conv1D of model, got ReLU"):
         load_peft_adapter(nn.Sequential(nn.ReLU()), folder)
 
 

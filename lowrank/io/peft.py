@@ -35,13 +35,18 @@ from lowrank.io.adapter import (
 )
 from lowrank.io.files import PathLike, atomic_write_folder, save_json, save_safetensors
 from lowrank.nn.lora import (
+    ADAPTABLE,
     LORA_BIAS,
+    LORA_LAYERS,
+    LoRAEmbedding,
     LoRALinear,
+    LoRAMergedLinear,
     inject_lora,
     mark_only_lora_as_trainable,
     replace_modules,
+    trained_beside_lora,
 )
-from lowrank.nn.modules import Linear, Module
+from lowrank.nn.modules import Conv1D, Embedding, Linear, Module
 from lowrank.utils.validation import check_choice, check_random_state
 
 __all__ = [
@@ -98,7 +103,7 @@ def _finite_floats(arr: np.ndarray, key: str, where: Path) -> np.ndarray:
 
 def _saved_modules(config: AdapterConfig, modules: dict[str, Module], adapted: set[str], where: Path) -> list[str]:
     """The model's modules that ``modules_to_save`` wraps: PEFT's suffix rule, outermost only, none adapted."""
-    lora = [n for n, m in modules.items() if isinstance(m, LoRALinear)]
+    lora = [n for n, m in modules.items() if isinstance(m, LORA_LAYERS)]
     inside_lora = {n for n in modules if any(n.startswith(f"{o}.") for o in lora if o)}  # lora_A, lora_B
     found = [n for n in modules if n and n not in inside_lora and config.saves_module(n)]
     found = [n for n in found if not any(n.startswith(f"{o}.") for o in found if o != n)]
@@ -122,10 +127,13 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
     file into a float32 model is rounded once.
 
     Each adapted layer named in the file (``base_model.model.<name>.lora_A.weight``
-    and ``.lora_B.weight``) must be a :class:`~lowrank.nn.Linear` or an
-    unmerged :class:`~lowrank.nn.LoRALinear` of ``model``. Loading is
-    injection with given factors: a LoRALinear there is first swapped back for
-    its base Linear (:func:`~lowrank.nn.replace_modules`), then
+    and ``.lora_B.weight``) must be a :class:`~lowrank.nn.Linear`, a
+    :class:`~lowrank.nn.Conv1D` or an unmerged :class:`~lowrank.nn.LoRALinear`
+    of ``model``; an Embedding adapter (``<name>.lora_embedding_A`` and
+    ``.lora_embedding_B``, e.g. GPT-2's ``transformer.wte``) needs an
+    :class:`~lowrank.nn.Embedding` or an unmerged :class:`~lowrank.nn.LoRAEmbedding`
+    there. Loading is injection with given factors: a LoRA layer there is
+    first swapped back for its base (:func:`~lowrank.nn.replace_modules`), then
     :func:`~lowrank.nn.inject_lora` wraps the named layers, each with its own
     ``r`` and ``alpha`` as PEFT resolves them from ``r``, ``lora_alpha``,
     ``rank_pattern`` and ``alpha_pattern``
@@ -153,12 +161,15 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
       ``<name>.original_module.bias`` (the untouched base bias, skipped).
     - ``fan_in_fan_out`` says the *torch* base layers stored their weight as
       ``(in, out)`` (GPT-2's Conv1D, ``y = x @ W + b``). PEFT's factors are
-      ``(r, in)`` and ``(out, r)`` either way, so the adapter loads unchanged
-      into lowrank's Linear layers, whose weight is ``(out, in)``: what the
-      flag changes is the *base* weights, which must be loaded transposed
-      (``linear.weight = conv1d_weight.T``). Loading them untransposed into a
-      square layer would run silently with the wrong weights; lowrank cannot
-      see the base's origin, so this is the caller's part.
+      ``(r, in)`` and ``(out, r)`` either way, and PEFT decides per layer
+      (a Conv1D is always transposed, an ``nn.Linear`` never, whatever the
+      flag says), and so does lowrank: the adapter loads unchanged into a
+      :class:`~lowrank.nn.Conv1D` (``nn.GPT2`` holds transformers' layout,
+      so its checkpoint and its adapters load as they are) and into a
+      :class:`~lowrank.nn.Linear`, whose weight is ``(out, in)``; into a
+      Linear the *base* weights must have been loaded transposed
+      (``linear.weight = conv1d_weight.T``), which lowrank cannot check
+      for a square layer, so that is the caller's part.
 
     Bookkeeping fields and the initialization fields are ignored. Any other
     field that is switched on (``use_dora``, ``layers_to_transform``,
@@ -222,22 +233,26 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
     unwrap: dict[str, Module] = {}  # LoRALinear layers to load into -> their base Linear
     for name, keys in sorted(layout.factors.items()):
         shown = name or "<the model itself>"
-        if keys.embedding:
-            raise ValueError(f"{weights_path}: layer {shown!r} is an Embedding adapter, which lowrank does not have")
         if keys.A is None or keys.B is None:
-            missing = f"{KEY_PREFIX}{name + '.' if name else ''}lora_{'A' if keys.A is None else 'B'}.weight"
+            factor = "lora_embedding_" if keys.embedding else "lora_"
+            suffix = "" if keys.embedding else ".weight"
+            missing = f"{KEY_PREFIX}{name + '.' if name else ''}{factor}{'A' if keys.A is None else 'B'}{suffix}"
             raise ValueError(f"{weights_path}: layer {shown!r} has no {missing!r}")
         layer = modules.get(name)  # the model's names first: a pattern only ever meets names the model has
-        if isinstance(layer, LoRALinear):
+        kinds = (Embedding, LoRAEmbedding) if keys.embedding else (Linear, Conv1D, LoRALinear)
+        if not isinstance(layer, kinds) or isinstance(layer, LoRAMergedLinear):
+            found = "no such module" if layer is None else type(layer).__name__
+            want = "an Embedding" if keys.embedding else "a Linear or a Conv1D"
+            raise ValueError(f"the adapter adapts {shown!r}, which must be {want} of model, got {found}")
+        if isinstance(layer, (LoRALinear, LoRAEmbedding)):
             if layer.merged:
-                raise RuntimeError(f"layer {shown!r} is a merged LoRALinear: unmerge() it before loading an adapter")
+                raise RuntimeError(
+                    f"layer {shown!r} is a merged {type(layer).__name__}: unmerge() it before loading an adapter"
+                )
             base = layer.base
             unwrap[name] = base.train(layer.training)  # the base is not in the tree: its own mode is stale
-        elif isinstance(layer, Linear):
-            base = layer
         else:
-            found = "no such module" if layer is None else type(layer).__name__
-            raise ValueError(f"the adapter adapts {shown!r}, which must be a Linear of model, got {found}")
+            base = layer
         if not config.matches(name):
             raise ValueError(
                 f"{weights_path}: layer {shown!r} does not match target_modules {config.target_modules!r} "
@@ -246,11 +261,16 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
         layer_settings = config.settings_for(name)
         A, B = tensors[keys.A], tensors[keys.B]
         r = layer_settings.r
-        expected_A, expected_B = (r, base.in_features), (base.out_features, r)
+        if isinstance(base, Embedding):  # PEFT's lora_embedding_A (r, num), lora_embedding_B (dim, r)
+            expected_A, expected_B = (r, base.num_embeddings), (base.embedding_dim, r)
+            what = "lora_embedding_A of shape (r, num_embeddings)", "lora_embedding_B of shape (embedding_dim, r)"
+        else:
+            expected_A, expected_B = (r, base.in_features), (base.out_features, r)
+            what = "lora_A of shape (r, in)", "lora_B of shape (out, r)"
         if A.shape != expected_A or B.shape != expected_B:
             raise ValueError(
-                f"{weights_path}: layer {shown!r} needs lora_A of shape (r, in) = {expected_A} and lora_B of "
-                f"shape (out, r) = {expected_B} (r = {r} by {config_path.name}), got {A.shape} and {B.shape}"
+                f"{weights_path}: layer {shown!r} needs {what[0]} = {expected_A} and {what[1]} "
+                f"= {expected_B} (r = {r} by {config_path.name}), got {A.shape} and {B.shape}"
             )
         checked[name] = (_finite_floats(A, keys.A, weights_path), _finite_floats(B, keys.B, weights_path))
         settings[name] = layer_settings
@@ -272,8 +292,8 @@ def load_peft_adapter(model: Any, path: PathLike, *, random_state: Any = None) -
     layers = dict(model.named_modules())
     for name, (A, B) in checked.items():
         layer = layers[name]
-        layer.A.data = np.array(A, dtype=layer.weight.dtype, order="C")  # (r, in)
-        layer.B.data = np.array(B, dtype=layer.weight.dtype, order="C")  # (out, r)
+        layer.A.data = np.array(A, dtype=layer.weight.dtype, order="C")  # (r, in) or (r, num)
+        layer.B.data = np.array(B, dtype=layer.weight.dtype, order="C")  # (out, r) or (dim, r)
     params = dict(model.named_parameters())
     for key, arr in full.items():
         params[key].data = np.array(arr, dtype=params[key].dtype, order="C")
@@ -340,10 +360,15 @@ def _pattern_key(name: str, others: list[str]) -> str:
 
 
 def save_peft_adapter(
-    model: Any, path: PathLike, *, bias: str = "none", modules_to_save: list[str] | None = None
+    model: Any, path: PathLike, *, bias: str | None = None, modules_to_save: list[str] | None = None
 ) -> Path:
     """Write ``model``'s LoRA layers as a PEFT adapter folder that ``PeftModel.from_pretrained`` loads.
 
+    Saves every :class:`~lowrank.nn.LoRALinear` (on a Linear or a Conv1D)
+    and :class:`~lowrank.nn.LoRAEmbedding` (as ``lora_embedding_A`` and
+    ``lora_embedding_B``); ``fan_in_fan_out`` is true when the adapted
+    layers are Conv1D. A :class:`~lowrank.nn.LoRAMergedLinear` (loralib's
+    ``enable_lora``) has no PEFT form and is refused.
     Writes ``adapter_config.json`` (by
     :meth:`~lowrank.io.adapter.AdapterConfig.to_json`: ``peft_type "LORA"``,
     ``r`` and ``lora_alpha`` the layers' most common values, ``rank_pattern``
@@ -375,15 +400,20 @@ def save_peft_adapter(
         ``r`` and ``alpha`` may differ per layer.
     path : str or os.PathLike
         The folder; created if missing (its parent must exist).
-    bias : {"none", "lora_only", "all"}, default "none"
+    bias : {"none", "lora_only", "all"}, optional
         Which biases the adapter carries (PEFT's ``bias``): ``"lora_only"``
         the adapted layers' (as ``<name>.base_layer.bias``), ``"all"`` every
-        bias of the model (the others as ``<name>.bias``).
+        bias of the model (the others as ``<name>.bias``). By default the
+        model's own setting (:func:`lowrank.nn.trained_beside_lora`: what
+        :func:`~lowrank.nn.inject_lora` or :func:`load_peft_adapter` set),
+        so a loaded adapter saves back as it came; ``"none"`` for a model
+        never marked.
     modules_to_save : list of str, optional
         Dotted names of modules saved in full (``<name>.weight``, ...), as
-        :func:`load_peft_adapter` loads them. PEFT selects a module whose name
-        *ends with* an entry, so an entry that is also the end of another
-        module's name is refused.
+        :func:`load_peft_adapter` loads them; by default the model's own
+        setting, as ``bias``. PEFT selects a module whose name *ends with*
+        an entry, so an entry that is also the end of another module's
+        name is refused.
 
     Returns
     -------
@@ -405,24 +435,42 @@ def save_peft_adapter(
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
-    bias = check_choice(bias, "bias", LORA_BIAS)
+    remembered = trained_beside_lora(model)
+    bias = check_choice(remembered.bias if bias is None else bias, "bias", LORA_BIAS)
+    if modules_to_save is None and remembered.modules_to_save:
+        modules_to_save = list(remembered.modules_to_save)
     named = model.named_modules()
     modules = dict(named)
-    layers = [(name, m) for name, m in named if isinstance(m, LoRALinear)]
+    fused = [name for name, m in named if isinstance(m, LoRAMergedLinear)]
+    if fused:
+        raise ValueError(
+            f"layers {fused} are LoRAMergedLinear (enable_lora, loralib's MergedLinear), which a PEFT adapter "
+            f"cannot express: PEFT adapts a fused projection whole; save model.state_dict() instead"
+        )
+    layers: list[tuple[str, LoRALinear | LoRAEmbedding]] = [
+        (name, m) for name, m in named if isinstance(m, (LoRALinear, LoRAEmbedding))
+    ]
     if not layers:
         raise ValueError("model has no LoRALinear layer: there is no adapter to save")
     merged = [name for name, m in layers if m.merged]
     if merged:
-        raise RuntimeError(f"LoRALinear layers {merged} are merged: unmerge() them before saving the adapter")
-    shared = {(m.use_rslora, m.dropout) for _, m in layers}
-    if len(shared) > 1:
+        raise RuntimeError(f"LoRA layers {merged} are merged: unmerge() them before saving the adapter")
+    # An Embedding's LoRA path has no dropout (PEFT's neither), so only the linear layers' dropout counts.
+    shared = {(m.use_rslora, m.dropout if isinstance(m, LoRALinear) else None) for _, m in layers}
+    dropouts = {d for _, d in shared if d is not None}
+    if len({u for u, _ in shared}) > 1 or len(dropouts) > 1:
         raise ValueError(
-            "every LoRALinear must share use_rslora and dropout to be saved as one PEFT config, got "
+            "every LoRA layer must share use_rslora and dropout to be saved as one PEFT config, got "
             + ", ".join(
-                f"{n or '<the model itself>'}: (use_rslora={m.use_rslora}, dropout={m.dropout:g})" for n, m in layers
+                f"{n or '<the model itself>'}: (use_rslora={m.use_rslora}"
+                + (f", dropout={m.dropout:g})" if isinstance(m, LoRALinear) else ")")
+                for n, m in layers
             )
         )
-    use_rslora, dropout = shared.pop()
+    use_rslora, dropout = shared.pop()[0], dropouts.pop() if dropouts else 0.0
+    # PEFT's fan_in_fan_out: True when the adapted linear layers are Conv1D (GPT-2). PEFT corrects the
+    # flag per layer anyway (a Conv1D is always transposed, an nn.Linear never), so it records the origin.
+    fan_in_fan_out = any(isinstance(m, LoRALinear) and m.fan_in_fan_out for _, m in layers)
     names = [name for name, _ in layers]
     saved = _check_modules_to_save(modules_to_save, modules, names)
 
@@ -432,7 +480,7 @@ def save_peft_adapter(
     alpha_pattern = {_pattern_key(n, names): m.alpha for n, m in layers if m.alpha != alpha}
     # PEFT matches a list entry against every module whose name ends in "." + entry, so
     # a plain list is exact only when no other linear layer's name ends that way
-    others = [n for n, m in named if isinstance(m, Linear) and n not in names]
+    others = [n for n, m in named if isinstance(m, ADAPTABLE) and n not in names]
     ambiguous = any(o.endswith(f".{n}") for o in others for n in names)
     targets: str | tuple[str, ...] = (
         "^(?:" + "|".join(n.replace(".", r"\.") for n in names) + ")$" if ambiguous or "" in names else tuple(names)
@@ -443,6 +491,7 @@ def save_peft_adapter(
         use_rslora=use_rslora,
         dropout=dropout,
         target_modules=targets,
+        fan_in_fan_out=fan_in_fan_out,
         bias=bias,
         modules_to_save=tuple(saved),
         rank_pattern=rank_pattern,
@@ -453,6 +502,10 @@ def save_peft_adapter(
     tensors: dict[str, np.ndarray] = {}
     for name, m in layers:
         prefix = f"{KEY_PREFIX}{name + '.' if name else ''}"
+        if isinstance(m, LoRAEmbedding):
+            tensors[f"{prefix}lora_embedding_A"] = m.A.data  # (r, num), PEFT's key has no ".weight"
+            tensors[f"{prefix}lora_embedding_B"] = m.B.data  # (dim, r)
+            continue
         tensors[f"{prefix}lora_A.weight"] = m.A.data  # (r, in)
         tensors[f"{prefix}lora_B.weight"] = m.B.data  # (out, r)
         if bias != "none" and m.bias is not None:

@@ -12,6 +12,7 @@ from lowrank.nn.lora import (
     LoRAEmbedding,
     LoRALinear,
     LoRAMergedLinear,
+    TrainedBeside,
     check_lora_config,
     check_pissa_rank,
     inject_lora,
@@ -20,6 +21,7 @@ from lowrank.nn.lora import (
     merge_lora,
     replace_modules,
     trainable_summary,
+    trained_beside_lora,
 )
 from lowrank.nn.mlp import MLP
 from lowrank.nn.modules import (
@@ -56,6 +58,7 @@ __all__ = [
     "Sequential",
     "Sigmoid",
     "Tanh",
+    "TrainedBeside",
     "check_lora_config",
     "check_pissa_rank",
     "functional",
@@ -66,4 +69,5 @@ __all__ = [
     "merge_lora",
     "replace_modules",
     "trainable_summary",
+    "trained_beside_lora",
 ]

@@ -1,4 +1,4 @@
-"""LoRA layers and LoRA on a whole model: LoRALinear, injection, merging, counting.
+"""LoRA layers and LoRA on a whole model: LoRALinear, LoRAEmbedding, LoRAMergedLinear, injection, merging, counting.
 
 >>> from lowrank import nn
 >>> model = nn.MLP([16, 32, 4], random_state=0)
@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,12 +37,14 @@ from lowrank.nn.modules import (
 from lowrank.utils.validation import RandomState, check_bool, check_choice, check_int, check_random_state, check_real
 
 __all__ = [
+    "ADAPTABLE",
     "LORA_BIAS",
     "LORA_INITS",
     "LORA_LAYERS",
     "LoRAEmbedding",
     "LoRALinear",
     "LoRAMergedLinear",
+    "TrainedBeside",
     "check_lora_config",
     "check_pissa_rank",
     "inject_lora",
@@ -50,6 +53,7 @@ __all__ = [
     "merge_lora",
     "replace_modules",
     "trainable_summary",
+    "trained_beside_lora",
 ]
 
 LORA_INITS = ("kaiming", "gaussian", "pissa")
@@ -520,6 +524,10 @@ class LoRAEmbedding(Module):
         """PEFT's ``lora_embedding_B``, shape (embedding_dim, r)."""
         return self.lora_embedding_B
 
+    def adapter_parameters(self) -> list[Parameter]:
+        """The parameters the adapter trains: A and B."""
+        return [self.A, self.B]
+
     def forward(self, x: Any) -> np.ndarray:
         """Map integer ids ``x`` (any shape) to ``y`` (*x.shape, embedding_dim); checks ``x`` once."""
         idx = F.check_indices(x, self.num_embeddings, "indices")
@@ -677,6 +685,10 @@ class LoRAMergedLinear(Module):
     def B(self) -> Parameter:
         """The stacked up-projections, shape (k * d, r)."""
         return self.lora_B
+
+    def adapter_parameters(self) -> list[Parameter]:
+        """The parameters the adapter trains: A and B."""
+        return [self.A, self.B]
 
     def weight_out_in(self) -> np.ndarray:
         """The base weight as ``(out_features, in_features)`` (a view for Conv1D)."""
@@ -883,7 +895,8 @@ def mark_only_lora_as_trainable(
     Returns
     -------
     Module
-        ``model``.
+        ``model``, which remembers ``bias`` and ``also_trainable`` for
+        :func:`trained_beside_lora` (so an adapter saves back with them).
 
     Raises
     ------
@@ -916,7 +929,37 @@ def mark_only_lora_as_trainable(
             p.trainable = True
         elif id(p) not in factors:
             p.trainable = False
+    object.__setattr__(model, "_lora_trained_beside", TrainedBeside(bias=bias, modules_to_save=tuple(keep)))
     return model
+
+
+@dataclass(frozen=True, slots=True)
+class TrainedBeside:
+    """What trains beside the LoRA factors: PEFT's ``bias`` and ``modules_to_save``.
+
+    Attributes
+    ----------
+    bias : {"none", "lora_only", "all"}
+    modules_to_save : tuple of str
+        Dotted names of the modules trained in full.
+    """
+
+    bias: str = "none"
+    modules_to_save: tuple[str, ...] = ()
+
+
+def trained_beside_lora(model: Module) -> TrainedBeside:
+    """The ``bias`` and ``modules_to_save`` the last :func:`mark_only_lora_as_trainable` on ``model`` set.
+
+    :func:`inject_lora` and :func:`lowrank.io.load_peft_adapter` end with that
+    call, so :func:`lowrank.io.save_peft_adapter` saves a loaded or injected
+    adapter back with its settings without being told them again.
+    ``TrainedBeside("none", ())`` for a model never marked.
+    """
+    if not isinstance(model, Module):
+        raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
+    found = model.__dict__.get("_lora_trained_beside")
+    return found if isinstance(found, TrainedBeside) else TrainedBeside()
 
 
 def _check_module_names(names: Any, modules: Mapping[str, Module], what: str) -> list[str]:
@@ -978,7 +1021,9 @@ def inject_lora(
     targets : iterable of str, optional
         The exact dotted names of the layers to adapt (``["0", "2"]``,
         or ``"block.fc"`` in nested modules): Linear, Conv1D or Embedding
-        layers. When None (and ``target_modules`` is None), every Linear and
+        layers. An entry that is the name of no module of the model is
+        taken as a dotted suffix, PEFT's list rule: ``["c_attn"]`` adapts
+        every ``transformer.h.N.attn.c_attn`` of a GPT-2. When None (and ``target_modules`` is None), every Linear and
         Conv1D layer; an Embedding is adapted only when named. An
         Embedding's LoRA path has no dropout (PEFT applies none there), so
         ``dropout`` does not reach it.
@@ -1017,8 +1062,11 @@ def inject_lora(
         An unknown target (the message lists the Linear layers there are), a
         target that is already a LoRA layer, no Linear layer to adapt, a
         per-layer mapping without an adapted layer, a ``modules_to_save``
-        entry that matches no module or an adapted layer, or a value
-        :func:`check_lora_config` or :func:`check_pissa_rank` refuses.
+        entry that matches no module or an adapted layer, ``enable_lora``
+        with an Embedding target or a length that does not divide a
+        targeted layer's ``out_features``, ``init="pissa"`` with an Embedding
+        or ``enable_lora``, or a value :func:`check_lora_config` or
+        :func:`check_pissa_rank` refuses.
     TypeError
         ``model`` is not a Module, ``targets`` is a string or holds
         non-strings, both ``targets`` and ``target_modules`` are given, or a
@@ -1075,7 +1123,7 @@ def inject_lora(
                 f"model has no Linear or Conv1D layer to adapt ({type(model).__name__}); name an Embedding with targets"
             )
     else:
-        chosen = _check_targets(targets, linears, adapted)
+        chosen = _check_targets(targets, linears, adapted, {name for name, _ in modules})
     settings = {name: _layer_settings(r, alpha, dropout, use_rslora, init, name) for name in chosen}
     embeddings = [name for name in chosen if isinstance(linears[name], Embedding)]
     if init == "pissa":
@@ -1179,8 +1227,14 @@ def _match_modules_to_save(modules_to_save: Any, names: list[str], adapted: set[
     return matched
 
 
-def _check_targets(targets: Any, linears: Mapping[str, Module], adapted: list[str]) -> list[str]:
-    """The targeted Linear names, in the model's order; every problem in one message."""
+def _check_targets(
+    targets: Any, linears: Mapping[str, Module], adapted: list[str], names: set[str] | None = None
+) -> list[str]:
+    """The targeted layer names, in the model's order; every problem in one message.
+
+    With ``names`` (every module name of the model), an entry that is none of
+    them is matched as a dotted suffix (PEFT's list rule) against the layers.
+    """
     if isinstance(targets, (str, bytes)) or not isinstance(targets, Iterable):
         raise TypeError(
             f"targets must be a list of layer names such as ['0', '2'], got {type(targets).__name__} {targets!r}"
@@ -1191,6 +1245,12 @@ def _check_targets(targets: Any, linears: Mapping[str, Module], adapted: list[st
         raise TypeError(f"targets must hold layer names (str), got {bad_types!r}")
     if not targets:
         raise ValueError(f"targets must name at least one layer of {list(linears)}, got []")
+    if names is not None:  # "c_attn", the name of no module: every layer whose name ends in ".c_attn"
+        targets = [
+            n
+            for t in targets
+            for n in ([t] if t in names else [m for m in (*linears, *adapted) if match_target_modules([t], m)] or [t])
+        ]
     again = [t for t in targets if t in adapted]
     if again:
         raise ValueError(

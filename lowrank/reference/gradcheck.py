@@ -822,7 +822,9 @@ def run_all(random_state: RandomState = 0) -> list[GradcheckRow]:
     and additive masks, a dropout mask, a given scale), gelu_tanh and
     cross_entropy with ignored targets. Layer cases: Linear, LoRALinear,
     each activation module, a Sequential holding a LoRALinear, Conv1D,
-    LayerNorm and Embedding (its weight). The scalar
+    LayerNorm and Embedding (its weight); and LoRA's variants: lora_embedding
+    and lora_merged_linear (kernels), LoRALinear on a Conv1D,
+    LoRAMergedLinear and LoRAEmbedding (layers). The scalar
     checked is ``sum(y * dy)`` for a fixed random ``dy``, or the loss.
 
     Parameters
@@ -835,7 +837,75 @@ def run_all(random_state: RandomState = 0) -> list[GradcheckRow]:
         One row per checked argument of each case (see :func:`format_table`).
     """
     rng = check_random_state(random_state)
-    return _kernel_rows(rng) + _module_rows(rng)
+    return _kernel_rows(rng) + _module_rows(rng) + _lora_variant_rows(rng)
+
+
+def _lora_variant_rows(rng: np.random.Generator) -> list[GradcheckRow]:
+    """LoRA on an Embedding and on a fused projection (kernels and layers), and LoRA on a Conv1D (layer)."""
+    from lowrank import nn
+    from lowrank.nn import functional as F
+
+    normal = rng.standard_normal
+    rows: list[GradcheckRow] = []
+    indices = np.array([[0, 5, 0, 2], [5, 5, 1, 0]])  # repeated: their gradients must sum
+    table, A, B, dy = normal((6, 3)), normal((2, 6)), normal((3, 2)), normal((2, 4, 3))
+    _, emb_cache = F.lora_embedding(indices, table, A, B, 1.5)
+    eg = F.lora_embedding_backward(dy, emb_cache, base_trainable=True)
+
+    def f_lora_embedding(weight: np.ndarray, A: np.ndarray, B: np.ndarray) -> float:
+        return float(np.sum(F.lora_embedding(indices, weight, A, B, 1.5)[0] * dy))
+
+    rows += _rows("lora_embedding, repeated indices", f_lora_embedding, {"weight": table, "A": A, "B": B},
+                  {"weight": eg.weight, "A": eg.A, "B": eg.B})  # fmt: skip
+
+    enable = (True, False, True)  # W_q and W_v of a fused qkv projection
+    x, W, b = normal((2, 3, 4)), normal((6, 4)), normal(6)
+    A2, B2, dy2 = normal((4, 4)), normal((4, 2)), normal((2, 3, 6))
+    mask = rng.choice([0.0, 2.0], size=x.shape)  # p = 0.5
+    _, merged_cache = F.lora_merged_linear(x, W, b, A2, B2, 2.0, enable, mask)
+    mg = F.lora_merged_linear_backward(dy2, merged_cache, base_trainable=True)
+
+    def f_merged(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, A: np.ndarray, B: np.ndarray) -> float:
+        return float(np.sum(F.lora_merged_linear(x, weight, bias, A, B, 2.0, enable, mask)[0] * dy2))
+
+    rows += _rows("lora_merged_linear [q, v], dropout mask", f_merged,
+                  {"x": x, "weight": W, "bias": b, "A": A2, "B": B2},
+                  {"x": mg.x, "weight": mg.weight, "bias": mg.bias, "A": mg.A, "B": mg.B})  # fmt: skip
+
+    def check_module(case: str, module: Any, x: np.ndarray) -> list[GradcheckRow]:
+        module.B.data = normal(module.B.shape)  # B = 0 at init would make dA = 0
+        try:
+            report = check_module_gradients(module, x, random_state=rng)
+        except GradcheckError as err:
+            report = err.report
+        return _report_rows(case, report)
+
+    conv = nn.Conv1D(5, 4, dtype=np.float64, random_state=rng)
+    rows += check_module("LoRALinear on Conv1D (fan_in_fan_out)",
+                         nn.LoRALinear(conv, r=2, alpha=4, random_state=rng), normal((2, 3, 5)))  # fmt: skip
+    fused = nn.Conv1D(4, 6, dtype=np.float64, random_state=rng)
+    rows += check_module("LoRAMergedLinear [q, v] on Conv1D, dropout",
+                         nn.LoRAMergedLinear(fused, r=2, alpha=4, dropout=0.5, enable_lora=enable, random_state=rng),
+                         normal((2, 3, 4)))  # fmt: skip
+
+    layer = nn.LoRAEmbedding(nn.Embedding(6, 3, dtype=np.float64, random_state=rng), r=2, alpha=3, random_state=rng)
+    layer.A.data = normal(layer.A.shape)  # A = 0 at init would make dB = 0
+    layer(indices)
+    layer.backward(dy)
+    originals = layer.A.data, layer.B.data
+
+    def f_layer(A: np.ndarray, B: np.ndarray) -> float:
+        layer.A.data, layer.B.data = A, B
+        return float(np.sum(layer(indices) * dy))
+
+    try:
+        rows += _rows("LoRAEmbedding, repeated indices", f_layer,
+                      {"A": originals[0].copy(), "B": originals[1].copy()},
+                      {"A": layer.A.grad, "B": layer.B.grad})  # fmt: skip
+    finally:
+        layer.A.data, layer.B.data = originals
+        layer.clear_cache()
+    return rows
 
 
 def format_table(rows: list[GradcheckRow]) -> str:
