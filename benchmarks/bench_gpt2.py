@@ -22,7 +22,7 @@ Run by hand: ``python benchmarks/bench_gpt2.py [--reps N] [--steps K] [--vocab V
    and 2. Target: lowrank / torch <= 1.0.
 2. Peak memory of each side's step, unless ``--no-memory``: each side runs
    in a fresh process (default threads) that imports only its own library,
-   builds the model, reads ``ru_maxrss``, runs ``1 + --steps`` steps and
+   builds the model, reads its resident peak (``VmHWM``), runs ``1 + --steps`` steps and
    reads it again; printed are the resident peak and its growth during the
    steps (activations, gradients, optimizer state).
 
@@ -197,8 +197,27 @@ def bench_steps(case: str, args: argparse.Namespace, threads: int) -> float | No
 # ---------------------------------------------------------------- 2. memory
 
 
+def peak_rss_mib() -> float:
+    """This process's resident high-water mark, MiB.
+
+    Linux's ``VmHWM`` belongs to the process image: ``ru_maxrss`` would
+    carry the parent's peak across ``fork`` and ``exec`` (the parent here
+    holds torch), so it is read first; elsewhere ``ru_maxrss`` (KiB on
+    Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
 def measure_memory(side: str, case: str, vocab: int, dropout: float, steps: int) -> dict:
-    """In this (fresh) process: ru_maxrss after building, after one warm-up step and after ``steps`` more, MiB.
+    """In this (fresh) process: the resident peak after building, after one warm-up step and after ``steps`` more.
 
     Each side imports only what it needs (lowrank builds its own random
     model, without torch), so the growth is the step's own memory: weights,
@@ -217,12 +236,12 @@ def measure_memory(side: str, case: str, vocab: int, dropout: float, steps: int)
 
         run = torch_stepper(torch, torch_model(torch, transformers, vocab, dropout, case == "lora"), ids, 1)
     gc.collect()
-    built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    built = peak_rss_mib()
     run()
-    warm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    warm = peak_rss_mib()
     for _ in range(steps):
         run()
-    return {"built": built, "warm": warm, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"built": built, "warm": warm, "peak": peak_rss_mib()}
 
 
 def bench_memory(case: str, args: argparse.Namespace) -> None:

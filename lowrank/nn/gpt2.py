@@ -543,8 +543,7 @@ class GPT2(Module):
         self.transformer = GPT2Model(config, dtype=dtype, random_state=rng)
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False, dtype=dtype, random_state=rng)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one Parameter, both gradients summed into it
-        self._init_weights(rng)
-        self._set_generator(rng)
+        self._init_weights(rng)  # then rng draws the dropout masks, as the generator of transformer, attn and mlp
 
     def _init_weights(self, rng: np.random.Generator) -> None:
         """GPT-2's init as in transformers: ``N(0, range²)``, ``c_proj`` ``N(0, range² / (2 n_layer))``, biases 0.
