@@ -1,4 +1,4 @@
-"""Layers with state: Parameter, Module, Linear, activations, Sequential.
+"""Layers with state: Parameter, Module, Linear, Conv1D, LayerNorm, Embedding, activations, Sequential.
 
 A module owns its parameters and calls the pure kernels of
 :mod:`lowrank.nn.functional`; every formula lives there. What lives here is

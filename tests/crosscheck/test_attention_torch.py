@@ -32,8 +32,9 @@ TOL = {"rtol": 1e-12, "atol": 1e-12}
 
 
 def leaf(a: np.ndarray):
-    """A float64 torch leaf holding a copy of ``a`` (torch refuses negative strides)."""
-    return torch.tensor(np.array(a, dtype=np.float64), requires_grad=True)
+    """A float64 torch leaf holding a C-contiguous copy of ``a`` (torch refuses negative strides, and
+    transformers' Conv1D views its input, which needs a contiguous tensor)."""
+    return torch.tensor(np.array(a, dtype=np.float64, order="C", copy=True), requires_grad=True)
 
 
 @given(layer_norm_problems(views=True))
