@@ -504,6 +504,15 @@ def _format_gpt2(g: dict[str, Any]) -> list[str]:
                      + " / ".join(f"{100 * d['energy_top'][k]:.0f} %" for k in ("1", "2", "4"))
                      for w, d in ws.items()]
             lines.append(f"   {method:<13} {layer}  " + "   ".join(parts))
+    by = {row["method"]: row for row in g["methods"]}
+    qv, full, before = by["lora W_q,W_v"]["val_acc"], by["full"]["val_acc"], b["val_acc"]
+    share = 100 * (qv - before) / (full - before) if full != before else float("nan")
+    last = list(g["delta_qv"]["full"])[-1]
+    top4 = 100 * g["delta_qv"]["full"][last]["q"]["energy_top"]["4"]
+    lines.append(f"   Take-away: with {by['lora W_q,W_v']['percent_of_full']:.1f} % of the parameters, LoRA on W_q "
+                 f"and W_v alone recovers {share:.0f} % of full fine-tuning's gain ({before:.3f} -> {qv:.3f}, "
+                 f"full {full:.3f}); full fine-tuning's ΔW_q in {last} is full-rank yet puts {top4:.0f} % of its "
+                 "energy in 4 directions, the room a rank-4 update works in.")
     return lines
 
 

@@ -249,6 +249,24 @@ def canonical(U: np.ndarray, Vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return U, Vt
 
 
+def follow_signs_on_ties(U: np.ndarray, Vt: np.ndarray, U_ref: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """U and Vt with a column's sign taken from U_ref where the sign rule is a near-tie.
+
+    The rule makes the largest-magnitude entry of each column positive; when
+    the two largest magnitudes of U_ref's column are within ``tol`` (e.g.
+    ±0.7071 in a 45° rotation), rounding differences between two SVD runs
+    (another LAPACK path, another BLAS thread count) may pick either entry,
+    and either sign is right. Elsewhere the sign is left as computed.
+    """
+    U, Vt = U.copy(), Vt.copy()
+    for j in range(U.shape[1]):
+        top = np.sort(np.abs(U_ref[:, j]))[::-1]
+        if top.size > 1 and top[0] - top[1] <= tol and U[:, j] @ U_ref[:, j] < 0:
+            U[:, j] *= -1
+            Vt[j] *= -1
+    return U, Vt
+
+
 def assert_sign_rule(U: np.ndarray) -> None:
     """Each column of U has its largest-|.| entry (the first one on ties) positive."""
     for j in range(U.shape[1]):

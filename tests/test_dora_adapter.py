@@ -291,7 +291,7 @@ def test_saving_layers_that_disagree_on_use_dora_is_refused(tmp_path):
         ("use_dora off", "is DoRA's magnitude, but adapter_config.json has use_dora false"),
         ("wrong shape", "needs 'base_model.model.0.lora_magnitude_vector' of shape (out,) = (5,), got (6,)"),
         ("non-finite", "'base_model.model.0.lora_magnitude_vector' must hold finite floats"),
-        ("embedding", "is an Embedding adapter"),
+        ("embedding", "is an Embedding with DoRA (use_dora): lowrank has no DoRA Embedding layer"),
     ],
 )
 def test_loading_refuses_each_dora_fault_and_changes_nothing(tmp_path, fault, words):
@@ -316,8 +316,10 @@ def test_loading_refuses_each_dora_fault_and_changes_nothing(tmp_path, fault, wo
             f"{P}0.lora_embedding_B": np.ones((5, 2)),
             key: np.ones(5),
         }
-    model = mlp()
+    model = nn.Sequential(nn.Embedding(6, 5, random_state=0)) if fault == "embedding" else mlp()
+    before = {k: v.copy() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError) as info:
         load_peft_adapter(model, write_adapter(tmp_path / "ad", config, tensors))
     assert words in str(info.value) and "\n" not in str(info.value)
-    assert not isinstance(model[0], nn.LoRALinear)
+    assert not isinstance(model[0], (nn.LoRALinear, nn.LoRAEmbedding))
+    assert all(np.array_equal(v, before[k]) for k, v in model.state_dict().items())

@@ -16,6 +16,7 @@ from strategies import (
     assert_sign_rule,
     canonical,
     expected_float_dtype,
+    follow_signs_on_ties,
     lapack_tol,
     matrices_and_ranks,
     matrix_shapes,
@@ -144,23 +145,6 @@ def test_signs_are_canonical_whatever_the_input_sign_or_layout(Ms, r):
     np.testing.assert_allclose(U, U_ref, atol=tol)
     np.testing.assert_allclose(Vt, Vt_ref, atol=tol)
 
-
-def follow_signs_on_ties(U, Vt, U_ref, tol):
-    """U and Vt with a column's sign taken from U_ref where the sign rule is a near-tie.
-
-    The rule makes the largest-magnitude entry of each column positive; when
-    the two largest magnitudes of U_ref's column are within ``tol`` (e.g.
-    ±0.7071 in a 45° rotation), rounding differences between two SVD runs
-    (another LAPACK path, another BLAS thread count) may pick either entry,
-    and either sign is right. Elsewhere the sign is left as computed.
-    """
-    U, Vt = U.copy(), Vt.copy()
-    for j in range(U.shape[1]):
-        top = np.sort(np.abs(U_ref[:, j]))[::-1]
-        if top.size > 1 and top[0] - top[1] <= tol and U[:, j] @ U_ref[:, j] < 0:
-            U[:, j] *= -1
-            Vt[j] *= -1
-    return U, Vt
 
 
 @given(Mr=matrices_and_ranks())
