@@ -45,6 +45,13 @@ def test_python_blocks_run_in_order(page):
             exec(compile(code, f"{page} python block {i}", "exec"), namespace)
 
 
+@pytest.mark.parametrize("page", [p for p in COURSE if p not in ("README.md", "performance.md")])
+def test_each_page_with_formulas_holds_one_to_the_code(page):
+    """A page that derives formulas has a block that runs and asserts (a skipped block does not count)."""
+    run = [code for code in blocks(page, "python") if SKIP not in code.split("\n", 1)[0]]
+    assert any("assert " in code for code in run), f"{page} has no worked example that checks the code"
+
+
 def commands() -> list[str]:
     seen: list[str] = []
     for page in COURSE:
