@@ -181,7 +181,7 @@ def lora_linear_bound(
     Notes
     -----
     To first order in ``u`` and ``v`` the unmerged bound is
-    ``(4u + (k+2)v)·(|x| @ |W|.T + |b|) + (7u + (k+r+3)v)·|s|·(|x| @ |A|.T) @ |B|.T``
+    ``(4u + (k+2)v)·(|x| @ |W|.T) + (3u + (k+2)v)·|b| + (7u + (k+r+3)v)·|s|·(|x| @ |A|.T) @ |B|.T``
     (``docs/precision.md``).
     """
     form = check_choice(form, "form", ("unmerged", "merged", "remerged"))

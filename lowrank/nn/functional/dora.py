@@ -225,7 +225,7 @@ def dora_linear(
 
     ``V = W + scaling * B @ A``, ``n = ‖V‖`` per output row, ``xm = x * mask``
     (``x`` without a mask). This is PEFT's DoRA on a Linear: its forward adds
-    ``(m / n - 1) * (xm @ W.T) + (m / n) * scaling * (xm @ A.T) @ B.T`` to the
+    ``(m / n - 1) * (xm @ W.T) + (m / n) * (scaling * (xm @ A.T) @ B.T)`` to the
     base output ``x @ W.T + b``, which is the formula above (``docs/dora.md``).
 
     Parameters
