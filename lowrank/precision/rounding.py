@@ -42,7 +42,7 @@ FORMATS: tuple[str, ...] = ("bfloat16", "float16", "float32")
 
 # name: (p, the significand's bits with the implicit one; emin, the smallest normal exponent)
 _SPEC = {"bfloat16": (8, -126), "float16": (11, -14), "float32": (24, -126), "float64": (53, -1022)}
-_EXP_MASK, _MAG_MASK, _QUIET = 0x7F800000, 0x7FFFFFFF, 0x00400000
+_QUIET = 0x00400000  # the quiet bit of a float32 NaN
 
 # bfloat16 conversions stream in chunks of 2**18 elements, so the uint32
 # temporaries cost 1 MiB each instead of the whole array's size.
@@ -124,23 +124,27 @@ def round_to_core(x: np.ndarray, fmt: str) -> np.ndarray:
     for start in range(0, flat.size, _CHUNK):
         part = flat[start : start + _CHUNK]
         bits = float32_bits_rounded_to_odd(part) if part.dtype == np.float64 else part.view(np.uint32)
-        out[start : start + _CHUNK] = round_float32_bits_to_bfloat16(bits)
+        round_float32_bits_to_bfloat16(bits, out=out[start : start + _CHUNK])
     rounded = out.view(np.float32).reshape(x.shape)
     return rounded if x.dtype == np.float32 else rounded.astype(np.float64)
 
 
-def round_float32_bits_to_bfloat16(bits: np.ndarray) -> np.ndarray:
+def round_float32_bits_to_bfloat16(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """float32 bit patterns (uint32, 1-d) -> the float32 patterns of their values rounded to bfloat16.
 
     Ties go to even; see the module docstring. bfloat16 has float32's
     exponent range, so one grid serves every binade: 16 bits are dropped.
     The sign bit rides along: a carry reaches it only from a NaN, replaced
-    by a quiet NaN of the same sign.
+    by a quiet NaN of the same sign. ``out`` (uint32, bits' shape, not
+    ``bits`` itself) receives the result, computed in place without temporaries.
     """
-    rounded = bits + np.uint32(0x7FFF)
-    rounded += (bits >> 16) & 1
+    rounded = np.empty_like(bits) if out is None else out
+    np.right_shift(bits, 16, out=rounded)
+    rounded &= np.uint32(1)  # the last kept bit: a tie rounds to even
+    rounded += np.uint32(0x7FFF)  # half a unit of the last kept bit, minus one
+    rounded += bits
     rounded &= np.uint32(0xFFFF0000)
-    nan = (bits & _MAG_MASK) > _EXP_MASK
+    nan = np.isnan(bits.view(np.float32))
     if nan.any():
         rounded[nan] = (bits[nan] & np.uint32(0xFFFF0000)) | _QUIET  # a quiet NaN, sign kept
     return rounded
