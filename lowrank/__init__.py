@@ -17,6 +17,7 @@ from typing import Any
 import lowrank.als  # noqa: F401  (the old module path, loaded first so the name below rebinds to the function)
 from lowrank._version import __version__
 from lowrank.factor.als import ALSResult, als
+from lowrank.factor.certificates import ALSCertificate, SVDCertificate, check_als, check_implicit_als, check_svd
 from lowrank.factor.implicit_als import ImplicitALSResult, implicit_als
 from lowrank.factor.lowrank_matrix import LowRank, lora_param_count
 from lowrank.factor.svd import (
@@ -48,12 +49,17 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ALSCertificate",
     "ALSResult",
     "ImplicitALSResult",
     "LowRank",
+    "SVDCertificate",
     "SVDResult",
     "__version__",
     "als",
+    "check_als",
+    "check_implicit_als",
+    "check_svd",
     "eckart_young_errors",
     "energy_kept",
     "implicit_als",

@@ -15,13 +15,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lowrank.cli import adapter, demo, factor, precision, reference
+from lowrank.cli import adapter, demo, factor, precision, reference, verify
 from lowrank.cli.common import CLIError, Parser, error_line
 
 __all__ = ["CLIError", "build_parser", "main"]
 
 # Each module adds its commands; a new command group is a new module here.
-COMMAND_GROUPS = (demo, factor, reference, adapter, precision)
+COMMAND_GROUPS = (demo, factor, reference, adapter, precision, verify)
 
 
 def build_parser() -> Parser:

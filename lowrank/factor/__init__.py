@@ -1,9 +1,17 @@
-"""Low-rank factorization: exact and randomized SVD, its range finder, ALS (explicit and implicit), LowRank.
+"""Low-rank factorization: exact and randomized SVD, its range finder, ALS (explicit, implicit), LowRank, certificates.
 
 NumPy only; imports nothing of lowrank but :mod:`lowrank.utils`.
 """
 
 from lowrank.factor.als import ALSResult, als
+from lowrank.factor.certificates import (
+    ALSCertificate,
+    SVDCertificate,
+    check_als,
+    check_implicit_als,
+    check_svd,
+    factors_from_id_tables,
+)
 from lowrank.factor.implicit_als import ImplicitALSResult, implicit_als, implicit_als_objective
 from lowrank.factor.lowrank_matrix import LowRank, lora_param_count
 from lowrank.factor.svd import (
@@ -19,13 +27,19 @@ from lowrank.factor.svd import (
 )
 
 __all__ = [
+    "ALSCertificate",
     "ALSResult",
     "ImplicitALSResult",
     "LowRank",
+    "SVDCertificate",
     "SVDResult",
     "als",
+    "check_als",
+    "check_implicit_als",
+    "check_svd",
     "eckart_young_errors",
     "energy_kept",
+    "factors_from_id_tables",
     "implicit_als",
     "implicit_als_objective",
     "lora_param_count",
