@@ -324,3 +324,11 @@ def test_orthonormalize_of_a_well_conditioned_block_is_householders_up_to_signs(
     H = np.linalg.qr(Y)[0]
     np.testing.assert_allclose(np.abs(Q), np.abs(H), atol=1e-13)
     np.testing.assert_allclose(Q.T @ Q, np.eye(8), atol=1e-14)
+
+
+@settings(max_examples=10)
+@given(Y=planted_matrices(200, 8, np.linspace(3.0, 1.0, 8)))
+def test_one_pass_of_orthonormalize_spans_the_same_columns(Y):
+    Q = orthonormalize(Y, refine=False)  # condition 3: one CholeskyQR pass is orthonormal to ~cond² u
+    np.testing.assert_allclose(Q.T @ Q, np.eye(8), atol=1e-13)
+    np.testing.assert_allclose(Q @ (Q.T @ Y), Y, atol=1e-13)

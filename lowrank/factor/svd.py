@@ -555,31 +555,38 @@ def _resolve_n_iter(n_iter: Any, rank: int, shape: tuple[int, int]) -> int:
     return check_int(n_iter, "n_iter", 0)
 
 
-def orthonormalize(Y: np.ndarray) -> np.ndarray:
+def orthonormalize(Y: np.ndarray, *, refine: bool = True) -> np.ndarray:
     """An orthonormal basis of the columns of tall ``Y`` (m, k), ``m >= k``, of full column rank or not.
 
-    CholeskyQR2 (Fukaya, Nakatsukasa, Yanagisawa and Yamamoto, "CholeskyQR2:
-    a simple and communication-avoiding algorithm for computing a
-    tall-skinny QR factorization", 2014): ``R`` from the Cholesky factor of
-    ``YᵀY``, ``Q = Y R⁻¹``, done twice. Their Theorem 3.3: when ``Y``'s
-    condition number is below ``(11 (m k + k (k + 1)) u)^-1/2`` (``u`` the
-    unit roundoff), ``Q`` is orthonormal to ``O(u)``, like Householder QR's.
-    Above that bound (a rank-deficient or ill-conditioned ``Y``, e.g. a
-    matrix of exactly low rank; in float32 on all but small blocks) it is
-    ``numpy.linalg.qr`` instead. Both give ``Q = Y R⁻¹`` with ``R`` upper
-    triangular, so the same columns up to sign and rounding.
+    CholeskyQR (``R`` the Cholesky factor of ``YᵀY``, ``Q = Y R⁻¹``), and
+    with ``refine`` the second pass of CholeskyQR2 when the first left
+    ``QᵀQ`` further than ``k · eps`` from the identity (Fukaya,
+    Nakatsukasa, Yanagisawa and Yamamoto, "CholeskyQR2: a simple and
+    communication-avoiding algorithm for computing a tall-skinny QR
+    factorization", 2014). Their Theorem 3.3: when ``Y``'s condition number
+    is below ``(11 (m k + k (k + 1)) u)^-1/2`` (``u`` the unit roundoff),
+    CholeskyQR2's ``Q`` is orthonormal to ``O(u)``, like Householder QR's;
+    one pass leaves an error of order ``cond(Y)² u``, harmless where only the
+    span matters. Above that bound (a rank-deficient or ill-conditioned
+    ``Y``, e.g. a matrix of exactly low rank; in float32 on all but small
+    blocks) it is ``numpy.linalg.qr`` instead. Both give ``Q = Y R⁻¹`` with
+    ``R`` upper triangular: the same columns up to sign and rounding.
 
     Why: NumPy's Householder QR takes 2.5–3.7 s on a 100,000 × 110 float64
-    block on this project's 2-core machine, CholeskyQR2 0.3–0.5 s (two
-    Gram products and two block products; the randomized SVD orthonormalizes
+    block on this project's 2-core machine, one CholeskyQR pass 0.2 s (a
+    Gram product and a block product); the randomized SVD orthonormalizes
     after every product with ``M``, 15 times at the default 7 power
-    iterations). ``Y R⁻¹`` is one block product with the inverse of the
+    iterations. ``Y R⁻¹`` is one block product with the inverse of the
     small, well-conditioned (checked) ``R``: 0.07 s, against 0.6 s for
     ``numpy.linalg.solve`` (NumPy has no triangular solve).
 
     Parameters
     ----------
     Y : ndarray of shape (m, k), float32 or float64, m >= k
+    refine : bool, default True
+        Make ``QᵀQ = I`` to rounding (``k · eps``). False stops after one
+        pass: the same span, orthonormal to about ``cond(Y)² u``, as the
+        power iterations need between two products.
 
     Returns
     -------
@@ -588,22 +595,26 @@ def orthonormalize(Y: np.ndarray) -> np.ndarray:
         columns by Householder QR when ``Y`` is rank-deficient).
     """
     m, k = Y.shape
-    unit_roundoff = float(np.finfo(Y.dtype).eps) / 2
-    bound = 1.0 / math.sqrt(11.0 * (m * k + k * (k + 1)) * unit_roundoff)
+    eps = float(np.finfo(Y.dtype).eps)
+    bound = 1.0 / math.sqrt(11.0 * (m * k + k * (k + 1)) * eps / 2)
+    G = Y.T @ Y  # (k, k)
+    # Y's condition number is sqrt(λ_max / λ_min) of G, accurate here: below the bound,
+    # λ_min >> u λ_max. (eigvalsh, not the SVD of R: 0.5 ms against 2-20 ms under load.)
+    w = np.linalg.eigvalsh(G)  # (k,), ascending
+    if not (w[0] > 0 and w[-1] < w[0] * bound**2):  # also False for NaN
+        return np.linalg.qr(Y)[0]
     Q = Y
     for sweep in range(2):
-        G = Q.T @ Q  # (k, k)
-        if sweep == 0:
-            # Y's condition number is sqrt(λ_max / λ_min) of G, accurate here: below the bound,
-            # λ_min >> u λ_max. (eigvalsh, not the SVD of R: 0.5 ms against 2-20 ms under load.)
-            w = np.linalg.eigvalsh(G)  # (k,), ascending
-            if not (w[0] > 0 and w[-1] < w[0] * bound**2):  # also False for NaN
-                return np.linalg.qr(Y)[0]
         try:
             R = np.linalg.cholesky(G).T  # (k, k), upper: G = Rᵀ R
         except np.linalg.LinAlgError:  # not numerically positive definite after all
             return np.linalg.qr(Y)[0]
         Q = Q @ np.linalg.inv(R)  # (m, k); R is well conditioned here, see above
+        if not refine or sweep == 1:
+            break
+        G = Q.T @ Q  # (k, k)
+        if np.max(np.abs(G - np.eye(k, dtype=G.dtype))) <= k * eps:
+            break
     return Q
 
 
@@ -633,14 +644,15 @@ def subspace_iteration(A: Any, size: int, n_iter: int, rng: np.random.Generator)
     """
     n = A.shape[1]
     omega = rng.standard_normal((n, size)).astype(A.dtype, copy=False)  # (n, size)
-    Q = orthonormalize(np.asarray(A @ omega))  # (m, size)
+    Q = orthonormalize(np.asarray(A @ omega), refine=n_iter == 0)  # (m, size)
     del omega
-    for _ in range(n_iter):
+    for i in range(n_iter):
         # Orthonormalize after every product, not only at the end: in floating point the
-        # columns of (A Aᵀ)^q A Ω all collapse onto the top singular vector.
-        Z = orthonormalize(np.asarray(A.T @ Q))  # (n, size)
+        # columns of (A Aᵀ)^q A Ω all collapse onto the top singular vector. Between products
+        # only the span matters (one CholeskyQR pass); the Q returned is orthonormal to rounding.
+        Z = orthonormalize(np.asarray(A.T @ Q), refine=False)  # (n, size)
         del Q  # one (m, size) block less at the peak
-        Q = orthonormalize(np.asarray(A @ Z))  # (m, size)
+        Q = orthonormalize(np.asarray(A @ Z), refine=i == n_iter - 1)  # (m, size)
     return Q
 
 
