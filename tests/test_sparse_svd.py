@@ -332,3 +332,15 @@ def test_one_pass_of_orthonormalize_spans_the_same_columns(Y):
     Q = orthonormalize(Y, refine=False)  # condition 3: one CholeskyQR pass is orthonormal to ~cond² u
     np.testing.assert_allclose(Q.T @ Q, np.eye(8), atol=1e-13)
     np.testing.assert_allclose(Q @ (Q.T @ Y), Y, atol=1e-13)
+
+
+@settings(max_examples=10)
+@given(Y=planted_matrices(9000, 3, np.array([2.0, 1.5, 1.0])), refine=st.booleans())
+def test_orthonormalize_in_place_gives_the_same_basis_and_uses_ys_memory(Y, refine):
+    # 9000 rows: more than one block of rows is multiplied in place
+    expected = orthonormalize(Y, refine=refine)
+    work = Y.copy()
+    Q = orthonormalize(work, refine=refine, overwrite=True)
+    assert np.shares_memory(Q, work)
+    np.testing.assert_allclose(Q, expected, atol=1e-14)
+    np.testing.assert_allclose(expected.T @ expected, np.eye(3), atol=1e-13)

@@ -54,6 +54,10 @@ __all__ = [
     "truncated_svd",
 ]
 
+# orthonormalize multiplies in place this many rows at a time: 4096 × 110 float64 is 3.6 MB,
+# large enough for BLAS to run at full speed.
+_ROW_BLOCK = 4096
+
 # Energies are sums of squares, accurate to a few ulps of the total: a rank
 # whose kept energy falls short of the target by less than this still counts.
 _ENERGY_RTOL = 1e-12
@@ -100,15 +104,28 @@ class SVDResult:
         return f"SVDResult(shape=({m}, {n}), rank={self.rank}, dtype={self.s.dtype})"
 
 
+def _sign_rule(U: np.ndarray) -> np.ndarray:
+    """The signs, shape (r,), that make each column of ``U`` have a positive largest-magnitude entry.
+
+    On ties the first largest entry decides; an all-zero column keeps its
+    sign. Found from each column's largest and smallest entry, so no
+    ``|U|`` temporary the size of ``U`` is formed.
+    """
+    cols = np.arange(U.shape[1])
+    top, bottom = np.argmax(U, axis=0), np.argmin(U, axis=0)  # (r,), (r,)
+    high, low = U[top, cols], -U[bottom, cols]  # the largest positive and negative magnitudes
+    rows = np.where(high > low, top, np.where(low > high, bottom, np.minimum(top, bottom)))  # (r,)
+    signs = np.sign(U[rows, cols])  # (r,)
+    signs[signs == 0] = 1
+    return signs
+
+
 def _flip_signs(U: np.ndarray, Vt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Make each column of ``U`` have a positive largest-magnitude entry, flipping ``Vt`` to match.
 
-    Returns new arrays; the inputs are not modified. On ties the first
-    largest entry decides; an all-zero column keeps its sign.
+    Returns new arrays; the inputs are not modified (:func:`_sign_rule`).
     """
-    rows = np.argmax(np.abs(U), axis=0)  # (r,)
-    signs = np.sign(U[rows, np.arange(U.shape[1])])  # (r,)
-    signs[signs == 0] = 1
+    signs = _sign_rule(U)
     return U * signs, Vt * signs[:, None]
 
 
@@ -289,7 +306,7 @@ class _Operator:
             )
         if out.dtype.kind not in "biuf":
             raise TypeError(f"{self.name}.{method} must return real numbers, got dtype {out.dtype}")
-        return out.astype(self.dtype, copy=False)
+        return np.array(out, dtype=self.dtype, order="C")  # a copy: the caller may overwrite it
 
     def _own_shape(self) -> tuple[int, int]:
         return (self.shape[1], self.shape[0]) if self.transposed else self.shape
@@ -555,7 +572,7 @@ def _resolve_n_iter(n_iter: Any, rank: int, shape: tuple[int, int]) -> int:
     return check_int(n_iter, "n_iter", 0)
 
 
-def orthonormalize(Y: np.ndarray, *, refine: bool = True) -> np.ndarray:
+def orthonormalize(Y: np.ndarray, *, refine: bool = True, overwrite: bool = False) -> np.ndarray:
     """An orthonormal basis of the columns of tall ``Y`` (m, k), ``m >= k``, of full column rank or not.
 
     CholeskyQR (``R`` the Cholesky factor of ``YᵀY``, ``Q = Y R⁻¹``), and
@@ -587,6 +604,9 @@ def orthonormalize(Y: np.ndarray, *, refine: bool = True) -> np.ndarray:
         Make ``QᵀQ = I`` to rounding (``k · eps``). False stops after one
         pass: the same span, orthonormal to about ``cond(Y)² u``, as the
         power iterations need between two products.
+    overwrite : bool, default False
+        Compute ``Q`` in ``Y``'s own memory (C-ordered ``Y`` only), row
+        block by row block: one ``(m, k)`` array less at the peak.
 
     Returns
     -------
@@ -603,18 +623,25 @@ def orthonormalize(Y: np.ndarray, *, refine: bool = True) -> np.ndarray:
     w = np.linalg.eigvalsh(G)  # (k,), ascending
     if not (w[0] > 0 and w[-1] < w[0] * bound**2):  # also False for NaN
         return np.linalg.qr(Y)[0]
-    Q = Y
+    Q = Y if overwrite and Y.flags.c_contiguous else None
     for sweep in range(2):
         try:
             R = np.linalg.cholesky(G).T  # (k, k), upper: G = Rᵀ R
         except np.linalg.LinAlgError:  # not numerically positive definite after all
-            return np.linalg.qr(Y)[0]
-        Q = Q @ np.linalg.inv(R)  # (m, k); R is well conditioned here, see above
+            return np.linalg.qr(Y if Q is None else Q)[0]
+        R_inv = np.linalg.inv(R)  # (k, k); R is well conditioned here, see above
+        if Q is None:
+            Q = Y @ R_inv  # (m, k), a new array
+        else:  # in place, a block of rows at a time: the block's product is the only temporary
+            for start in range(0, m, _ROW_BLOCK):
+                rows = slice(start, start + _ROW_BLOCK)
+                Q[rows] = Q[rows] @ R_inv
         if not refine or sweep == 1:
             break
         G = Q.T @ Q  # (k, k)
         if np.max(np.abs(G - np.eye(k, dtype=G.dtype))) <= k * eps:
             break
+    assert Q is not None  # the first sweep always sets it
     return Q
 
 
@@ -644,15 +671,15 @@ def subspace_iteration(A: Any, size: int, n_iter: int, rng: np.random.Generator)
     """
     n = A.shape[1]
     omega = rng.standard_normal((n, size)).astype(A.dtype, copy=False)  # (n, size)
-    Q = orthonormalize(np.asarray(A @ omega), refine=n_iter == 0)  # (m, size)
+    Q = orthonormalize(np.asarray(A @ omega), refine=n_iter == 0, overwrite=True)  # (m, size)
     del omega
     for i in range(n_iter):
         # Orthonormalize after every product, not only at the end: in floating point the
         # columns of (A Aᵀ)^q A Ω all collapse onto the top singular vector. Between products
         # only the span matters (one CholeskyQR pass); the Q returned is orthonormal to rounding.
-        Z = orthonormalize(np.asarray(A.T @ Q), refine=False)  # (n, size)
+        Z = orthonormalize(np.asarray(A.T @ Q), refine=False, overwrite=True)  # (n, size)
         del Q  # one (m, size) block less at the peak
-        Q = orthonormalize(np.asarray(A @ Z), refine=i == n_iter - 1)  # (m, size)
+        Q = orthonormalize(np.asarray(A @ Z), refine=i == n_iter - 1, overwrite=True)  # (m, size)
     return Q
 
 
@@ -750,8 +777,12 @@ def svd_in_range(A: Any, Q: np.ndarray, rank: int) -> SVDResult:
     """
     B = np.asarray(A.T @ Q).T  # (k, n) = Qᵀ A
     Ub, s, Vt = np.linalg.svd(B, full_matrices=False)  # (k, k), (k,), (k, n)
+    del B
     U = Q @ Ub[:, :rank]  # (m, rank)
-    U, Vt = _flip_signs(U, Vt[:rank])
+    signs = _sign_rule(U)  # the sign rule in place: U and Vt are this function's own arrays
+    U *= signs
+    Vt = Vt[:rank]
+    Vt *= signs[:, None]
     return SVDResult(U=U, s=s[:rank].copy(), Vt=Vt)
 
 
