@@ -762,7 +762,9 @@ def svd_in_range(A: Any, Q: np.ndarray, rank: int) -> SVDResult:
 
     Stage B of Halko, Martinsson and Tropp (2011), Algorithm 5.1: the exact
     SVD of the small matrix ``B = Qᵀ A = Ub diag(s) Vt`` gives
-    ``Q Qᵀ A = (Q Ub) diag(s) Vt``. With ``Q`` from
+    ``Q Qᵀ A = (Q Ub) diag(s) Vt``. It is taken as the SVD of the tall
+    ``Bᵀ = Aᵀ Q = W diag(s) Xt`` (so ``Ub = Xtᵀ``, ``Vt = Wᵀ``), which
+    LAPACK computes faster. With ``Q`` from
     :func:`randomized_range_finder` this is :func:`randomized_svd`.
 
     Validates nothing (like :func:`subspace_iteration`): ``A`` of shape
@@ -775,13 +777,15 @@ def svd_in_range(A: Any, Q: np.ndarray, rank: int) -> SVDResult:
         ``U (m, rank)``, ``s (rank,)``, ``Vt (rank, n)``, with the sign rule
         of :func:`truncated_svd`.
     """
-    B = np.asarray(A.T @ Q).T  # (k, n) = Qᵀ A
-    Ub, s, Vt = np.linalg.svd(B, full_matrices=False)  # (k, k), (k,), (k, n)
-    del B
-    U = Q @ Ub[:, :rank]  # (m, rank)
+    # The SVD of the tall Bᵀ = Aᵀ Q, not of the wide B: the same LAPACK routine, 1.4 s against 3.4-4.1 s
+    # for (50,000 × 110) on this project's machine (NumPy copies the wide view into Fortran order first).
+    Bt = np.asarray(A.T @ Q)  # (n, k) = (Qᵀ A)ᵀ
+    W, s, Xt = np.linalg.svd(Bt, full_matrices=False)  # (n, k), (k,), (k, k): Bᵀ = W diag(s) Xt
+    del Bt
+    U = Q @ Xt[:rank].T  # (m, rank) = Q Ub with Ub = Xtᵀ, since B = Xtᵀ diag(s) Wᵀ
     signs = _sign_rule(U)  # the sign rule in place: U and Vt are this function's own arrays
     U *= signs
-    Vt = Vt[:rank]
+    Vt = np.ascontiguousarray(W[:, :rank].T)  # (rank, n) = Wᵀ
     Vt *= signs[:, None]
     return SVDResult(U=U, s=s[:rank].copy(), Vt=Vt)
 
