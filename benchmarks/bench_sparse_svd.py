@@ -14,8 +14,9 @@ algorithm at the same settings: rank 100, 10 oversamples, 7 power
 iterations (``n_iter="auto"`` on both sides resolves to 7 here), seed 0;
 scikit-learn's ``sklearn.utils.extmath.randomized_svd`` with its defaults
 (``power_iteration_normalizer="auto"``, which is LU here), lowrank's
-``randomized_svd`` with its defaults (CholeskyQR2, falling back to
-Householder QR on an ill-conditioned block).
+``randomized_svd`` with its defaults (CholeskyQR between products and
+CholeskyQR2 at the end, Householder QR on an ill-conditioned block; one
+BLAS thread for sparse input).
 
 Every run is a fresh Python process that loads the matrix, then calls the
 SVD once: its wall time, the growth of its peak resident set over what it
