@@ -805,3 +805,20 @@ def dora_problems(draw, dtype=np.float64, bias=None, dropout=None, views: bool =
     n_out = W.shape[0]
     problem["magnitude"] = draw(_nn_array(dtype, (n_out,), views, bound=3.0))
     return problem
+
+
+# ---------------------------------------------------------------- sparse matrices (randomized_svd on scipy.sparse)
+
+
+@st.composite
+def sparse_matrices(draw, min_side: int = 2, max_side: int = 12, dtype=None):
+    """A dense C-ordered matrix of drawn entries and a drawn pattern of structural zeros: the tests
+    hand it to scipy.sparse in a drawn format (:data:`SPARSE_FORMATS`) and keep the dense form to compare."""
+    m, n = draw(matrix_shapes(min_side, max_side))
+    dtype = draw(FLOAT_DTYPES) if dtype is None else dtype
+    values = draw(float_arrays(dtype, (m, n)))
+    keep = draw(hnp.arrays(np.bool_, (m, n)))
+    return np.where(keep, values, 0).astype(dtype)
+
+
+SPARSE_FORMATS = st.sampled_from(["csr", "csc", "coo", "lil", "csr_array"])

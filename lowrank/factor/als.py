@@ -49,6 +49,7 @@ from lowrank.utils.validation import (
     check_rank,
     check_real,
     first_non_finite,
+    is_scipy_sparse,
     non_finite_message,
 )
 
@@ -121,11 +122,6 @@ def _observed_values(obs: _Observed) -> np.ndarray:
     if isinstance(obs.values, np.ndarray):
         return obs.values if obs.full else obs.values[obs.pattern > 0]
     return obs.values.data
-
-
-def is_scipy_sparse(M: Any) -> bool:
-    """Whether ``M`` is a scipy.sparse matrix or array, told without importing scipy."""
-    return type(M).__module__.startswith("scipy.sparse")
 
 
 def _observe_dense(M: Any, mask: Any) -> tuple[_Observed, _Observed, int]:

@@ -274,6 +274,19 @@ def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def is_scipy_sparse(M: Any) -> bool:
+    """Whether ``M`` is a scipy.sparse matrix or array (any format), told without importing scipy.
+
+    A class defined in ``scipy.sparse`` (or derived from one) counts; scipy's
+    ``LinearOperator`` (``scipy.sparse.linalg``) does not: it has products but
+    no stored entries.
+    """
+    return any(
+        cls.__module__.startswith("scipy.sparse") and not cls.__module__.startswith("scipy.sparse.linalg")
+        for cls in type(M).__mro__
+    )
+
+
 def check_float_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
     """Check a dtype argument: float32 or float64, in any spelling NumPy accepts.
 
