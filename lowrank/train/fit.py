@@ -9,7 +9,7 @@
             model.zero_grad()
             for each micro-batch k of the batch (accumulate=K of them, n_k of its n rows):
                 out = model(X_k); loss, dout = loss_fn(out, y_k)  # stop if out or loss is not finite
-                model.backward(dout * n_k / n)                # sums to the batch's mean gradient
+                model.backward(dout * c_k / Σ c)             # c_k: the terms its mean counts
             stop if a gradient is not finite
             clip_grads_(...); optimizer.step(); schedule.step()
         validate in eval mode; early stopping; checkpoint
@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from lowrank.nn.functional import IGNORE_INDEX
 from lowrank.nn.modules import Module, Parameter, as_array_of
 from lowrank.nn.optim import clip_grads_
 from lowrank.train.checkpoint import (
@@ -126,6 +127,21 @@ def _check_data(X: Any, y: Any, dtype: np.dtype | None, name_x: str = "X",
             f"{name_y} must have one target per sample of {name_x} ({X.shape[0]}), got shape {y.shape}"
         )
     return (X if X.dtype.kind in "iu" else check_finite(X, name_x)), y
+
+
+def _mean_count(loss: str | None, y: np.ndarray) -> int:
+    """How many terms the named loss averages over a batch with targets ``y`` (for accumulation's weights).
+
+    The kept targets (not ``IGNORE_INDEX``) for ``"cross_entropy"``, and for
+    ``"lm"`` the kept next-token labels ``y[:, 1:]``; the rows otherwise
+    (``"mse"`` and ``"bce"`` average the same number of terms per row, and a
+    callable loss is taken to be a mean over rows).
+    """
+    if loss == "cross_entropy":
+        return int(np.count_nonzero(y != IGNORE_INDEX))
+    if loss == "lm" and y.ndim == 2:
+        return int(np.count_nonzero(y[:, 1:] != IGNORE_INDEX))
+    return int(y.shape[0])
 
 
 def _call_loss(loss_fn: LossFn, out: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -324,19 +340,25 @@ class _Trainer:
 
         With ``accumulate = K`` the batch of ``n`` rows runs as ``min(K, n)``
         contiguous micro-batches (sizes differing by at most one). Each
-        loss is a mean over its ``n_k`` rows, and the modules *sum* the
-        gradients of successive backward passes, so each micro-batch's
-        ``dout`` is scaled by ``n_k / n``: the gradients then add up to the
-        gradient of the whole batch's mean loss, to rounding, and the
-        reported loss is the same weighted sum.
+        loss is a mean over its ``c_k`` terms (:func:`_mean_count`: its rows,
+        or its kept targets for ``"cross_entropy"`` and ``"lm"``), and the
+        modules *sum* the gradients of successive backward passes, so each
+        micro-batch's ``dout`` is scaled by ``c_k / Σ c``: the gradients then
+        add up to the gradient of the whole batch's mean loss, to rounding,
+        and the reported loss is the same weighted sum. A micro-batch whose
+        targets are all ignored (``c_k = 0``) only runs forward.
         """
         model = self.state.model
         n, k = xb.shape[0], min(self.config.accumulate, xb.shape[0])
+        bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+        counts = [_mean_count(self.config.loss, yb[lo:hi]) for lo, hi in bounds]
+        total = sum(counts)
+        if total == 0:  # every target of the batch ignored: the loss refuses it, as without accumulation
+            counts, total = [hi - lo for lo, hi in bounds], n
         model.zero_grad()
         outs, value = [], 0.0
-        for i in range(k):
-            lo, hi = i * n // k, (i + 1) * n // k
-            out, part = self.micro_step(xb[lo:hi], yb[lo:hi], (hi - lo) / n, epoch, step)
+        for (lo, hi), count in zip(bounds, counts, strict=True):
+            out, part = self.micro_step(xb[lo:hi], yb[lo:hi], count / total, epoch, step)
             outs.append(out)
             value += part
         for name, p in self.trainable:
@@ -348,7 +370,8 @@ class _Trainer:
                    step: int) -> tuple[np.ndarray, float]:
         """Forward, loss, and the backward of ``weight · loss`` added to the gradients.
 
-        Returns ``(out, weight · loss)``.
+        Returns ``(out, weight · loss)``. With ``weight == 0`` (targets all
+        ignored, no mean to take) only the forward runs: ``(out, 0.0)``.
         """
         model = self.state.model
         with np.errstate(over="ignore", invalid="ignore"):  # diverging weights: reported just below
@@ -356,6 +379,8 @@ class _Trainer:
         if not np.isfinite(out).all():
             raise _non_finite(out, "the model's output", self.where(epoch, step),
                               "; the weights diverged (try a lower learning rate or clip_grad_norm)")
+        if weight == 0.0:
+            return out, 0.0
         value, dout = _call_loss(self.loss_fn, out, yb)
         if not math.isfinite(value):
             # describe_non_finite's wording; a scalar has no index to name
@@ -537,10 +562,13 @@ def fit(
         a mean and modules *sum* successive backward passes, so K plain
         backward passes would give K times the batch's gradient (and SGD
         and clipping are not scale-invariant); ``fit`` scales micro-batch
-        ``k``'s ``dout`` by ``n_k / n`` instead, so the accumulated gradient,
-        the clipping and the step equal the whole batch's to rounding, for
-        a loss that is a mean over the rows (all of :data:`LOSSES`) and a
-        model whose rows do not interact. Dropout masks are drawn per
+        ``k``'s ``dout`` by ``c_k / Σ c`` instead, ``c_k`` the number of
+        terms its loss averages (its ``n_k`` rows; its targets not ``-100``
+        for ``"cross_entropy"`` and ``"lm"``, whose means skip ignored
+        targets; a micro-batch with none left only runs forward), so the
+        accumulated gradient, the clipping and the step equal the whole
+        batch's to rounding, for the losses of :data:`LOSSES` (a callable
+        loss is weighted by rows) and a model whose rows do not interact. Dropout masks are drawn per
         micro-batch, so with dropout the run is another draw of the same
         distribution, not the same numbers.
     checkpoint : path, optional
