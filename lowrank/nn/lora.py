@@ -1440,14 +1440,18 @@ def trainable_summary(model: Module, *, quiet: bool = False) -> str:
 
 
 def merge_lora(model: Module) -> Module:
-    """A new plain model, every LoRA layer folded into a Linear: for deployment.
+    """A new plain model, every LoRA layer folded into its base layer: for deployment.
 
-    Each :class:`LoRALinear` of a deep copy of ``model`` is folded by its own
-    :meth:`LoRALinear.merge` (``W + scaling * B @ A``, accumulated in float64
+    Each LoRA layer (:class:`LoRALinear`, :class:`LoRAEmbedding`,
+    :class:`LoRAMergedLinear`) of a deep copy of ``model`` is folded by its own
+    ``merge()`` (``W + scaling * B @ A``, DoRA's rescaled form, accumulated in float64
     and cast to W's dtype once; a layer already merged holds that weight and
-    is taken as it is), then replaced by its base Linear, in the layer's
+    is taken as it is), then replaced by its base Linear, Conv1D or Embedding, in the layer's
     training mode, through :func:`replace_modules`. The copy's forward equals
-    the adapted model's in eval mode, up to that one rounding per weight; its
+    the adapted model's in eval mode, up to that one rounding per weight,
+    except where an adapted weight is tied to another module (GPT-2's ``wte``
+    and ``lm_head``): the fold changes that module too, as PEFT's
+    ``merge_and_unload`` does (``docs/gpt2.md``). Its
     state-dict keys are the base model's (``"0.weight"``, no ``lora_`` keys)
     and its caches are cleared (:meth:`Module.clear_cache`).
 

@@ -246,3 +246,18 @@ def test_dora_gradients_with_residual_dropout_match_finite_differences():
     model.backward(nn.lm_loss(logits, ids)[1])
     analytic = {name: params[name].grad.copy() for name in checked}
     check_gradients(loss_at, original, analytic, max_coords=40)
+
+
+
+def test_merge_lora_of_an_adapted_wte_folds_the_update_into_the_tied_head_too():
+    # as PEFT's merge_and_unload with tied embeddings (docs/gpt2.md): the head changes, so the logits do
+    model = nn.inject_lora(tiny(), r=2, alpha=4, targets=["transformer.wte"], random_state=0).eval()
+    wte = model.transformer.wte
+    wte.A.data = np.random.default_rng(0).standard_normal(wte.A.shape)
+    W = wte.weight.data.copy()
+    plain = nn.merge_lora(model)
+    expected = W + 2.0 * (wte.B.data @ wte.A.data).T  # (num, dim): W + scaling * (B @ A).T
+    np.testing.assert_allclose(plain.transformer.wte.weight.data, expected, rtol=1e-14, atol=1e-14)
+    assert plain.lm_head.weight is plain.transformer.wte.weight
+    ids = np.array([[1, 2, 3]])
+    assert not np.allclose(plain.eval()(ids), model(ids))  # the merged model is not the adapted one here
