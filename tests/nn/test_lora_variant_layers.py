@@ -249,6 +249,7 @@ class _Tiny(nn.Module):
         ({}, {"c_attn": nn.LoRALinear, "c_proj": nn.LoRALinear, "head": nn.LoRALinear}),
         ({"targets": ["wte", "c_attn"]}, {"wte": nn.LoRAEmbedding, "c_attn": nn.LoRALinear}),
         ({"target_modules": ["c_attn"], "enable_lora": [True, False, True]}, {"c_attn": nn.LoRAMergedLinear}),
+        ({"target_modules": ["c_proj", "head"], "use_dora": True}, {"c_proj": nn.LoRALinear, "head": nn.LoRALinear}),
     ],
 )
 def test_inject_lora_dispatch_freeze_count_and_merge(kwargs, kinds):
@@ -266,6 +267,9 @@ def test_inject_lora_dispatch_freeze_count_and_merge(kwargs, kinds):
     sizes = {"wte": 2 * (11 + 6), "c_attn": 2 * (6 + 9), "c_proj": 2 * (9 + 6), "head": 2 * (6 + 3)}
     if "enable_lora" in kwargs:
         sizes["c_attn"] = 2 * 2 * (6 + 3)  # k r (in + d)
+    if kwargs.get("use_dora"):
+        sizes["c_proj"] += 6  # DoRA's magnitude: one per output
+        sizes["head"] += 3
     n_train = sum(sizes[name] for name in kinds)
     assert sum(p.size for p in model.parameters() if p.trainable) == n_train
     for m in model.modules():
