@@ -216,7 +216,7 @@ def test_fit_refuses_float_tokens():
 def test_dora_gradients_with_residual_dropout_match_finite_differences():
     # DoRA's cache keeps c_proj's output y (to recover Σ dy * z); residual dropout must not scale it in place
     model = tiny(seed=8, resid_pdrop=0.5).train()
-    nn.inject_lora(model, r=2, alpha=4, target_modules=["c_attn", "c_proj"], use_dora=True, random_state=0)
+    nn.inject_lora(model, r=2, alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], use_dora=True, random_state=0)
     rng = np.random.default_rng(1)
     for _, layer in model.named_modules():
         if isinstance(layer, nn.LoRALinear):
@@ -236,7 +236,7 @@ def test_dora_gradients_with_residual_dropout_match_finite_differences():
             params[name].data = value
         return nn.lm_loss(model(ids), ids)[0]
 
-    checked = [f"transformer.h.{i}.{where}.{what}" for i in (0, 1) for where in ("attn.c_proj", "mlp.c_proj")
+    checked = [f"transformer.h.{i}.{where}.{what}" for i in (0, 1) for where in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
                for what in ("lora_magnitude_vector", "lora_A.weight", "lora_B.weight")]
     original = {name: params[name].data.copy() for name in checked}
     for name, g in model.named_generators():
