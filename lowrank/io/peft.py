@@ -467,7 +467,8 @@ def save_peft_adapter(
     TypeError
         ``model`` is not a Module, or ``modules_to_save`` is not a list of str.
     ValueError
-        No LoRALinear, layers with different ``use_rslora``, ``dropout`` or ``use_dora``,
+        No LoRALinear or LoRAEmbedding, a LoRAMergedLinear, layers with
+        different ``use_rslora``, ``dropout`` or ``use_dora``,
         a LoRAEmbedding beside DoRA layers (PEFT's ``use_dora`` would make it DoRA too),
         an unknown ``bias``, or a ``modules_to_save`` name that is not a
         module, is adapted, or is ambiguous under PEFT's rule.
@@ -494,7 +495,7 @@ def save_peft_adapter(
         (name, m) for name, m in named if isinstance(m, (LoRALinear, LoRAEmbedding))
     ]
     if not layers:
-        raise ValueError("model has no LoRALinear layer: there is no adapter to save")
+        raise ValueError("model has no LoRALinear or LoRAEmbedding layer: there is no adapter to save")
     merged = [name for name, m in layers if m.merged]
     if merged:
         raise RuntimeError(f"LoRA layers {merged} are merged: unmerge() them before saving the adapter")

@@ -1023,7 +1023,7 @@ def mark_only_lora_as_trainable(
     TypeError
         ``model`` is not a Module, or ``also_trainable`` is a string or holds non-strings.
     ValueError
-        ``model`` has no LoRALinear layer (it would freeze every parameter),
+        ``model`` has no LoRA layer (it would freeze every parameter),
         an unknown ``bias``, or an ``also_trainable`` name that is no module
         of ``model`` or is a LoRA layer. The model is unchanged then.
     """
@@ -1035,7 +1035,8 @@ def mark_only_lora_as_trainable(
     factors = {id(p) for m in model.modules() if isinstance(m, LORA_LAYERS) for p in m.adapter_parameters()}
     if not factors:
         raise ValueError(
-            f"model has no LoRALinear layer ({type(model).__name__}): marking only LoRA factors as "
+            f"model has no LoRA layer ({type(model).__name__}; LoRALinear, LoRAEmbedding or LoRAMergedLinear): "
+            f"marking only LoRA factors as "
             f"trainable would freeze every parameter; inject_lora(model, ...) first"
         )
     trained = {id(p) for name in keep for p in modules[name].parameters()}

@@ -236,7 +236,8 @@ def test_dora_gradients_with_residual_dropout_match_finite_differences():
             params[name].data = value
         return nn.lm_loss(model(ids), ids)[0]
 
-    checked = [f"transformer.h.{i}.{where}.{what}" for i in (0, 1) for where in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    checked = [f"transformer.h.{i}.{where}.{what}" for i in (0, 1)
+               for where in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
                for what in ("lora_magnitude_vector", "lora_A.weight", "lora_B.weight")]
     original = {name: params[name].data.copy() for name in checked}
     for name, g in model.named_generators():
