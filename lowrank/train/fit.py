@@ -181,24 +181,36 @@ def _non_finite(arr: np.ndarray, name: str, where: str, hint: str = "") -> NonFi
     return NonFiniteError(f"{where}: {describe_non_finite(arr, name)}{hint}")
 
 
-def _evaluate(model: Module, X: np.ndarray, y: np.ndarray, loss_fn: LossFn, acc_fn: Callable[..., float] | None,
-              batch_size: int, where: str) -> Evaluation:
-    """Batched loss and accuracy in eval mode; the caller validated everything."""
+def _evaluate(model: Module, X: np.ndarray, y: np.ndarray, loss_name: str | None, loss_fn: LossFn,
+              acc_fn: Callable[..., float] | None, batch_size: int, where: str) -> Evaluation:
+    """Batched loss and accuracy in eval mode; the caller validated everything.
+
+    Each batch's mean is weighted by the terms it averages (:func:`_mean_count`),
+    so the result is the mean over the whole data whatever ``batch_size``; a
+    batch whose targets are all ignored is skipped (unless all of them are:
+    the loss then refuses the first batch).
+    """
+    all_ignored = _mean_count(loss_name, y) == 0
     with _modes_restored(model):
         model.eval()
         n = X.shape[0]
         total_loss = total_acc = 0.0
+        total_count = 0
         for start in range(0, n, batch_size):
             xb, yb = X[start:start + batch_size], y[start:start + batch_size]
+            count = _mean_count(loss_name, yb)
+            if count == 0 and not all_ignored:
+                continue  # nothing to average: no share of the mean
             with np.errstate(over="ignore", invalid="ignore"):  # reported just below
                 out = model(xb)
             if not np.isfinite(out).all():
                 raise _non_finite(out, "the model's output", f"{where} (rows {start}..)")
             value, _ = _call_loss(loss_fn, out, yb)
-            total_loss += value * len(xb)  # the mean losses are per sample: weight by batch size
+            total_loss += value * count  # each batch's mean over its count terms: weight by it
             if acc_fn is not None:
-                total_acc += acc_fn(out, yb) * len(xb)
-    return Evaluation(total_loss / n, None if acc_fn is None else total_acc / n)
+                total_acc += acc_fn(out, yb) * count
+            total_count += count
+    return Evaluation(total_loss / total_count, None if acc_fn is None else total_acc / total_count)
 
 
 def evaluate(model: Module, X: Any, y: Any, *, loss: str | LossFn = "cross_entropy",
@@ -222,15 +234,16 @@ def evaluate(model: Module, X: Any, y: Any, *, loss: str | LossFn = "cross_entro
     Returns
     -------
     Evaluation
-        ``(loss, accuracy)``: the mean over all n samples; accuracy is None
-        for ``"mse"`` and custom callables.
+        ``(loss, accuracy)``: the mean over all n samples (over the targets
+        not ``-100`` for ``"cross_entropy"`` and ``"lm"``, a batch of ignored
+        targets only skipped); accuracy is None for ``"mse"`` and custom callables.
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
-    _, loss_fn, acc_fn = resolve_loss(loss)
+    loss_name, loss_fn, acc_fn = resolve_loss(loss)
     X, y = _check_data(X, y, _input_dtype(model))
     batch_size = check_int(batch_size, "batch_size", low=1)
-    return _evaluate(model, X, y, loss_fn, acc_fn, batch_size, "during evaluate")
+    return _evaluate(model, X, y, loss_name, loss_fn, acc_fn, batch_size, "during evaluate")
 
 
 # ---------------------------------------------------------------- progress
@@ -315,20 +328,23 @@ class _Trainer:
         self.state.model.train()
         order = self.state.rng.permutation(n) if config.shuffle else np.arange(n)
         total_loss = total_acc = 0.0
+        total_count = 0
         for step in range(n_steps):
             idx = order[step * batch_size:(step + 1) * batch_size]
             xb, yb = X[idx], y[idx]
             out, value = self.forward_backward(xb, yb, epoch, step)
             self.update()
-            total_loss += value * len(idx)  # the mean losses are per sample: weight by batch size
+            count = _mean_count(config.loss, yb)  # the terms the batch's mean averages: weight by them
+            total_loss += value * count
             if acc_fn is not None:
-                total_acc += acc_fn(out, yb) * len(idx)
+                total_acc += acc_fn(out, yb) * count
+            total_count += count
             self.progress.step(epoch, step + 1, n_steps, value)
         history = self.state.history
         history.epoch.append(epoch)
-        history.train_loss.append(total_loss / n)
+        history.train_loss.append(total_loss / total_count)
         if acc_fn is not None:
-            history.train_acc.append(total_acc / n)
+            history.train_acc.append(total_acc / total_count)
 
     def where(self, epoch: int, step: int) -> str:
         """Where in the run a step is, for error messages; ``step`` counts from 0."""
@@ -406,7 +422,7 @@ class _Trainer:
         if self.val is None:
             return False
         history, early = self.state.history, self.state.early
-        result = _evaluate(self.state.model, *self.val, self.loss_fn, self.acc_fn,
+        result = _evaluate(self.state.model, *self.val, self.config.loss, self.loss_fn, self.acc_fn,
                            max(self.config.batch_size, 1024), f"on val after epoch {epoch}")
         history.val_loss.append(result.loss)
         if result.accuracy is not None:
@@ -528,9 +544,10 @@ def fit(
         ``"cross_entropy"`` (argmax) and ``"bce"`` (logit > 0), and for
         ``"lm"`` (:func:`lowrank.nn.lm_loss`, the next-token loss: the
         logits at position t against ``y[:, t + 1]``) the next-token accuracy.
-        ``"lm"`` is a mean over the counted tokens of a batch, which the
-        batch-size weighting of the epoch's loss treats as a mean over rows
-        (exact when no label is ignored).
+        ``"cross_entropy"`` and ``"lm"`` (and their accuracies) average the
+        targets that are not ``-100`` (the counted tokens), so the epoch's
+        loss weighs each batch by that count: it is the mean over every
+        kept target of the epoch, however they fall into batches.
     optimizer : lowrank.nn.optim.Optimizer
         Built on the model's parameters, e.g. ``Adam(model.named_parameters())``,
         *after* ``inject_lora`` and any freezing: it must hold every
