@@ -64,6 +64,7 @@ def peft_loss_and_grads(pm, ids, labels):
         if p.requires_grad:  # base_model.model.<module>.lora_A.default.weight -> <module>.lora_A.weight
             key = name.removeprefix(P).replace(".default", "").replace(".lora_magnitude_vector.weight",
                                                                         ".lora_magnitude_vector")  # fmt: skip
+            key = key.replace(".base_layer.", ".").replace(".modules_to_save.", ".")  # bias, saved modules
             grads[key] = p.grad.numpy().copy()
     return logits.detach().numpy(), loss.item(), grads
 
@@ -115,14 +116,20 @@ def test_a_peft_dora_gpt2_adapter_loads_here_with_peft_logits_and_gradients(tmp_
     assert_same(ours_loss_and_grads(ours, ids, labels), peft_loss_and_grads(pm, ids, labels))
 
 
-def test_a_dora_gpt2_adapter_saved_here_loads_in_peft_with_our_logits_and_gradients(tmp_path):
+@pytest.mark.parametrize("beside", [{}, {"bias": "lora_only", "modules_to_save": ["ln_f"]}], ids=["alone", "beside"])
+def test_a_dora_gpt2_adapter_saved_here_loads_in_peft_with_our_logits_and_gradients(tmp_path, beside):
     hf = hf_model(seed=2)
-    ours = nn.inject_lora(ours_from(hf), r=2, alpha=3, target_modules=TARGETS, use_dora=True, random_state=0)
+    ours = nn.inject_lora(ours_from(hf), r=2, alpha=3, target_modules=TARGETS, use_dora=True, random_state=0,
+                          **beside)  # fmt: skip
     rng = np.random.default_rng(3)
     for m in ours.modules():
         if isinstance(m, nn.LoRALinear):
             m.A.data, m.B.data = 0.5 * rng.standard_normal(m.A.shape), 0.5 * rng.standard_normal(m.B.shape)
             m.magnitude.data = m.magnitude.data * rng.uniform(0.6, 1.6, m.magnitude.shape)
+            if beside:  # trained beside the factors: the adapter carries them
+                m.bias.data = m.bias.data + 0.3 * rng.standard_normal(m.bias.shape)
+    if beside:
+        ours.transformer.ln_f.weight.data += 0.1 * rng.standard_normal(ours.transformer.ln_f.weight.shape)
     save_peft_adapter(ours, tmp_path / "ad")
     assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(hf), str(tmp_path / "ad"), is_trainable=True).eval()
