@@ -136,3 +136,62 @@ def test_accumulate_validation(value, error, match):
     with pytest.raises(error, match=match):
         fit(layer, np.zeros((4, IN)), np.zeros((4, OUT)), loss="mse", optimizer=SGD(layer.named_parameters(), lr=0.1),
             epochs=1, batch_size=4, accumulate=value, verbose=False)
+
+
+@st.composite
+def ignored_problems(draw):
+    n, classes = draw(st.integers(2, 6)), 3
+    X = draw(float_arrays(np.float64, (n, IN), bound=2.0))
+    W = draw(float_arrays(np.float64, (classes, IN), bound=1.0))
+    target = np.array(draw(st.lists(st.integers(0, classes - 1), min_size=n, max_size=n)))
+    ignored = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    ignored[draw(st.integers(0, n - 1))] = False  # the batch keeps one target at least
+    target[ignored] = -100
+    return X, W, target, draw(st.integers(1, n))
+
+
+@given(problem=ignored_problems())
+def test_ignored_targets_weigh_micro_batches_by_their_kept_targets(problem):
+    """cross_entropy is a mean over the kept targets: the step is the batch's, even where a micro-batch keeps none."""
+    X, W, target, k = problem
+    layer = nn.Linear(IN, 3, bias=False, dtype=np.float64, random_state=0)
+    layer.weight.data[...] = W
+    fit(layer, X, target, loss="cross_entropy", optimizer=SGD(layer.named_parameters(), lr=0.5), epochs=1,
+        batch_size=X.shape[0], accumulate=k, shuffle=False, verbose=False)
+    z = X @ W.T  # (n, 3): the batch gradient by hand, (softmax - onehot) / n_kept on the kept rows
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    kept = target != -100
+    p[kept, target[kept]] -= 1
+    p[~kept] = 0
+    expected = W - 0.5 * (p / kept.sum()).T @ X
+    np.testing.assert_allclose(layer.weight.data, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_lm_micro_batches_take_the_token_mean_step_checked_by_finite_differences():
+    """The "lm" loss averages the kept next-token labels: rows 0-1 keep 1 label, rows 2-3 keep 6."""
+    from lowrank.reference.gradcheck import check_gradients
+
+    model = nn.GPT2(vocab_size=7, n_positions=4, n_embd=4, n_layer=1, n_head=1,
+                   embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, dtype=np.float64, random_state=0)
+    ids = np.random.default_rng(0).integers(0, 7, (4, 4))
+    labels = ids.copy()
+    labels[:2, 1:3] = -100
+    names = ["transformer.h.0.attn.c_attn.weight", "transformer.wpe.weight"]
+    params = dict(model.named_parameters())
+    start = {name: p.data.copy() for name, p in params.items()}
+    before = {name: start[name] for name in names}
+    lr = 1e-3
+    fit(model, ids, labels, loss="lm", optimizer=SGD(model.named_parameters(), lr=lr), epochs=1, batch_size=4,
+        accumulate=2, shuffle=False, verbose=False)
+    stepped = {name: (before[name] - params[name].data) / lr for name in names}  # SGD: θ1 = θ0 - lr g
+    for name, p in params.items():  # every parameter took a step: back to where the gradient was taken
+        p.data = start[name].copy()
+    model.eval()
+
+    def loss_at(**arrays):
+        for name, value in arrays.items():
+            params[name].data = value
+        return nn.lm_loss(model(ids), labels)[0]  # the whole batch's mean over its 8 kept labels
+
+    check_gradients(loss_at, before, stepped)

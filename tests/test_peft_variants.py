@@ -91,3 +91,12 @@ def test_targets_takes_a_short_name_as_a_suffix_when_no_module_has_it():
         nn.inject_lora(_gpt2(), r=2, alpha=4, targets=["transformer.h.0.attn"])  # a module, not a layer: exact
     with pytest.raises(ValueError, match=r"targets \['q_proj'\] are not"):
         nn.inject_lora(_gpt2(), r=2, alpha=4, targets=["q_proj"])
+
+
+def test_a_lora_embedding_beside_dora_layers_is_refused_on_save(tmp_path):
+    """PEFT's use_dora is one flag: with it, PEFT (and lowrank's loader) makes the Embedding DoRA too."""
+    model = nn.inject_lora(_gpt2(), r=2, alpha=3, targets=["wte"], random_state=0)
+    model = _randomize(nn.inject_lora(model, r=2, alpha=3, target_modules=["c_attn"], use_dora=True, random_state=0))
+    with pytest.raises(ValueError, match=r"LoRAEmbedding layers \['transformer.wte'\] beside DoRA layers"):
+        save_peft_adapter(model, tmp_path / "ad")
+    assert not (tmp_path / "ad").exists()

@@ -796,3 +796,24 @@ def test_a_bad_checkpoint_path_fails_before_the_first_epoch(tmp_path):
                                               r"writable$"):
         run(f"{_unwritable_folder(tmp_path)}/run.npz")
     assert calls["n"] == 0
+
+
+def test_ignored_targets_are_left_out_of_the_loss_and_accuracy_whatever_the_batches():
+    """cross_entropy and its accuracy average the kept targets: evaluate's batch_size changes nothing."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((7, 3))
+    layer = nn.Linear(3, 4, bias=False, dtype=np.float64, random_state=0)
+    target = np.array([-100, -100, 1, 2, 3, -100, 0])  # rows 0-1 (one batch of 2) keep nothing
+    z = X @ layer.weight.data.T  # (7, 4): the loss by hand over the 4 kept rows
+    kept = target != -100
+    lse = np.log(np.exp(z).sum(axis=1))
+    want_loss = np.mean(lse[kept] - z[kept, target[kept]])
+    want_acc = np.mean(np.argmax(z, axis=1)[kept] == target[kept])
+    for batch_size in (1, 2, 3, 7):
+        got = evaluate(layer, X, target, loss="cross_entropy", batch_size=batch_size)
+        assert got.loss == pytest.approx(want_loss, rel=1e-12), batch_size
+        assert got.accuracy == pytest.approx(want_acc, rel=1e-12), batch_size
+    hist = fit(layer, X, target, loss="cross_entropy", optimizer=SGD(layer.named_parameters(), lr=0.0), epochs=1,
+               batch_size=3, shuffle=False, verbose=False)  # fmt: skip
+    assert hist.train_loss[0] == pytest.approx(want_loss, rel=1e-12)
+    assert hist.train_acc[0] == pytest.approx(want_acc, rel=1e-12)

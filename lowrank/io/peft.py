@@ -467,7 +467,9 @@ def save_peft_adapter(
     TypeError
         ``model`` is not a Module, or ``modules_to_save`` is not a list of str.
     ValueError
-        No LoRALinear, layers with different ``use_rslora``, ``dropout`` or ``use_dora``,
+        No LoRALinear or LoRAEmbedding, a LoRAMergedLinear, layers with
+        different ``use_rslora``, ``dropout`` or ``use_dora``,
+        a LoRAEmbedding beside DoRA layers (PEFT's ``use_dora`` would make it DoRA too),
         an unknown ``bias``, or a ``modules_to_save`` name that is not a
         module, is adapted, or is ambiguous under PEFT's rule.
     RuntimeError
@@ -493,7 +495,7 @@ def save_peft_adapter(
         (name, m) for name, m in named if isinstance(m, (LoRALinear, LoRAEmbedding))
     ]
     if not layers:
-        raise ValueError("model has no LoRALinear layer: there is no adapter to save")
+        raise ValueError("model has no LoRALinear or LoRAEmbedding layer: there is no adapter to save")
     merged = [name for name, m in layers if m.merged]
     if merged:
         raise RuntimeError(f"LoRA layers {merged} are merged: unmerge() them before saving the adapter")
@@ -513,6 +515,13 @@ def save_peft_adapter(
     use_rslora = rslora.pop()
     dropout = dropouts.pop() if dropouts else 0.0
     use_dora = doras.pop() if doras else False
+    embeddings = [name for name, m in layers if isinstance(m, LoRAEmbedding)]
+    if use_dora and embeddings:  # PEFT's use_dora is one flag: it would make the Embedding DoRA too
+        raise ValueError(
+            f"LoRAEmbedding layers {embeddings} beside DoRA layers cannot be saved as one PEFT config: its "
+            f"use_dora covers every adapted layer, and lowrank has no DoRA Embedding layer; save model.state_dict() "
+            f"instead"
+        )
     # PEFT's fan_in_fan_out: True when the adapted linear layers are Conv1D (GPT-2). PEFT corrects the
     # flag per layer anyway (a Conv1D is always transposed, an nn.Linear never), so it records the origin.
     fan_in_fan_out = any(isinstance(m, LoRALinear) and m.fan_in_fan_out for _, m in layers)

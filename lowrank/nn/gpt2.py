@@ -337,7 +337,7 @@ class GPT2Attention(Module):
         out = self.c_proj(y)  # (B, T, C)
         resid_mask = _draw_mask(self, out.shape, self.resid_pdrop, out.dtype)
         if resid_mask is not None:
-            out *= resid_mask
+            out = out * resid_mask  # not in place: c_proj's cache may hold its output (DoRA, as Tanh does)
         self._save_for_backward((attn_cache, resid_mask), out)
         return out
 
@@ -387,7 +387,7 @@ class GPT2MLP(Module):
         out = self.c_proj(self.act(self.c_fc(x)))  # (B, T, C), through (B, T, 4C)
         mask = _draw_mask(self, out.shape, self.resid_pdrop, out.dtype)
         if mask is not None:
-            out *= mask
+            out = out * mask  # not in place: c_proj's cache may hold its output (DoRA, as Tanh does)
         self._save_for_backward(mask, out)
         return out
 

@@ -1023,7 +1023,7 @@ def mark_only_lora_as_trainable(
     TypeError
         ``model`` is not a Module, or ``also_trainable`` is a string or holds non-strings.
     ValueError
-        ``model`` has no LoRALinear layer (it would freeze every parameter),
+        ``model`` has no LoRA layer (it would freeze every parameter),
         an unknown ``bias``, or an ``also_trainable`` name that is no module
         of ``model`` or is a LoRA layer. The model is unchanged then.
     """
@@ -1035,7 +1035,8 @@ def mark_only_lora_as_trainable(
     factors = {id(p) for m in model.modules() if isinstance(m, LORA_LAYERS) for p in m.adapter_parameters()}
     if not factors:
         raise ValueError(
-            f"model has no LoRALinear layer ({type(model).__name__}): marking only LoRA factors as "
+            f"model has no LoRA layer ({type(model).__name__}; LoRALinear, LoRAEmbedding or LoRAMergedLinear): "
+            f"marking only LoRA factors as "
             f"trainable would freeze every parameter; inject_lora(model, ...) first"
         )
     trained = {id(p) for name in keep for p in modules[name].parameters()}
@@ -1440,14 +1441,18 @@ def trainable_summary(model: Module, *, quiet: bool = False) -> str:
 
 
 def merge_lora(model: Module) -> Module:
-    """A new plain model, every LoRA layer folded into a Linear: for deployment.
+    """A new plain model, every LoRA layer folded into its base layer: for deployment.
 
-    Each :class:`LoRALinear` of a deep copy of ``model`` is folded by its own
-    :meth:`LoRALinear.merge` (``W + scaling * B @ A``, accumulated in float64
+    Each LoRA layer (:class:`LoRALinear`, :class:`LoRAEmbedding`,
+    :class:`LoRAMergedLinear`) of a deep copy of ``model`` is folded by its own
+    ``merge()`` (``W + scaling * B @ A``, DoRA's rescaled form, accumulated in float64
     and cast to W's dtype once; a layer already merged holds that weight and
-    is taken as it is), then replaced by its base Linear, in the layer's
+    is taken as it is), then replaced by its base Linear, Conv1D or Embedding, in the layer's
     training mode, through :func:`replace_modules`. The copy's forward equals
-    the adapted model's in eval mode, up to that one rounding per weight; its
+    the adapted model's in eval mode, up to that one rounding per weight,
+    except where an adapted weight is tied to another module (GPT-2's ``wte``
+    and ``lm_head``): the fold changes that module too, as PEFT's
+    ``merge_and_unload`` does (``docs/gpt2.md``). Its
     state-dict keys are the base model's (``"0.weight"``, no ``lora_`` keys)
     and its caches are cleared (:meth:`Module.clear_cache`).
 

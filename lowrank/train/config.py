@@ -28,8 +28,16 @@ AccuracyFn = Callable[[np.ndarray, np.ndarray], float]
 
 
 def _class_accuracy(out: np.ndarray, y: np.ndarray) -> float:
-    """Fraction of rows whose largest logit is at the target class: out (..., C), y (...)."""
-    return float(np.mean(np.argmax(out, axis=-1) == y))
+    """Fraction of the kept rows whose largest logit is at the target class: out (..., C), y (...).
+
+    A target equal to ``IGNORE_INDEX`` is left out, as ``cross_entropy`` leaves
+    it out of the loss; NaN when every target is ignored.
+    """
+    y = np.asarray(y)
+    kept = y != F.IGNORE_INDEX
+    if not kept.any():
+        return float("nan")
+    return float(np.mean((np.argmax(out, axis=-1) == y)[kept]))
 
 
 def _binary_accuracy(out: np.ndarray, y: np.ndarray) -> float:

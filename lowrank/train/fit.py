@@ -9,7 +9,7 @@
             model.zero_grad()
             for each micro-batch k of the batch (accumulate=K of them, n_k of its n rows):
                 out = model(X_k); loss, dout = loss_fn(out, y_k)  # stop if out or loss is not finite
-                model.backward(dout * n_k / n)                # sums to the batch's mean gradient
+                model.backward(dout * c_k / Σ c)             # c_k: the terms its mean counts
             stop if a gradient is not finite
             clip_grads_(...); optimizer.step(); schedule.step()
         validate in eval mode; early stopping; checkpoint
@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from lowrank.nn.functional import IGNORE_INDEX
 from lowrank.nn.modules import Module, Parameter, as_array_of
 from lowrank.nn.optim import clip_grads_
 from lowrank.train.checkpoint import (
@@ -128,6 +129,21 @@ def _check_data(X: Any, y: Any, dtype: np.dtype | None, name_x: str = "X",
     return (X if X.dtype.kind in "iu" else check_finite(X, name_x)), y
 
 
+def _mean_count(loss: str | None, y: np.ndarray) -> int:
+    """How many terms the named loss averages over a batch with targets ``y`` (for accumulation's weights).
+
+    The kept targets (not ``IGNORE_INDEX``) for ``"cross_entropy"``, and for
+    ``"lm"`` the kept next-token labels ``y[:, 1:]``; the rows otherwise
+    (``"mse"`` and ``"bce"`` average the same number of terms per row, and a
+    callable loss is taken to be a mean over rows).
+    """
+    if loss == "cross_entropy":
+        return int(np.count_nonzero(y != IGNORE_INDEX))
+    if loss == "lm" and y.ndim == 2:
+        return int(np.count_nonzero(y[:, 1:] != IGNORE_INDEX))
+    return int(y.shape[0])
+
+
 def _call_loss(loss_fn: LossFn, out: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
     """``loss_fn(out, y)``, held to the contract ``loss(out, y) -> (loss, dout)``: a real number and out's shape."""
     result = loss_fn(out, y)
@@ -165,24 +181,36 @@ def _non_finite(arr: np.ndarray, name: str, where: str, hint: str = "") -> NonFi
     return NonFiniteError(f"{where}: {describe_non_finite(arr, name)}{hint}")
 
 
-def _evaluate(model: Module, X: np.ndarray, y: np.ndarray, loss_fn: LossFn, acc_fn: Callable[..., float] | None,
-              batch_size: int, where: str) -> Evaluation:
-    """Batched loss and accuracy in eval mode; the caller validated everything."""
+def _evaluate(model: Module, X: np.ndarray, y: np.ndarray, loss_name: str | None, loss_fn: LossFn,
+              acc_fn: Callable[..., float] | None, batch_size: int, where: str) -> Evaluation:
+    """Batched loss and accuracy in eval mode; the caller validated everything.
+
+    Each batch's mean is weighted by the terms it averages (:func:`_mean_count`),
+    so the result is the mean over the whole data whatever ``batch_size``; a
+    batch whose targets are all ignored is skipped (unless all of them are:
+    the loss then refuses the first batch).
+    """
+    all_ignored = _mean_count(loss_name, y) == 0
     with _modes_restored(model):
         model.eval()
         n = X.shape[0]
         total_loss = total_acc = 0.0
+        total_count = 0
         for start in range(0, n, batch_size):
             xb, yb = X[start:start + batch_size], y[start:start + batch_size]
+            count = _mean_count(loss_name, yb)
+            if count == 0 and not all_ignored:
+                continue  # nothing to average: no share of the mean
             with np.errstate(over="ignore", invalid="ignore"):  # reported just below
                 out = model(xb)
             if not np.isfinite(out).all():
                 raise _non_finite(out, "the model's output", f"{where} (rows {start}..)")
             value, _ = _call_loss(loss_fn, out, yb)
-            total_loss += value * len(xb)  # the mean losses are per sample: weight by batch size
+            total_loss += value * count  # each batch's mean over its count terms: weight by it
             if acc_fn is not None:
-                total_acc += acc_fn(out, yb) * len(xb)
-    return Evaluation(total_loss / n, None if acc_fn is None else total_acc / n)
+                total_acc += acc_fn(out, yb) * count
+            total_count += count
+    return Evaluation(total_loss / total_count, None if acc_fn is None else total_acc / total_count)
 
 
 def evaluate(model: Module, X: Any, y: Any, *, loss: str | LossFn = "cross_entropy",
@@ -206,15 +234,16 @@ def evaluate(model: Module, X: Any, y: Any, *, loss: str | LossFn = "cross_entro
     Returns
     -------
     Evaluation
-        ``(loss, accuracy)``: the mean over all n samples; accuracy is None
-        for ``"mse"`` and custom callables.
+        ``(loss, accuracy)``: the mean over all n samples (over the targets
+        not ``-100`` for ``"cross_entropy"`` and ``"lm"``, a batch of ignored
+        targets only skipped); accuracy is None for ``"mse"`` and custom callables.
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a lowrank.nn.Module, got {type(model).__name__}")
-    _, loss_fn, acc_fn = resolve_loss(loss)
+    loss_name, loss_fn, acc_fn = resolve_loss(loss)
     X, y = _check_data(X, y, _input_dtype(model))
     batch_size = check_int(batch_size, "batch_size", low=1)
-    return _evaluate(model, X, y, loss_fn, acc_fn, batch_size, "during evaluate")
+    return _evaluate(model, X, y, loss_name, loss_fn, acc_fn, batch_size, "during evaluate")
 
 
 # ---------------------------------------------------------------- progress
@@ -299,20 +328,23 @@ class _Trainer:
         self.state.model.train()
         order = self.state.rng.permutation(n) if config.shuffle else np.arange(n)
         total_loss = total_acc = 0.0
+        total_count = 0
         for step in range(n_steps):
             idx = order[step * batch_size:(step + 1) * batch_size]
             xb, yb = X[idx], y[idx]
             out, value = self.forward_backward(xb, yb, epoch, step)
             self.update()
-            total_loss += value * len(idx)  # the mean losses are per sample: weight by batch size
+            count = _mean_count(config.loss, yb)  # the terms the batch's mean averages: weight by them
+            total_loss += value * count
             if acc_fn is not None:
-                total_acc += acc_fn(out, yb) * len(idx)
+                total_acc += acc_fn(out, yb) * count
+            total_count += count
             self.progress.step(epoch, step + 1, n_steps, value)
         history = self.state.history
         history.epoch.append(epoch)
-        history.train_loss.append(total_loss / n)
+        history.train_loss.append(total_loss / total_count)
         if acc_fn is not None:
-            history.train_acc.append(total_acc / n)
+            history.train_acc.append(total_acc / total_count)
 
     def where(self, epoch: int, step: int) -> str:
         """Where in the run a step is, for error messages; ``step`` counts from 0."""
@@ -324,19 +356,25 @@ class _Trainer:
 
         With ``accumulate = K`` the batch of ``n`` rows runs as ``min(K, n)``
         contiguous micro-batches (sizes differing by at most one). Each
-        loss is a mean over its ``n_k`` rows, and the modules *sum* the
-        gradients of successive backward passes, so each micro-batch's
-        ``dout`` is scaled by ``n_k / n``: the gradients then add up to the
-        gradient of the whole batch's mean loss, to rounding, and the
-        reported loss is the same weighted sum.
+        loss is a mean over its ``c_k`` terms (:func:`_mean_count`: its rows,
+        or its kept targets for ``"cross_entropy"`` and ``"lm"``), and the
+        modules *sum* the gradients of successive backward passes, so each
+        micro-batch's ``dout`` is scaled by ``c_k / Σ c``: the gradients then
+        add up to the gradient of the whole batch's mean loss, to rounding,
+        and the reported loss is the same weighted sum. A micro-batch whose
+        targets are all ignored (``c_k = 0``) only runs forward.
         """
         model = self.state.model
         n, k = xb.shape[0], min(self.config.accumulate, xb.shape[0])
+        bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+        counts = [_mean_count(self.config.loss, yb[lo:hi]) for lo, hi in bounds]
+        total = sum(counts)
+        if total == 0:  # every target of the batch ignored: the loss refuses it, as without accumulation
+            counts, total = [hi - lo for lo, hi in bounds], n
         model.zero_grad()
         outs, value = [], 0.0
-        for i in range(k):
-            lo, hi = i * n // k, (i + 1) * n // k
-            out, part = self.micro_step(xb[lo:hi], yb[lo:hi], (hi - lo) / n, epoch, step)
+        for (lo, hi), count in zip(bounds, counts, strict=True):
+            out, part = self.micro_step(xb[lo:hi], yb[lo:hi], count / total, epoch, step)
             outs.append(out)
             value += part
         for name, p in self.trainable:
@@ -348,7 +386,8 @@ class _Trainer:
                    step: int) -> tuple[np.ndarray, float]:
         """Forward, loss, and the backward of ``weight · loss`` added to the gradients.
 
-        Returns ``(out, weight · loss)``.
+        Returns ``(out, weight · loss)``. With ``weight == 0`` (targets all
+        ignored, no mean to take) only the forward runs: ``(out, 0.0)``.
         """
         model = self.state.model
         with np.errstate(over="ignore", invalid="ignore"):  # diverging weights: reported just below
@@ -356,6 +395,8 @@ class _Trainer:
         if not np.isfinite(out).all():
             raise _non_finite(out, "the model's output", self.where(epoch, step),
                               "; the weights diverged (try a lower learning rate or clip_grad_norm)")
+        if weight == 0.0:
+            return out, 0.0
         value, dout = _call_loss(self.loss_fn, out, yb)
         if not math.isfinite(value):
             # describe_non_finite's wording; a scalar has no index to name
@@ -381,7 +422,7 @@ class _Trainer:
         if self.val is None:
             return False
         history, early = self.state.history, self.state.early
-        result = _evaluate(self.state.model, *self.val, self.loss_fn, self.acc_fn,
+        result = _evaluate(self.state.model, *self.val, self.config.loss, self.loss_fn, self.acc_fn,
                            max(self.config.batch_size, 1024), f"on val after epoch {epoch}")
         history.val_loss.append(result.loss)
         if result.accuracy is not None:
@@ -503,9 +544,10 @@ def fit(
         ``"cross_entropy"`` (argmax) and ``"bce"`` (logit > 0), and for
         ``"lm"`` (:func:`lowrank.nn.lm_loss`, the next-token loss: the
         logits at position t against ``y[:, t + 1]``) the next-token accuracy.
-        ``"lm"`` is a mean over the counted tokens of a batch, which the
-        batch-size weighting of the epoch's loss treats as a mean over rows
-        (exact when no label is ignored).
+        ``"cross_entropy"`` and ``"lm"`` (and their accuracies) average the
+        targets that are not ``-100`` (the counted tokens), so the epoch's
+        loss weighs each batch by that count: it is the mean over every
+        kept target of the epoch, however they fall into batches.
     optimizer : lowrank.nn.optim.Optimizer
         Built on the model's parameters, e.g. ``Adam(model.named_parameters())``,
         *after* ``inject_lora`` and any freezing: it must hold every
@@ -537,10 +579,13 @@ def fit(
         a mean and modules *sum* successive backward passes, so K plain
         backward passes would give K times the batch's gradient (and SGD
         and clipping are not scale-invariant); ``fit`` scales micro-batch
-        ``k``'s ``dout`` by ``n_k / n`` instead, so the accumulated gradient,
-        the clipping and the step equal the whole batch's to rounding, for
-        a loss that is a mean over the rows (all of :data:`LOSSES`) and a
-        model whose rows do not interact. Dropout masks are drawn per
+        ``k``'s ``dout`` by ``c_k / Σ c`` instead, ``c_k`` the number of
+        terms its loss averages (its ``n_k`` rows; its targets not ``-100``
+        for ``"cross_entropy"`` and ``"lm"``, whose means skip ignored
+        targets; a micro-batch with none left only runs forward), so the
+        accumulated gradient, the clipping and the step equal the whole
+        batch's to rounding, for the losses of :data:`LOSSES` (a callable
+        loss is weighted by rows) and a model whose rows do not interact. Dropout masks are drawn per
         micro-batch, so with dropout the run is another draw of the same
         distribution, not the same numbers.
     checkpoint : path, optional

@@ -211,3 +211,54 @@ def test_fit_refuses_float_tokens():
     with pytest.raises(TypeError, match="X must hold integer token ids"):
         fit(model, _sequences(4, 0).astype(np.float32), _sequences(4, 0), loss="lm",
             optimizer=AdamW(model.named_parameters()), epochs=1, batch_size=2, verbose=False)
+
+
+def test_dora_gradients_with_residual_dropout_match_finite_differences():
+    # DoRA's cache keeps c_proj's output y (to recover Σ dy * z); residual dropout must not scale it in place
+    model = tiny(seed=8, resid_pdrop=0.5).train()
+    nn.inject_lora(model, r=2, alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], use_dora=True, random_state=0)
+    rng = np.random.default_rng(1)
+    for _, layer in model.named_modules():
+        if isinstance(layer, nn.LoRALinear):
+            layer.detach_norm = False  # the exact gradient, which finite differences measure
+            layer.B.data = 0.3 * rng.standard_normal(layer.B.shape)
+            V = layer.weight.data.T + layer.scaling * layer.B.data @ layer.A.data  # (out, in): Conv1D's W is (in, out)
+            norm = np.sqrt((V**2).sum(axis=1))
+            layer.magnitude.data = norm * rng.uniform(0.6, 1.5, norm.shape)  # m / n where y gives z back
+    ids = np.array([[1, 2, 3, 1, 2], [7, 7, 0, 12, 5]])
+    params = dict(model.named_parameters())
+    start = {name: g.bit_generator.state for name, g in model.named_generators()}
+
+    def loss_at(**arrays):
+        for name, g in model.named_generators():  # the same masks in every pass
+            g.bit_generator.state = start[name]
+        for name, value in arrays.items():
+            params[name].data = value
+        return nn.lm_loss(model(ids), ids)[0]
+
+    checked = [f"transformer.h.{i}.{where}.{what}" for i in (0, 1)
+               for where in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+               for what in ("lora_magnitude_vector", "lora_A.weight", "lora_B.weight")]
+    original = {name: params[name].data.copy() for name in checked}
+    for name, g in model.named_generators():
+        g.bit_generator.state = start[name]
+    logits = model(ids)
+    model.zero_grad()
+    model.backward(nn.lm_loss(logits, ids)[1])
+    analytic = {name: params[name].grad.copy() for name in checked}
+    check_gradients(loss_at, original, analytic, max_coords=40)
+
+
+
+def test_merge_lora_of_an_adapted_wte_folds_the_update_into_the_tied_head_too():
+    # as PEFT's merge_and_unload with tied embeddings (docs/gpt2.md): the head changes, so the logits do
+    model = nn.inject_lora(tiny(), r=2, alpha=4, targets=["transformer.wte"], random_state=0).eval()
+    wte = model.transformer.wte
+    wte.A.data = np.random.default_rng(0).standard_normal(wte.A.shape)
+    W = wte.weight.data.copy()
+    plain = nn.merge_lora(model)
+    expected = W + 2.0 * (wte.B.data @ wte.A.data).T  # (num, dim): W + scaling * (B @ A).T
+    np.testing.assert_allclose(plain.transformer.wte.weight.data, expected, rtol=1e-14, atol=1e-14)
+    assert plain.lm_head.weight is plain.transformer.wte.weight
+    ids = np.array([[1, 2, 3]])
+    assert not np.allclose(plain.eval()(ids), model(ids))  # the merged model is not the adapted one here

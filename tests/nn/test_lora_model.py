@@ -563,7 +563,7 @@ def test_mark_only_lora_as_trainable_refuses():
     with pytest.raises(TypeError, match=r"^model must be a lowrank\.nn\.Module, got dict$"):
         nn.mark_only_lora_as_trainable({})
     model = nn.MLP([3, 2], random_state=0)
-    with pytest.raises(ValueError, match=r"^model has no LoRALinear layer \(MLP\): .* freeze every parameter"):
+    with pytest.raises(ValueError, match=r"^model has no LoRA layer \(MLP; LoRALinear, .*\): .* freeze every"):
         nn.mark_only_lora_as_trainable(model)
     assert all(p.trainable for p in model.parameters())
 

@@ -249,6 +249,7 @@ class _Tiny(nn.Module):
         ({}, {"c_attn": nn.LoRALinear, "c_proj": nn.LoRALinear, "head": nn.LoRALinear}),
         ({"targets": ["wte", "c_attn"]}, {"wte": nn.LoRAEmbedding, "c_attn": nn.LoRALinear}),
         ({"target_modules": ["c_attn"], "enable_lora": [True, False, True]}, {"c_attn": nn.LoRAMergedLinear}),
+        ({"target_modules": ["c_proj", "head"], "use_dora": True}, {"c_proj": nn.LoRALinear, "head": nn.LoRALinear}),
     ],
 )
 def test_inject_lora_dispatch_freeze_count_and_merge(kwargs, kinds):
@@ -266,6 +267,9 @@ def test_inject_lora_dispatch_freeze_count_and_merge(kwargs, kinds):
     sizes = {"wte": 2 * (11 + 6), "c_attn": 2 * (6 + 9), "c_proj": 2 * (9 + 6), "head": 2 * (6 + 3)}
     if "enable_lora" in kwargs:
         sizes["c_attn"] = 2 * 2 * (6 + 3)  # k r (in + d)
+    if kwargs.get("use_dora"):
+        sizes["c_proj"] += 6  # DoRA's magnitude: one per output
+        sizes["head"] += 3
     n_train = sum(sizes[name] for name in kinds)
     assert sum(p.size for p in model.parameters() if p.trainable) == n_train
     for m in model.modules():
@@ -341,3 +345,63 @@ def test_merge_unmerge_round_trip_within_two_roundings(kind, dtype, seed):
     layer.unmerge()
     bound = np.finfo(dtype).eps * (np.abs(W0) + np.abs(delta))
     assert np.all(np.abs(layer.weight.data.astype(np.float64) - W0) <= bound)
+
+
+# ---------------------------------------------------------------- DoRA on Conv1D
+
+
+def _conv1d_dora(n_in=5, n_out=4, dropout=0.0, seed=0):
+    base = nn.Conv1D(n_in, n_out, dtype=np.float64, random_state=seed)
+    rng = np.random.default_rng(seed + 7)
+    base.weight.data = rng.standard_normal((n_in, n_out))  # (in, out)
+    base.bias.data = rng.standard_normal(n_out)
+    layer = nn.LoRALinear(base, r=2, alpha=3.0, dropout=dropout, random_state=seed, use_dora=True)
+    return base, layer, rng
+
+
+def test_conv1d_dora_forward_merge_and_unmerge_use_the_out_in_view():
+    base, layer, rng = _conv1d_dora()
+    W = base.weight.data.T.copy()  # (out, in)
+    np.testing.assert_array_equal(layer.magnitude.data, np.sqrt((W * W).sum(axis=1)))  # ‖W‖ per output row
+    layer.B.data = rng.standard_normal(layer.B.shape)
+    layer.magnitude.data = rng.uniform(0.5, 2.0, 4)
+    x = rng.standard_normal((3, 5))
+    V = W + 1.5 * layer.B.data @ layer.A.data  # (out, in), scaling = 3 / 2
+    c = layer.magnitude.data / np.sqrt((V * V).sum(axis=1))
+    expected = x @ (c[:, None] * V).T + base.bias.data  # DoRA written out
+    np.testing.assert_allclose(layer.eval()(x), expected, rtol=1e-12, atol=1e-12)
+    W0 = base.weight.data.copy()
+    layer.merge()
+    np.testing.assert_allclose(base.weight.data, (c[:, None] * V).T, rtol=1e-13, atol=1e-14)  # back in (in, out)
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-12, atol=1e-12)
+    layer.unmerge()
+    np.testing.assert_allclose(base.weight.data, W0, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.4])
+def test_conv1d_dora_exact_gradients_with_a_trainable_base(dropout):
+    _, layer, rng = _conv1d_dora(dropout=dropout)
+    layer.B.data = rng.standard_normal(layer.B.shape)
+    layer.magnitude.data = rng.uniform(0.5, 2.0, 4)
+    layer.detach_norm = False  # the exact gradient, which finite differences measure
+    layer.weight.trainable = layer.bias.trainable = True
+    report = check_module_gradients(layer.train(), rng.standard_normal((2, 3, 5)))
+    assert set(report.arguments) == {"x", "weight", "bias", "lora_A.weight", "lora_B.weight", "lora_magnitude_vector"}
+    assert layer.weight.grad.shape == (5, 4)
+
+
+def test_conv1d_dora_pissa_keeps_the_output_and_inject_finds_a_zero_output_row():
+    base = nn.Conv1D(6, 5, dtype=np.float64, random_state=0)
+    x = np.random.default_rng(1).standard_normal((3, 6))
+    y0 = base(x)
+    layer = nn.LoRALinear(base, r=2, alpha=4, init="pissa", use_dora=True)
+    np.testing.assert_allclose(layer(x), y0, rtol=1e-12, atol=1e-12)
+    V = base.weight.data.T + 2.0 * layer.B.data @ layer.A.data  # residual + update, (out, in)
+    np.testing.assert_allclose(layer.magnitude.data, np.sqrt((V * V).sum(axis=1)), rtol=1e-15)
+    model = nn.Sequential(nn.Conv1D(3, 4, dtype=np.float64, random_state=0))
+    model[0].weight.data[1, :] = 0  # an input row of the (in, out) weight: every output row stays nonzero
+    nn.inject_lora(model, r=1, alpha=1, targets=["0"], use_dora=True)
+    model = nn.Sequential(nn.Conv1D(3, 4, dtype=np.float64, random_state=0))
+    model[0].weight.data[:, 2] = 0  # output 2's row of the (out, in) view
+    with pytest.raises(ValueError, match=r"layer '0': .*rows \[2\]"):
+        nn.inject_lora(model, r=1, alpha=1, targets=["0"], use_dora=True)
