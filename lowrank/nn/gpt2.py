@@ -521,9 +521,10 @@ class GPT2(Module):
     LoRA
         The sub-modules are ordinary registered Modules named as in
         transformers, so ``inject_lora`` replaces ``c_attn``, ``c_proj``,
-        ``c_fc`` or ``wte`` by name. ``lm_head`` is a :class:`Linear`
-        sharing wte's weight: adapting it, or freezing wte, does the same to
-        the other (as in PyTorch); target the attention and MLP projections.
+        ``c_fc`` or ``wte`` by name; without targets it adapts every
+        Conv1D projection and leaves the tied ``lm_head`` alone. ``lm_head``
+        is a :class:`Linear` sharing wte's weight: freezing either freezes
+        both (as in PyTorch), and merging an adapter of either changes both.
     """
 
     takes_token_ids = True  # lowrank.train.fit passes integer X through unchanged

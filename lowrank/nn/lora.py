@@ -1145,8 +1145,11 @@ def inject_lora(
         or ``"block.fc"`` in nested modules): Linear, Conv1D or Embedding
         layers. An entry that is the name of no module of the model is
         taken as a dotted suffix, PEFT's list rule: ``["c_attn"]`` adapts
-        every ``transformer.h.N.attn.c_attn`` of a GPT-2. When None (and ``target_modules`` is None), every Linear and
-        Conv1D layer; an Embedding is adapted only when named. An
+        every ``transformer.h.N.attn.c_attn`` of a GPT-2. When None (and
+        ``target_modules`` is None), every Linear and Conv1D layer except
+        one whose weight is tied to another module (GPT-2's ``lm_head``,
+        tied to ``wte``: PEFT's ``"all-linear"`` leaves the output layer
+        out too); an Embedding or a tied head is adapted only when named. An
         Embedding's LoRA path has no dropout (PEFT applies none there), so
         ``dropout`` does not reach it.
     random_state : None, int or numpy.random.Generator
@@ -1244,7 +1247,8 @@ def inject_lora(
                 f"model already has LoRA layers at {adapted}: name the Linear layers still to adapt "
                 f"with targets (plain Linear layers: {list(linears)}), or merge_lora(model) first"
             )
-        chosen = [name for name, m in linears.items() if not isinstance(m, Embedding)]
+        tied = _tied_weights(modules)
+        chosen = [name for name, m in linears.items() if not isinstance(m, Embedding) and id(m.weight) not in tied]
         if not chosen:
             raise ValueError(
                 f"model has no Linear or Conv1D layer to adapt ({type(model).__name__}); name an Embedding with targets"
@@ -1312,6 +1316,16 @@ def inject_lora(
         new_layers[name] = lora.train(base.training)
     model = replace_modules(model, new_layers)
     return mark_only_lora_as_trainable(model, bias=bias, also_trainable=saved)
+
+
+def _tied_weights(modules: list[tuple[str, Module]]) -> set[int]:
+    """The ids of weight Parameters that more than one module holds (a head tied to an embedding)."""
+    seen: dict[int, int] = {}
+    for _, m in modules:
+        weight = getattr(m, "weight", None)
+        if isinstance(weight, Parameter):
+            seen[id(weight)] = seen.get(id(weight), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
 
 
 def _layer_settings(

@@ -262,3 +262,16 @@ def test_merge_lora_of_an_adapted_wte_folds_the_update_into_the_tied_head_too():
     assert plain.lm_head.weight is plain.transformer.wte.weight
     ids = np.array([[1, 2, 3]])
     assert not np.allclose(plain.eval()(ids), model(ids))  # the merged model is not the adapted one here
+
+
+def test_inject_lora_without_targets_adapts_every_projection_and_leaves_the_tied_head():
+    model = nn.inject_lora(tiny(), r=2, alpha=4, random_state=0)
+    adapted = sorted(name for name, m in model.named_modules() if isinstance(m, nn.LoRALinear))
+    n_layer = model.config.n_layer
+    want = sorted(f"transformer.h.{i}.{p}" for i in range(n_layer)
+                  for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))  # fmt: skip
+    assert adapted == want
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.transformer.wte.weight
+    assert not model.transformer.wte.weight.trainable  # frozen as the rest of the base
+    named = nn.inject_lora(tiny(), r=2, alpha=4, targets=["lm_head"], random_state=0)
+    assert isinstance(named.lm_head, nn.LoRALinear)  # named, the tied head is adapted
