@@ -457,3 +457,16 @@ def test_verify_help_names_the_exit_codes(capsys):
     assert code == 0 and "0 the certificate passed, 1 it failed, 2 it could not run" in " ".join(out.split())
     assert STATIONARITY_FLOOR == pytest.approx(1.49e-8, rel=1e-2)
 
+
+
+def test_verify_json_of_an_infinite_residual_is_well_formed_json(files, capsys, tmp_path):
+    M = np.load(files / "dense.npy")
+    U, _, Vt = np.linalg.svd(M, full_matrices=False)
+    np.savez(tmp_path / "zero_s.npz", U=U[:, :2], s=np.zeros(2), Vt=Vt[:2])  # residuals ‖M V‖ / 0 = inf
+    code, out, _ = run(["verify", "svd", str(files / "dense.npy"), str(tmp_path / "zero_s.npz"), "--json"], capsys)
+
+    def refuse(constant):  # RFC 8259 has no Infinity or NaN; Python's json accepts them unless told not to
+        raise ValueError(f"not JSON: {constant}")
+
+    report = json.loads(out, parse_constant=refuse)
+    assert code == 1 and report["residual_right"] is None and "residual_right" in report["failures"]
