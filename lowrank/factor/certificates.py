@@ -1114,15 +1114,35 @@ def _tail_bound(M: Any, U: np.ndarray, V: np.ndarray, probes: int, power: int, r
     """
     Qu, _ = np.linalg.qr(U)  # (m, k): P_U = Qu Quᵀ, exact also for U not quite orthonormal
     Qv, _ = np.linalg.qr(V)  # (n, k)
+    m, n = M.shape
+    # A dense M of another dtype is multiplied a row block at a time: M @ X would cast all of M to float64.
+    # (A sparse M's product casts only its stored values.)
+    whole = not isinstance(M, np.ndarray) or M.dtype == np.float64
+
+    def times(X: np.ndarray) -> np.ndarray:  # M X, (m, p), in float64 a row block at a time
+        if whole:
+            return np.asarray(M @ X, dtype=np.float64)
+        out = np.empty((m, X.shape[1]))
+        for start, stop, block in _matrix_blocks(M, False):
+            out[start:stop] = block @ X
+        return out
+
+    def times_t(Y: np.ndarray) -> np.ndarray:  # Mᵀ Y, (n, p)
+        if whole:
+            return np.asarray(M.T @ Y, dtype=np.float64)
+        out = np.zeros((n, Y.shape[1]))
+        for start, stop, block in _matrix_blocks(M, False):
+            out += block.T @ Y[start:stop]
+        return out
 
     def apply(X: np.ndarray) -> np.ndarray:  # D X
         X = X - Qv @ (Qv.T @ X)
-        Y = np.asarray(M @ X, dtype=np.float64)
+        Y = times(X)
         return Y - Qu @ (Qu.T @ Y)
 
     def apply_t(Y: np.ndarray) -> np.ndarray:  # Dᵀ Y
         Y = Y - Qu @ (Qu.T @ Y)
-        X = np.asarray(M.T @ Y, dtype=np.float64)
+        X = times_t(Y)
         return X - Qv @ (Qv.T @ X)
 
     X = rng.standard_normal((M.shape[1], probes))  # (n, p)
