@@ -457,3 +457,35 @@ def test_verify_help_names_the_exit_codes(capsys):
     assert code == 0 and "0 the certificate passed, 1 it failed, 2 it could not run" in " ".join(out.split())
     assert STATIONARITY_FLOOR == pytest.approx(1.49e-8, rel=1e-2)
 
+
+
+def test_verify_json_of_an_infinite_residual_is_well_formed_json(files, capsys, tmp_path):
+    M = np.load(files / "dense.npy")
+    U, _, Vt = np.linalg.svd(M, full_matrices=False)
+    np.savez(tmp_path / "zero_s.npz", U=U[:, :2], s=np.zeros(2), Vt=Vt[:2])  # residuals ‖M V‖ / 0 = inf
+    code, out, _ = run(["verify", "svd", str(files / "dense.npy"), str(tmp_path / "zero_s.npz"), "--json"], capsys)
+
+    def refuse(constant):  # RFC 8259 has no Infinity or NaN; Python's json accepts them unless told not to
+        raise ValueError(f"not JSON: {constant}")
+
+    report = json.loads(out, parse_constant=refuse)
+    assert code == 1 and report["residual_right"] is None and "residual_right" in report["failures"]
+
+
+def test_the_randomized_svd_bound_streams_a_float32_matrix_in_row_blocks(monkeypatch):
+    """The tail bound's products with a dense float32 M must not cast all of M to float64 at once."""
+    import tracemalloc
+
+    monkeypatch.setattr("lowrank.factor.certificates._BLOCK_ENTRIES", 1 << 12)  # blocks of 32 KiB in float64
+    M = np.random.default_rng(0).standard_normal((512, 256)).astype(np.float32)  # 1 MiB in float64
+    U, s, Vt = np.linalg.svd(M.astype(np.float64), full_matrices=False)
+    sigma = s.copy()
+    U, s, Vt = U[:, :4].copy(), s[:4].copy(), Vt[:4].copy()
+    tracemalloc.start()
+    try:
+        rep = check_svd(M, U, s, Vt, exact=False, power=1, random_state=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.5 * M.size * 8, peak  # a few float64 blocks and (m, k) arrays, not M in float64
+    assert rep.tail_bound >= sigma[4] / np.linalg.norm(sigma)  # still a bound (probability 1 − 1e-10)

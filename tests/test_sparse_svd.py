@@ -250,6 +250,18 @@ def test_an_operator_whose_product_has_the_wrong_shape_is_named():
         randomized_svd(Wrong(np.ones((3, 2))), 1)
 
 
+def test_a_block_product_returned_flat_is_refused_not_reshaped():
+    """matmat returning the (m, c) block as one flat vector, column after column: reshaping it row-major would
+    scramble the entries, so it is refused like any other wrong shape."""
+
+    class Flat(Blocks):
+        def matmat(self, X):
+            return np.concatenate([self.M @ X[:, j] for j in range(X.shape[1])])  # (m * c,), column-major
+
+    with pytest.raises(ValueError, match=r"M.matmat must return shape \(6, 2\) .*got \(12,\)"):
+        randomized_svd(Flat(np.arange(30.0).reshape(6, 5) % 7), 2, oversample=0)
+
+
 def test_an_operator_returning_nan_is_a_floating_point_error():
     class Broken(Blocks):
         def matmat(self, X):

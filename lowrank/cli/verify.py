@@ -109,7 +109,7 @@ def _report(args: argparse.Namespace, certify: Any) -> int:
         message = " ".join(str(exc).split())
         print(f"lowrank: error: verify {args.kind} could not run: {message}", file=sys.stderr)
         return 2
-    print(json.dumps(report.to_dict()) if args.json else report.format())
+    print(json.dumps(report.to_dict(), allow_nan=False) if args.json else report.format())
     return 0 if report.passed else 1
 
 

@@ -181,16 +181,16 @@ class ALSCertificate:
         return not self.not_converged
 
     def to_dict(self) -> dict[str, Any]:
-        """The report as JSON-ready values (the per-row arrays summarized, not listed)."""
+        """The report as JSON-ready values (the per-row arrays summarized, not listed; an infinite gain ``None``)."""
         return {
             "kind": self.kind,
             "shape": list(self.shape),
             "rank": self.rank,
             "n_observed": self.n_observed,
             "objective": self.objective,
-            "row_gain": self.row_gain,
-            "col_gain": self.col_gain,
-            "sweep_gain": self.sweep_gain,
+            "row_gain": _json_float(self.row_gain),
+            "col_gain": _json_float(self.col_gain),
+            "sweep_gain": _json_float(self.sweep_gain),
             "tol": self.tol,
             "passed": self.passed,
             "not_converged": list(self.not_converged),
@@ -228,6 +228,11 @@ class ALSCertificate:
             f"objective={self.objective:.6g}, row_max={self.rows.max:.3e}, col_max={self.cols.max:.3e}, "
             f"sweep_gain={self.sweep_gain:.3e}, passed={self.passed})"
         )
+
+
+def _json_float(value: float) -> float | None:
+    """``value``, or ``None`` when it is infinite or NaN: JSON has no such numbers."""
+    return value if math.isfinite(value) else None
 
 
 def _summary_dict(summary: SideSummary) -> dict[str, Any]:
@@ -874,14 +879,14 @@ class SVDCertificate:
         return not self.failures
 
     def to_dict(self) -> dict[str, Any]:
-        """The report as JSON-ready values."""
+        """The report as JSON-ready values; an infinite or NaN number is ``None`` (JSON has neither)."""
         out: dict[str, Any] = {"kind": "svd", "shape": list(self.shape), "rank": self.rank}
         for name in (
             "residual_right", "residual_left", "orthogonality_U", "orthogonality_V", "descending", "error",
-            "optimum", "eckart_young_gap", "exact", "probability", "tol",
+            "optimum", "eckart_young_gap", "exact", "probability", "tol", "tail_bound",
         ):  # fmt: skip
-            out[name] = getattr(self, name)
-        out["tail_bound"] = None if math.isnan(self.tail_bound) else self.tail_bound
+            value = getattr(self, name)
+            out[name] = None if isinstance(value, float) and not math.isfinite(value) else value
         out["passed"] = self.passed
         out["failures"] = list(self.failures)
         return out
@@ -1109,15 +1114,35 @@ def _tail_bound(M: Any, U: np.ndarray, V: np.ndarray, probes: int, power: int, r
     """
     Qu, _ = np.linalg.qr(U)  # (m, k): P_U = Qu Quᵀ, exact also for U not quite orthonormal
     Qv, _ = np.linalg.qr(V)  # (n, k)
+    m, n = M.shape
+    # A dense M of another dtype is multiplied a row block at a time: M @ X would cast all of M to float64.
+    # (A sparse M's product casts only its stored values.)
+    whole = not isinstance(M, np.ndarray) or M.dtype == np.float64
+
+    def times(X: np.ndarray) -> np.ndarray:  # M X, (m, p), in float64 a row block at a time
+        if whole:
+            return np.asarray(M @ X, dtype=np.float64)
+        out = np.empty((m, X.shape[1]))
+        for start, stop, block in _matrix_blocks(M, False):
+            out[start:stop] = block @ X
+        return out
+
+    def times_t(Y: np.ndarray) -> np.ndarray:  # Mᵀ Y, (n, p)
+        if whole:
+            return np.asarray(M.T @ Y, dtype=np.float64)
+        out = np.zeros((n, Y.shape[1]))
+        for start, stop, block in _matrix_blocks(M, False):
+            out += block.T @ Y[start:stop]
+        return out
 
     def apply(X: np.ndarray) -> np.ndarray:  # D X
         X = X - Qv @ (Qv.T @ X)
-        Y = np.asarray(M @ X, dtype=np.float64)
+        Y = times(X)
         return Y - Qu @ (Qu.T @ Y)
 
     def apply_t(Y: np.ndarray) -> np.ndarray:  # Dᵀ Y
         Y = Y - Qu @ (Qu.T @ Y)
-        X = np.asarray(M.T @ Y, dtype=np.float64)
+        X = times_t(Y)
         return X - Qv @ (Qv.T @ X)
 
     X = rng.standard_normal((M.shape[1], probes))  # (n, p)

@@ -299,7 +299,8 @@ class _Operator:
 
     def _checked(self, out: Any, method: str, given: tuple[int, ...], expected: tuple[int, ...]) -> np.ndarray:
         out = np.asarray(out)
-        if out.shape != expected and out.size == math.prod(expected) and out.squeeze().ndim <= 1:
+        vector = sum(d != 1 for d in expected) <= 1  # (m,), or a block of one column or one row
+        if out.shape != expected and vector and out.size == math.prod(expected) and out.squeeze().ndim <= 1:
             out = out.reshape(expected)  # a vector returned as (m, 1), or a one-column block as (m,)
         if out.shape != expected:
             raise ValueError(
