@@ -454,3 +454,26 @@ def test_cli_refuses_bad_arguments_with_exit_code_2(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("lowrank: error:") and err.count("\n") == 1
+
+
+def test_a_dora_adapter_is_refused_by_adapted_weights_and_the_cli(tmp_path, capsys):
+    import json
+
+    from lowrank.cli import main
+    from lowrank.io import save_safetensors
+    from lowrank.io.adapter import adapted_weights
+
+    folder, base = _adapter_and_base(tmp_path, fan_in_fan_out=False)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    from lowrank.io import load_safetensors
+
+    tensors = load_safetensors(folder / "adapter_model.safetensors")
+    tensors["base_model.model.h.0.attn.lora_magnitude_vector"] = np.ones(24)
+    tensors["base_model.model.h.1.mlp.lora_magnitude_vector"] = np.ones(10)
+    save_safetensors(folder / "adapter_model.safetensors", tensors)
+    with pytest.raises(ValueError, match="a DoRA adapter"):
+        next(adapted_weights(base, folder))
+    assert main(["precision", "bound", "--adapter", str(folder), "--base", str(base)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "DoRA" in err

@@ -141,12 +141,10 @@ def _cmd_bound(args: argparse.Namespace) -> int:
 
 def _bound_adapter(args: argparse.Namespace) -> int:
     """``bound --adapter DIR --base FILE``: every adapted weight of a real model, on a typical input."""
-    from lowrank.io.adapter import adapted_weights, read_adapter
+    from lowrank.io.adapter import adapted_weights
 
     if args.alpha is not None:
         raise CLIError("--alpha is for --shape: an adapter's scaling comes from its adapter_config.json")
-    if read_adapter(args.adapter).config.to_json().get("use_dora"):
-        raise CLIError(f"{args.adapter}: a DoRA adapter: the derived bounds are for LoRA's forward only")
     n = args.rows
     rng = np.random.default_rng(args.seed)
     modules, ok = [], True

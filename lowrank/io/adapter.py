@@ -1463,12 +1463,18 @@ def adapted_weights(base: PathLike, adapter_dir: PathLike) -> Iterator[AdaptedWe
     Raises
     ------
     FileNotFoundError, ValueError
-        As :func:`merge_adapter`, for the same problems.
+        As :func:`merge_adapter`, for the same problems; ValueError too for
+        a DoRA adapter (``use_dora``), whose weights are not ``W + scaling·B@A``.
     """
     base = Path(base)
     if not base.is_file():
         raise FileNotFoundError(f"no such base weights file: {base}")
     adapter = read_adapter(adapter_dir, dtype="float64")
+    if adapter.config.use_dora:
+        raise ValueError(
+            f"{adapter.path}: a DoRA adapter (use_dora): its weights are (m / ‖W + scaling·B@A‖) · (W + "
+            f"scaling·B@A), not the LoRA weights W + scaling·B@A that adapted_weights gives"
+        )
     _, problems = check_adapter(adapter)
     if problems:
         raise ValueError(f"{adapter.path}: {problems[0]}")
