@@ -22,8 +22,8 @@ to float64's own error, ~1e-16 relative against float32's half ulp of
 6e-8), whatever the shape or the evaluation path; a float32 kernel would
 round at every step, and differently for a batch large enough to fold the
 update into the weight. ``tests/test_vectors.py`` recomputes every output by
-hand in float64 NumPy, and the torch crosscheck the linear and LoRA cases
-with autograd. The
+hand in float64 NumPy, and the torch crosschecks the linear, LoRA,
+Conv1D, Embedding, MergedLinear and attention-family cases with autograd. The
 linear and LoRA cases are those of :mod:`lowrank.reference.cases`; tensors
 are compared under the rule of :mod:`lowrank.reference.compare`. The files
 are read and written with NumPy alone (:mod:`lowrank.io.files`).
