@@ -28,7 +28,7 @@ from strategies import as_layout, float_arrays
 from lowrank.cli import main
 from lowrank.io import load_safetensors, save_safetensors
 from lowrank.io.safetensors import read_safetensors_header
-from lowrank.reference.cases import DORA_CASES, LINEAR_CASES, LORA_CASES
+from lowrank.reference.cases import CONV1D_CASES, DORA_CASES, LINEAR_CASES, LORA_CASES
 from lowrank.reference.compare import compare
 from lowrank.reference.vectors import MANIFEST_NAME, TOLERANCES, check_vectors, read_manifest, write_vectors
 
@@ -1098,6 +1098,8 @@ def test_the_variant_and_attention_kinds_are_written_with_their_conventions(ref)
         n_in, n_out = c["params"]["in_features"], c["params"]["out_features"]
         assert c["inputs"]["weight"]["shape"] == c["outputs"]["dweight"]["shape"] == [n_in, n_out]
     assert any(c["params"]["in_features"] == c["params"]["out_features"] for c in conv)  # a transpose would fit
+    assert {c["name"] for c in conv} == {f"lora_conv1d_{c.name}_{sfx}" for c in CONV1D_CASES for sfx in ("f32", "f64")}
+    assert any("dropout_mask" in c["inputs"] for c in conv) and any("bias" not in c["inputs"] for c in conv)
     for c in by_kind["lora_embedding"]:
         idx = load_safetensors(ref / c["file"])["idx"]
         assert idx.dtype == np.int64 and len(np.unique(idx)) < idx.size  # integer ids, with repeats

@@ -52,7 +52,7 @@ from lowrank.io.files import (
 )
 from lowrank.precision.bounds import dora_linear_bound, lora_linear_bound, lora_merge_bound
 from lowrank.precision.rounding import round_to
-from lowrank.reference.cases import DORA_CASES, LINEAR_CASES, LORA_CASES
+from lowrank.reference.cases import CONV1D_CASES, DORA_CASES, LINEAR_CASES, LORA_CASES
 from lowrank.reference.compare import TOLERANCES, compare, compare_within, error_stats, tolerance_for
 from lowrank.utils.validation import RandomState, check_random_state
 
@@ -658,12 +658,6 @@ def _factorization_cases(rng: np.random.Generator) -> list[_Case]:
     return cases
 
 
-_VARIANT_SPECS = (  # name, batch, in, out, r, alpha, use_rslora, bias, dropout
-    ("r2_alpha4_dropout_batch", (2, 3), 5, 4, 2, 4.0, False, True, "full"),
-    ("r3_alpha6_square_nobias", (4,), 5, 5, 3, 6.0, True, False, "none"),  # in = out: a transposed weight fits
-)
-
-
 def _variant_cases(rng: np.random.Generator) -> list[_Case]:
     """LoRA on transformers' Conv1D, on an Embedding, and loralib's MergedLinear (enable_lora True, False, True)."""
     from lowrank.nn import functional as F
@@ -671,25 +665,20 @@ def _variant_cases(rng: np.random.Generator) -> list[_Case]:
     cases = []
     for dtype in _DTYPES:
         sfx = _SUFFIX[np.dtype(dtype).name]
-        for name, batch, n_in, n_out, r, alpha, rslora, bias, dropout in _VARIANT_SPECS:
-            scaling = lora_scaling(alpha, r, rslora)
-            case = _Case(f"lora_conv1d_{name}_{sfx}", "lora_conv1d", dtype,
+        for spec in CONV1D_CASES:
+            case = _Case(f"lora_conv1d_{spec.name}_{sfx}", "lora_conv1d", dtype,
                          "LoRA on a Conv1D (weight stored (in, out)): forward and backward; see 'lora_conv1d'.",
-                         in_features=n_in, out_features=n_out, r=r, alpha=alpha, use_rslora=rslora,
-                         scaling=scaling, dropout_p=0.0 if dropout == "none" else 0.5, fan_in_fan_out=True)  # fmt: skip
-            x = case.input("x", _normal(rng, (*batch, n_in), dtype), "input, shape (..., in_features)")
-            w = case.input("weight", _normal(rng, (n_in, n_out), dtype), "frozen Conv1D weight (in, out)")
-            b = None if not bias else case.input("bias", _normal(rng, (n_out,), dtype), "frozen bias (out,)")
-            A = case.input("A", _normal(rng, (r, n_in), dtype), _LORA_DOCS["A"])
-            B = case.input("B", _normal(rng, (n_out, r), dtype), _LORA_DOCS["B"])
-            mask = None
-            if dropout != "none":
-                mask = case.input("dropout_mask", F.dropout_mask(x.shape, 0.5, random_state=rng, dtype=dtype),
-                                  _MASK_DOCS["full"])  # fmt: skip
-            dy = case.input("dy", _normal(rng, (*batch, n_out), dtype), "upstream gradient, y's shape")
-            t = widen({"x": x, "w": w, "A": A, "B": B, "dy": dy, **({} if b is None else {"b": b}),
-                       **({} if mask is None else {"mask": mask})})  # fmt: skip
-            y, cache = F.lora_linear(t["x"], t["w"].T, t.get("b"), t["A"], t["B"], scaling, dropout_mask=t.get("mask"))
+                         in_features=spec.in_features, out_features=spec.out_features, r=spec.r, alpha=spec.alpha,
+                         use_rslora=spec.use_rslora, scaling=spec.scaling, dropout_p=spec.dropout_p,
+                         fan_in_fan_out=True)  # fmt: skip
+            drawn = spec.tensors(rng, dtype)
+            drawn["weight"] = drawn["weight"].T.copy()  # (in, out): transformers' Conv1D layout
+            docs = {**_LORA_DOCS, "weight": "frozen Conv1D weight (in, out)", "bias": "frozen bias (out,)",
+                    "dropout_mask": _MASK_DOCS.get(spec.dropout, "")}  # fmt: skip
+            t = widen({k: case.input(k, v, docs[k]) for k, v in drawn.items()})
+            scaling, bias = spec.scaling, spec.bias
+            y, cache = F.lora_linear(t["x"], t["weight"].T, t.get("bias"), t["A"], t["B"], scaling,
+                                     dropout_mask=t.get("dropout_mask"))  # fmt: skip
             g = F.lora_linear_backward(t["dy"], cache, base_trainable=True)
             case.output("y", y, "output, shape (..., out_features)")
             case.output("dx", g.x, "gradient with respect to x (through both paths)")
