@@ -11,6 +11,7 @@ once at the end.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import re
@@ -27,7 +28,7 @@ from strategies import as_layout, float_arrays
 from lowrank.cli import main
 from lowrank.io import load_safetensors, save_safetensors
 from lowrank.io.safetensors import read_safetensors_header
-from lowrank.reference.cases import DORA_CASES, LINEAR_CASES, LORA_CASES
+from lowrank.reference.cases import CONV1D_CASES, DORA_CASES, LINEAR_CASES, LORA_CASES
 from lowrank.reference.compare import compare
 from lowrank.reference.vectors import MANIFEST_NAME, TOLERANCES, check_vectors, read_manifest, write_vectors
 
@@ -179,11 +180,128 @@ def _als_by_hand(M, mask, right, reg, sweeps):
     return left @ right, np.array(losses)
 
 
-def _compute64(case: dict, tensors: dict) -> dict:
+def _lora_embedding_by_hand(idx, W, A, B, s, dy, bug=None):
+    """y = W[idx] + s A^T[idx] B^T; each position's gradient added into its row, one position at a time."""
+    flat, dim = idx.reshape(-1), W.shape[1]
+    y = W[flat] + s * A.T[flat] @ B.T  # (N, dim)
+    dy2 = dy.reshape(-1, dim)  # (N, dim)
+    dA, dW = np.zeros_like(A), np.zeros_like(W)
+    for n, i in enumerate(flat):
+        if bug == "embedding_not_summed":  # a scatter that overwrites: the last repeat wins
+            dA[:, i] = s * dy2[n] @ B
+            dW[i] = dy2[n]
+        else:
+            dA[:, i] += s * dy2[n] @ B  # (r,)
+            dW[i] += dy2[n]
+    return {"y": y.reshape(*idx.shape, dim), "dA": dA, "dB": s * dy2.T @ A.T[flat], "dweight": dW}
+
+
+def _merged_by_hand(x, W, b, A, B, s, enable, mask, dy):
+    """loralib's MergedLinear: the full update dW (out, in) built block by block, then LoRA's rules."""
+    d, r = W.shape[0] // len(enable), B.shape[1]
+    delta = np.zeros_like(W)  # (out, in)
+    blocks = [g for g, on in enumerate(enable) if on]
+    for j, g in enumerate(blocks):
+        delta[g * d:(g + 1) * d] = B[j * d:(j + 1) * d] @ A[j * r:(j + 1) * r]
+    xm = x if mask is None else x * mask
+    n_in, n_out = x.shape[-1], W.shape[0]
+    x2, xm2, dy2 = x.reshape(-1, n_in), xm.reshape(-1, n_in), dy.reshape(-1, n_out)
+    dA, dB = np.zeros_like(A), np.zeros_like(B)
+    for j, g in enumerate(blocks):
+        dy_j, A_j, B_j = dy2[:, g * d:(g + 1) * d], A[j * r:(j + 1) * r], B[j * d:(j + 1) * d]
+        dB[j * d:(j + 1) * d] = s * dy_j.T @ (xm2 @ A_j.T)
+        dA[j * r:(j + 1) * r] = s * (dy_j @ B_j).T @ xm2
+    dxm = s * dy @ delta
+    return {"y": x @ W.T + b + s * xm @ delta.T, "dx": dy @ W + (dxm if mask is None else dxm * mask),
+            "dA": dA, "dB": dB, "dweight": dy2.T @ x2, "dbias": dy2.sum(axis=0)}  # fmt: skip
+
+
+def _softmax_jacobian(p):
+    """(..., C, C): d p_i / d z_j = p_i (delta_ij - p_j)."""
+    return p[..., :, None] * (np.eye(p.shape[-1]) - p[..., None, :])
+
+
+def _softmax_by_hand(z, dy):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    p = e / e.sum(axis=-1, keepdims=True)
+    return p, np.einsum("...ji,...j->...i", _softmax_jacobian(p), dy)  # dx = J^T dy
+
+
+def _layer_norm_by_hand(x, w, b, eps, dy):
+    """y = xhat * w + b; dx through the per-row Jacobian of xhat, rstd (I - 1/D - xhat xhat^T / D)."""
+    D = x.shape[-1]
+    mu = x.mean(axis=-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(((x - mu) ** 2).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
+    xhat = (x - mu) * rstd
+    J = rstd[..., None] * (np.eye(D) - 1.0 / D - xhat[..., :, None] * xhat[..., None, :] / D)  # (..., D, D)
+    lead = tuple(range(x.ndim - 1))
+    return {"y": xhat * w + b, "dx": np.einsum("...ji,...j->...i", J, dy * w),
+            "dweight": (dy * xhat).sum(axis=lead), "dbias": dy.sum(axis=lead)}  # fmt: skip
+
+
+def _attention_by_hand(q, k, v, scale, causal, attn_mask, dmask, dy):
+    T, S = q.shape[-2], k.shape[-2]
+    allowed = np.ones((T, S), dtype=bool)
+    if causal:
+        allowed &= np.arange(S)[None, :] <= np.arange(T)[:, None]
+    if attn_mask is not None:
+        allowed &= attn_mask
+    scores = np.where(allowed, scale * q @ np.swapaxes(k, -1, -2), -np.inf)  # (..., T, S)
+    p, _ = _softmax_by_hand(scores, np.zeros_like(scores))
+    m = 1.0 if dmask is None else dmask
+    dp = (dy @ np.swapaxes(v, -1, -2)) * m
+    ds = np.einsum("...ji,...j->...i", _softmax_jacobian(p), dp)
+    return {"y": (p * m) @ v, "dq": scale * ds @ k, "dk": scale * np.swapaxes(ds, -1, -2) @ q,
+            "dv": np.swapaxes(p * m, -1, -2) @ dy}  # fmt: skip
+
+
+def _cross_entropy_ignore_by_hand(z, target, ignore):
+    kept = target != ignore  # (...)
+    logp = z - z.max(axis=-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(axis=-1, keepdims=True))
+    onehot = np.eye(z.shape[-1])[np.where(kept, target, 0)] * kept[..., None]  # (..., C), 0 rows where ignored
+    n = kept.sum()
+    return -np.sum(logp * onehot) / n, (np.exp(logp) * kept[..., None] - onehot) / n
+
+
+def _compute_new_kinds(case: dict, t: dict, bug: str | None = None) -> dict | None:
+    """The Conv1D, Embedding, MergedLinear and attention-family kinds by hand; None for another kind."""
+    kind, p = case["kind"], case["params"]
+    if kind == "lora_conv1d":
+        assert p["fan_in_fan_out"] and p["scaling"] == _scaling(p)
+        square = t["weight"].shape[0] == t["weight"].shape[1]  # the bug reads (in, out) as (out, in): only fits there
+        W = t["weight"] if bug == "conv1d_transposed" and square else t["weight"].T
+        y, backward = _lora_by_hand(t["x"], W, t.get("bias"), t["A"], t["B"], _scaling(p), t.get("dropout_mask"))
+        g = backward(t["dy"])
+        return {"y": y, **g, "dweight": g["dweight"].T}
+    if kind == "lora_embedding":
+        return _lora_embedding_by_hand(t["idx"], t["weight"], t["A"], t["B"], _scaling(p), t["dy"], bug)
+    if kind == "lora_merged_linear":
+        return _merged_by_hand(t["x"], t["weight"], t["bias"], t["A"], t["B"], _scaling(p), p["enable_lora"],
+                               t.get("dropout_mask"), t["dy"])  # fmt: skip
+    if kind == "layer_norm":
+        return _layer_norm_by_hand(t["x"], t["weight"], t["bias"], p["eps"], t["dy"])
+    if kind == "softmax":
+        y, dx = _softmax_by_hand(t["x"], t["dy"])
+        return {"y": y, "dx": dx}
+    if kind == "scaled_dot_product_attention":
+        causal = p["is_causal"] and bug != "not_causal"
+        return _attention_by_hand(t["q"], t["k"], t["v"], p["scale"], causal, t.get("attn_mask"),
+                                  t.get("dropout_mask"), t["dy"])  # fmt: skip
+    if kind == "cross_entropy" and "ignore_index" in p:
+        loss, grad = _cross_entropy_ignore_by_hand(t["logits"], t["target"], p["ignore_index"])
+        return {"loss": loss, "dlogits": grad}
+    return None
+
+
+def _compute64(case: dict, tensors: dict, bug: str | None = None) -> dict:
     """Outputs of one case, computed in float64 from its inputs and the manifest's description, not rounded."""
     kind, p = case["kind"], case["params"]
     t = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in tensors.items()}
-    if kind == "linear":
+    out = _compute_new_kinds(case, t, bug)
+    if out is not None:
+        pass
+    elif kind == "linear":
         y, backward = _lora_by_hand(t["x"], t["weight"], t.get("bias"), np.zeros((1, t["x"].shape[-1])),
                                     np.zeros((t["weight"].shape[0], 1)), 0.0, None)  # fmt: skip
         g = backward(t["dy"])
@@ -224,9 +342,9 @@ def _compute64(case: dict, tensors: dict) -> dict:
     return {k: np.asarray(v, dtype=np.float64) for k, v in out.items() if v is not None}
 
 
-def _compute(case: dict, tensors: dict) -> dict:
+def _compute(case: dict, tensors: dict, bug: str | None = None) -> dict:
     """Outputs of one case in float64, rounded once to the dtype the manifest gives each output."""
-    out = _compute64(case, tensors)
+    out = _compute64(case, tensors, bug)
     return {k: v.astype(case["outputs"][k]["dtype"]) for k, v in out.items()}
 
 
@@ -959,3 +1077,76 @@ def test_a_manifest_with_a_bad_elementwise_tolerance_cannot_be_read(half_ref, tm
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="lacks its output 'y' or its tolerance"):
         check_vectors(folder, folder, cases="linear_bias_bf16")
+
+
+# ---------------------------------------------------------------- Conv1D, Embedding, MergedLinear, attention family
+
+_NEW_KINDS = ("lora_conv1d", "lora_embedding", "lora_merged_linear", "layer_norm", "softmax",
+              "scaled_dot_product_attention")  # fmt: skip
+
+
+def test_the_variant_and_attention_kinds_are_written_with_their_conventions(ref):
+    manifest = read_manifest(ref)
+    by_kind: dict = {}
+    for c in manifest["cases"]:
+        by_kind.setdefault(c["kind"], []).append(c)
+    for kind in _NEW_KINDS:
+        assert {c["dtype"] for c in by_kind[kind]} == {"float32", "float64"}, kind
+        assert manifest["conventions"][kind]
+    conv = by_kind["lora_conv1d"]
+    for c in conv:  # the Conv1D layout: weight (in, out), and its gradient in that layout
+        n_in, n_out = c["params"]["in_features"], c["params"]["out_features"]
+        assert c["inputs"]["weight"]["shape"] == c["outputs"]["dweight"]["shape"] == [n_in, n_out]
+    assert any(c["params"]["in_features"] == c["params"]["out_features"] for c in conv)  # a transpose would fit
+    assert {c["name"] for c in conv} == {f"lora_conv1d_{c.name}_{sfx}" for c in CONV1D_CASES for sfx in ("f32", "f64")}
+    assert any("dropout_mask" in c["inputs"] for c in conv) and any("bias" not in c["inputs"] for c in conv)
+    for c in by_kind["lora_embedding"]:
+        idx = load_safetensors(ref / c["file"])["idx"]
+        assert idx.dtype == np.int64 and len(np.unique(idx)) < idx.size  # integer ids, with repeats
+        assert c["inputs"]["A"]["shape"] == [c["params"]["r"], c["params"]["num_embeddings"]]
+        assert c["inputs"]["B"]["shape"] == [c["params"]["embedding_dim"], c["params"]["r"]]
+    assert all(c["params"]["enable_lora"] == [True, False, True] for c in by_kind["lora_merged_linear"])
+    sdpa = {c["name"][len("scaled_dot_product_attention_"):]: c for c in by_kind["scaled_dot_product_attention"]}
+    assert sdpa["causal_f64"]["params"]["is_causal"] and "attn_mask" not in sdpa["causal_f64"]["inputs"]
+    mask = load_safetensors(ref / sdpa["bool_mask_f32"]["file"])["attn_mask"]
+    assert mask.dtype == bool and not mask.all() and mask.any(axis=-1).all()
+    dmask = load_safetensors(ref / sdpa["dropout_causal_f32"]["file"])["dropout_mask"]
+    assert set(np.unique(dmask)) == {0.0, 2.0}
+    ignore = [c for c in by_kind["cross_entropy"] if "ignore_index" in c["params"]]
+    assert {c["dtype"] for c in ignore} == {"float32", "float64"}
+    assert manifest["conventions"]["cross_entropy_ignore_index"]
+    for c in ignore:
+        target = load_safetensors(ref / c["file"])["target"]
+        assert target.dtype == np.int64 and (target == c["params"]["ignore_index"]).any()
+        assert (target != c["params"]["ignore_index"]).any()
+
+
+def _bugged_candidate(ref, folder, kind, bug):
+    """The independent candidate for one kind, with one bug (None: correct)."""
+    folder.mkdir()
+    for case in read_manifest(ref)["cases"]:
+        if case["kind"] == kind:
+            tensors = load_safetensors(ref / case["file"])
+            save_safetensors(folder / case["file"], _compute(case, {k: tensors[k] for k in case["inputs"]}, bug))
+    return folder
+
+
+@pytest.mark.parametrize(("kind", "bug", "failing", "wrong"), [
+    ("lora_conv1d", "conv1d_transposed", "lora_conv1d_*square*", {"y", "dx"}),
+    ("lora_embedding", "embedding_not_summed", "lora_embedding_*", {"dA", "dweight"}),
+    ("scaled_dot_product_attention", "not_causal", "scaled_dot_product_attention_*causal*",
+     {"y", "dq", "dk", "dv"}),
+])  # fmt: skip
+def test_a_wrong_variant_or_attention_candidate_fails_and_a_right_one_passes(ref, tmp_path, capsys, kind, bug,
+                                                                             failing, wrong):
+    right = _bugged_candidate(ref, tmp_path / "right", kind, None)
+    assert main(["vectors", "check", str(ref), str(right), "--kinds", kind]) == 0
+    wrong_dir = _bugged_candidate(ref, tmp_path / "wrong", kind, bug)
+    capsys.readouterr()
+    assert main(["vectors", "check", str(ref), str(wrong_dir), "--kinds", kind]) == 1
+    assert capsys.readouterr().out.splitlines()[-1].startswith("FAILED")
+    report = check_vectors(ref, wrong_dir, kinds=kind)
+    failed = report.failures
+    assert failed and all(fnmatch.fnmatchcase(r.case, failing) for r in failed)
+    assert {r.tensor for r in failed} <= wrong and {r.tensor for r in failed} & wrong
+    assert {r.case for r in failed} == {c for c in report.selected if fnmatch.fnmatchcase(c, failing)}

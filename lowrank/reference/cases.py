@@ -31,6 +31,7 @@ import numpy as np
 from lowrank.io.adapter import lora_scaling
 
 __all__ = [
+    "CONV1D_CASES",
     "DORA_CASES",
     "DROPOUT_KINDS",
     "LINEAR_CASES",
@@ -170,6 +171,13 @@ LORA_CASES = (
     LoRACase("r2_alpha4_largebatch", (12,), 3, 4, 2, 4.0, False, True),  # N > in_features: the folded path
 )
 """LoRA layers: r = 1…4, plain and rsLoRA scaling, with and without bias, both mask kinds, batch dims."""
+
+
+CONV1D_CASES = (
+    LoRACase("r2_alpha4_dropout_batch", (2, 3), 5, 4, 2, 4.0, False, True, "full"),
+    LoRACase("r3_alpha6_square_nobias", (4,), 5, 5, 3, 6.0, True, False),  # in = out: a transposed weight fits
+)
+"""LoRA on transformers' Conv1D: the tensors of :meth:`LoRACase.tensors`, the weight stored transposed, (in, out)."""
 
 
 @dataclass(frozen=True)

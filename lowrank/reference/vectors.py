@@ -22,8 +22,8 @@ to float64's own error, ~1e-16 relative against float32's half ulp of
 6e-8), whatever the shape or the evaluation path; a float32 kernel would
 round at every step, and differently for a batch large enough to fold the
 update into the weight. ``tests/test_vectors.py`` recomputes every output by
-hand in float64 NumPy, and the torch crosscheck the linear and LoRA cases
-with autograd. The
+hand in float64 NumPy, and the torch crosschecks the linear, LoRA,
+Conv1D, Embedding, MergedLinear and attention-family cases with autograd. The
 linear and LoRA cases are those of :mod:`lowrank.reference.cases`; tensors
 are compared under the rule of :mod:`lowrank.reference.compare`. The files
 are read and written with NumPy alone (:mod:`lowrank.io.files`).
@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from lowrank.io.adapter import lora_scaling
 from lowrank.io.files import (
     PathLike,
     atomic_write_folder,
@@ -51,7 +52,7 @@ from lowrank.io.files import (
 )
 from lowrank.precision.bounds import dora_linear_bound, lora_linear_bound, lora_merge_bound
 from lowrank.precision.rounding import round_to
-from lowrank.reference.cases import DORA_CASES, LINEAR_CASES, LORA_CASES
+from lowrank.reference.cases import CONV1D_CASES, DORA_CASES, LINEAR_CASES, LORA_CASES
 from lowrank.reference.compare import TOLERANCES, compare, compare_within, error_stats, tolerance_for
 from lowrank.utils.validation import RandomState, check_random_state
 
@@ -146,6 +147,48 @@ CONVENTIONS = {
         "right_init is diag(sqrt(s)) @ Vt from the rank-r truncated SVD of M with unobserved entries set to 0 "
         "and scaled by m * n / (number of observed entries); given here so you need not reproduce it. "
         "Compare the product left @ right, which does not depend on sign choices."
+    ),
+    "lora_conv1d": (
+        "Kind 'lora_conv1d' is LoRA on transformers' Conv1D (PEFT's fan_in_fan_out): weight is stored (in_features, "
+        "out_features) and y = x @ weight + bias + scaling * ((x * dropout_mask) @ A^T) @ B^T with A (r, in) and "
+        "B (out, r) as in 'lora'; outputs y, dx, dA, dB, and dweight in weight's own (in, out) layout and dbias "
+        "as if the base were trainable."
+    ),
+    "lora_embedding": (
+        "Kind 'lora_embedding' is PEFT's LoRA on an Embedding: idx holds int64 token ids (repeats included), "
+        "weight (num_embeddings, embedding_dim), A = lora_embedding_A (r, num_embeddings), B = "
+        "lora_embedding_B (embedding_dim, r), y = weight[idx] + scaling * A^T[idx] @ B^T of shape (*idx.shape, "
+        "embedding_dim), no dropout; outputs y, dA, dB and dweight (as if the table were trainable), where a row "
+        "looked up several times receives the sum of its gradients."
+    ),
+    "lora_merged_linear": (
+        "Kind 'lora_merged_linear' is loralib's MergedLinear: out_features is len(enable_lora) equal blocks of "
+        "d rows (q, k, v), A stacks k = sum(enable_lora) factors A_j (r, in) into (k * r, in), B stacks k "
+        "factors B_j (d, r) into (k * d, r), and y = x @ weight^T + bias + scaling * (x * dropout_mask) @ "
+        "dW^T where the rows of the j-th enabled block of dW (out, in) are B_j @ A_j and a disabled block's "
+        "rows are 0; outputs y, dx, dA, dB, dweight, dbias (the base as if trainable)."
+    ),
+    "layer_norm": (
+        "Kind 'layer_norm' normalizes over the last axis as torch.nn.functional.layer_norm: y = (x - mean) / "
+        "sqrt(var + eps) * weight + bias with the biased variance (divided by D) and eps in params; outputs y, "
+        "dx, dweight and dbias (summed over every leading dimension), weight and bias of shape (D,)."
+    ),
+    "softmax": (
+        "Kind 'softmax' is y = exp(x) / sum(exp(x)) over the last axis (params axis -1); outputs y and dx = "
+        "y * (dy - sum(dy * y)) over that axis."
+    ),
+    "scaled_dot_product_attention": (
+        "Kind 'scaled_dot_product_attention' is torch's F.scaled_dot_product_attention with q (..., T, d), k "
+        "(..., S, d), v (..., S, dv): y = (softmax(scale * q @ k^T with masked scores set to -inf) * "
+        "dropout_mask) @ v, scale = 1/sqrt(d) (params), is_causal letting query i see keys j <= i only, "
+        "attn_mask (when present) a bool (T, S) tensor that is true where attention is allowed, "
+        "dropout_mask (when present) the explicit inverted-dropout mask (0 or 1/(1-p)) on the attention "
+        "weights (..., T, S); outputs y, dq, dk, dv."
+    ),
+    "cross_entropy_ignore_index": (
+        "A 'cross_entropy' case with params ignore_index (PyTorch's default -100) skips the positions whose "
+        "int64 target equals it: they add no loss and get a zero gradient, and the mean divides by the number "
+        "of positions kept."
     ),
     "expected_values": (
         "Every expected output is computed in float64 from the inputs as stored and rounded once to the "
@@ -615,6 +658,167 @@ def _factorization_cases(rng: np.random.Generator) -> list[_Case]:
     return cases
 
 
+def _variant_cases(rng: np.random.Generator) -> list[_Case]:
+    """LoRA on transformers' Conv1D, on an Embedding, and loralib's MergedLinear (enable_lora True, False, True)."""
+    from lowrank.nn import functional as F
+
+    cases = []
+    for dtype in _DTYPES:
+        sfx = _SUFFIX[np.dtype(dtype).name]
+        for spec in CONV1D_CASES:
+            case = _Case(f"lora_conv1d_{spec.name}_{sfx}", "lora_conv1d", dtype,
+                         "LoRA on a Conv1D (weight stored (in, out)): forward and backward; see 'lora_conv1d'.",
+                         in_features=spec.in_features, out_features=spec.out_features, r=spec.r, alpha=spec.alpha,
+                         use_rslora=spec.use_rslora, scaling=spec.scaling, dropout_p=spec.dropout_p,
+                         fan_in_fan_out=True)  # fmt: skip
+            drawn = spec.tensors(rng, dtype)
+            drawn["weight"] = drawn["weight"].T.copy()  # (in, out): transformers' Conv1D layout
+            docs = {**_LORA_DOCS, "weight": "frozen Conv1D weight (in, out)", "bias": "frozen bias (out,)",
+                    "dropout_mask": _MASK_DOCS.get(spec.dropout, "")}  # fmt: skip
+            t = widen({k: case.input(k, v, docs[k]) for k, v in drawn.items()})
+            scaling, bias = spec.scaling, spec.bias
+            y, cache = F.lora_linear(t["x"], t["weight"].T, t.get("bias"), t["A"], t["B"], scaling,
+                                     dropout_mask=t.get("dropout_mask"))  # fmt: skip
+            g = F.lora_linear_backward(t["dy"], cache, base_trainable=True)
+            case.output("y", y, "output, shape (..., out_features)")
+            case.output("dx", g.x, "gradient with respect to x (through both paths)")
+            case.output("dA", g.A, "gradient with respect to A")
+            case.output("dB", g.B, "gradient with respect to B")
+            assert g.weight is not None  # base_trainable
+            case.output("dweight", g.weight.T, "gradient with respect to weight, (in, out), as if trainable")
+            if bias:
+                case.output("dbias", g.bias, "gradient with respect to bias, as if it were trainable")
+            cases.append(case)
+
+        num, dim, r, alpha = 6, 4, 2, 4.0
+        case = _Case(f"lora_embedding_r2_alpha4_{sfx}", "lora_embedding", dtype,
+                     "LoRA on an Embedding (PEFT's layout), with repeated ids; see 'lora_embedding'.",
+                     num_embeddings=num, embedding_dim=dim, r=r, alpha=alpha, use_rslora=False,
+                     scaling=lora_scaling(alpha, r, False))  # fmt: skip
+        ids = rng.integers(0, num - 1, (2, 5)).astype(np.int64)  # id num - 1 never looked up: its gradients are 0
+        ids[1, 4] = ids[0, 0]  # at least one repeat, whatever the draw
+        idx = case.input("idx", ids, "int64 token ids in [0, num_embeddings), shape (2, 5), with repeats")
+        w = case.input("weight", _normal(rng, (num, dim), dtype), "frozen table (num_embeddings, embedding_dim)")
+        A = case.input("A", _normal(rng, (r, num), dtype), "lora_embedding_A, shape (r, num_embeddings)")
+        B = case.input("B", _normal(rng, (dim, r), dtype), "lora_embedding_B, shape (embedding_dim, r)")
+        dy = case.input("dy", _normal(rng, (2, 5, dim), dtype), "upstream gradient, y's shape")
+        t = widen({"weight": w, "A": A, "B": B, "dy": dy})
+        y, ecache = F.lora_embedding(idx, t["weight"], t["A"], t["B"], case.params["scaling"])
+        ge = F.lora_embedding_backward(t["dy"], ecache, base_trainable=True)
+        case.output("y", y, "output, shape (*idx.shape, embedding_dim)")
+        case.output("dA", ge.A, "gradient with respect to A (r, num_embeddings), repeated ids summed")
+        case.output("dB", ge.B, "gradient with respect to B (embedding_dim, r)")
+        case.output("dweight", ge.weight, "gradient with respect to weight, repeated ids summed, as if trainable")
+        cases.append(case)
+
+        enable, n_in, d, r, alpha = [True, False, True], 5, 2, 2, 4.0
+        n_out, k = d * len(enable), sum(enable)
+        for dropout in ("none", "full"):
+            case = _Case(f"lora_merged_linear_qv_{'dropout' if dropout == 'full' else 'nodropout'}_{sfx}",
+                         "lora_merged_linear", dtype,
+                         "loralib's MergedLinear with enable_lora [True, False, True]; see 'lora_merged_linear'.",
+                         in_features=n_in, out_features=n_out, r=r, alpha=alpha, use_rslora=False,
+                         scaling=lora_scaling(alpha, r, False), enable_lora=enable,
+                         dropout_p=0.0 if dropout == "none" else 0.5)  # fmt: skip
+            x = case.input("x", _normal(rng, (2, 3, n_in), dtype), "input, shape (..., in_features)")
+            w = case.input("weight", _normal(rng, (n_out, n_in), dtype), "frozen fused weight (out, in)")
+            b = case.input("bias", _normal(rng, (n_out,), dtype), "frozen bias (out,)")
+            A = case.input("A", _normal(rng, (k * r, n_in), dtype), "stacked A_j, shape (k * r, in), k = 2")
+            B = case.input("B", _normal(rng, (k * d, r), dtype), "stacked B_j, shape (k * d, r), d = out / 3")
+            mask = None
+            if dropout != "none":
+                mask = case.input("dropout_mask", F.dropout_mask(x.shape, 0.5, random_state=rng, dtype=dtype),
+                                  _MASK_DOCS["full"])  # fmt: skip
+            dy = case.input("dy", _normal(rng, (2, 3, n_out), dtype), "upstream gradient, y's shape")
+            t = widen({"x": x, "w": w, "b": b, "A": A, "B": B, "dy": dy, **({} if mask is None else {"m": mask})})
+            y, mcache = F.lora_merged_linear(t["x"], t["w"], t["b"], t["A"], t["B"], case.params["scaling"], enable,
+                                            dropout_mask=t.get("m"))  # fmt: skip
+            g = F.lora_merged_linear_backward(t["dy"], mcache, base_trainable=True)
+            case.output("y", y, "output, shape (..., out_features)")
+            case.output("dx", g.x, "gradient with respect to x")
+            case.output("dA", g.A, "gradient with respect to A (k * r, in)")
+            case.output("dB", g.B, "gradient with respect to B (k * d, r)")
+            case.output("dweight", g.weight, "gradient with respect to weight (out, in), as if trainable")
+            case.output("dbias", g.bias, "gradient with respect to bias, as if trainable")
+            cases.append(case)
+    return cases
+
+
+def _attention_cases(rng: np.random.Generator) -> list[_Case]:
+    """Layer norm, softmax, attention (causal, bool mask, dropout), cross-entropy with ignore_index."""
+    from lowrank.nn import functional as F
+
+    cases = []
+    for dtype in _DTYPES:
+        sfx = _SUFFIX[np.dtype(dtype).name]
+        eps = 1e-5
+        case = _Case(f"layer_norm_{sfx}", "layer_norm", dtype, "Layer norm over the last axis; see 'layer_norm'.",
+                     eps=eps)  # fmt: skip
+        x = case.input("x", (1.0 + 2.0 * _normal(rng, (2, 3, 6), dtype)).astype(dtype), "input, shape (..., D)")
+        w = case.input("weight", (1.0 + 0.5 * _normal(rng, (6,), dtype)).astype(dtype), "scale, shape (D,)")
+        b = case.input("bias", _normal(rng, (6,), dtype), "shift, shape (D,)")
+        dy = case.input("dy", _normal(rng, (2, 3, 6), dtype), "upstream gradient, x's shape")
+        t = widen({"x": x, "w": w, "b": b, "dy": dy})
+        y, cache = F.layer_norm(t["x"], t["w"], t["b"], eps)
+        g = F.layer_norm_backward(t["dy"], cache)
+        case.output("y", y, "output, x's shape")
+        case.output("dx", g.x, "gradient with respect to x")
+        case.output("dweight", g.weight, "gradient with respect to weight, summed over the leading dimensions")
+        case.output("dbias", g.bias, "gradient with respect to bias, summed over the leading dimensions")
+        cases.append(case)
+
+        case = _Case(f"softmax_{sfx}", "softmax", dtype, "Softmax over the last axis; see 'softmax'.", axis=-1)
+        x = case.input("x", (2.0 * _normal(rng, (2, 3, 5), dtype)).astype(dtype), "input, shape (..., C)")
+        dy = case.input("dy", _normal(rng, (2, 3, 5), dtype), "upstream gradient, x's shape")
+        y, scache = F.softmax(x.astype(np.float64))
+        case.output("y", y, "output, x's shape")
+        case.output("dx", F.softmax_backward(dy.astype(np.float64), scache), "gradient with respect to x")
+        cases.append(case)
+
+        batch, T, d = (2,), 4, 3
+        for variant in ("causal", "bool_mask", "dropout_causal"):
+            causal = variant != "bool_mask"
+            case = _Case(f"scaled_dot_product_attention_{variant}_{sfx}", "scaled_dot_product_attention", dtype,
+                         f"Attention ({variant.replace('_', ', ')}); see 'scaled_dot_product_attention'.",
+                         is_causal=causal, scale=1.0 / math.sqrt(d),
+                         dropout_p=0.5 if variant.startswith("dropout") else 0.0)  # fmt: skip
+            q = case.input("q", _normal(rng, (*batch, T, d), dtype), "queries, shape (batch, T, d)")
+            k = case.input("k", _normal(rng, (*batch, T, d), dtype), "keys, shape (batch, S, d), S = T")
+            v = case.input("v", _normal(rng, (*batch, T, d), dtype), "values, shape (batch, S, dv)")
+            attn = dmask = None
+            if variant == "bool_mask":
+                allowed = rng.random((T, T)) < 0.6
+                allowed[np.arange(T), rng.integers(0, T, T)] = True  # every query sees at least one key
+                attn = case.input("attn_mask", allowed, "bool (T, S): true where query i may attend to key j")
+            if variant.startswith("dropout"):
+                dmask = case.input("dropout_mask", F.dropout_mask((*batch, T, T), 0.5, random_state=rng, dtype=dtype),
+                                   "inverted-dropout mask on the weights (0 or 2), (batch, T, S)")  # fmt: skip
+            dy = case.input("dy", _normal(rng, (*batch, T, d), dtype), "upstream gradient, y's shape")
+            t = widen({"q": q, "k": k, "v": v, "dy": dy, **({} if dmask is None else {"m": dmask})})
+            y, acache = F.scaled_dot_product_attention(t["q"], t["k"], t["v"], attn_mask=attn, is_causal=causal,
+                                                       dropout_mask=t.get("m"), scale=case.params["scale"])  # fmt: skip
+            ga = F.scaled_dot_product_attention_backward(t["dy"], acache)
+            case.output("y", y, "output, shape (batch, T, dv)")
+            case.output("dq", ga.q, "gradient with respect to q")
+            case.output("dk", ga.k, "gradient with respect to k")
+            case.output("dv", ga.v, "gradient with respect to v")
+            cases.append(case)
+
+        ignore = -100
+        case = _Case(f"cross_entropy_ignore_index_{sfx}", "cross_entropy", dtype,
+                     "Softmax cross-entropy whose targets equal to ignore_index are skipped; see "
+                     "'cross_entropy_ignore_index'.", ignore_index=ignore)  # fmt: skip
+        logits = case.input("logits", (3 * _normal(rng, (2, 4, 5), dtype)).astype(dtype), "shape (..., C), C = 5")
+        target = rng.integers(0, 5, (2, 4)).astype(np.int64)
+        target[0, 1] = target[1, 3] = ignore
+        target = case.input("target", target, "int64 class indices or -100 (ignored), shape (...)")
+        loss, grad = F.cross_entropy(logits.astype(np.float64), target, ignore_index=ignore)
+        case.output("loss", np.float64(loss), "0-d float64, the mean over the kept positions", dtype=np.float64)
+        case.output("dlogits", grad, "gradient with respect to logits, 0 at ignored positions")
+        cases.append(case)
+    return cases
+
+
 _HALF_SUFFIX = {"bfloat16": "bf16", "float16": "f16"}
 
 
@@ -706,7 +910,8 @@ def _build_cases(random_state: RandomState, dtypes: tuple[str, ...] = ()) -> lis
     rng = check_random_state(random_state)
     cases: list[_Case] = []
     for build in (_linear_cases, _lora_cases, _merge_cases, _activation_cases, _loss_cases,
-                  _training_cases, _factorization_cases, _dora_cases, _dora_merge_cases):  # fmt: skip
+                  _training_cases, _factorization_cases, _dora_cases, _dora_merge_cases,
+                  _variant_cases, _attention_cases):  # fmt: skip
         cases.extend(build(rng))
     for fmt in dtypes:  # after every float case: the float cases' bytes do not depend on dtypes
         cases.extend(_half_cases(rng, fmt))
