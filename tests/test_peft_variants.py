@@ -100,3 +100,12 @@ def test_a_lora_embedding_beside_dora_layers_is_refused_on_save(tmp_path):
     with pytest.raises(ValueError, match=r"LoRAEmbedding layers \['transformer.wte'\] beside DoRA layers"):
         save_peft_adapter(model, tmp_path / "ad")
     assert not (tmp_path / "ad").exists()
+
+
+def test_a_model_mixing_conv1d_and_linear_adapters_is_refused_on_save(tmp_path):
+    """One fan_in_fan_out flag cannot describe both layouts: a model-free merge would transpose one kind."""
+    model = nn.Sequential(nn.Conv1D(4, 4, dtype=np.float64, random_state=0), nn.Linear(4, 4, dtype=np.float64))
+    model = _randomize(nn.inject_lora(model, r=2, alpha=3, random_state=0))
+    with pytest.raises(ValueError, match=r"mix Conv1D .* Conv1D layers \['0'\], Linear layers \['1'\]"):
+        save_peft_adapter(model, tmp_path / "ad")
+    assert not (tmp_path / "ad").exists()

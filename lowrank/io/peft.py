@@ -470,7 +470,8 @@ def save_peft_adapter(
         No LoRALinear or LoRAEmbedding, a LoRAMergedLinear, layers with
         different ``use_rslora``, ``dropout`` or ``use_dora``,
         a LoRAEmbedding beside DoRA layers (PEFT's ``use_dora`` would make it DoRA too),
-        an unknown ``bias``, or a ``modules_to_save`` name that is not a
+        adapted Conv1D layers beside adapted Linear layers (one ``fan_in_fan_out`` flag
+        cannot describe both), an unknown ``bias``, or a ``modules_to_save`` name that is not a
         module, is adapted, or is ambiguous under PEFT's rule.
     RuntimeError
         A merged LoRALinear.
@@ -523,8 +524,16 @@ def save_peft_adapter(
             f"instead"
         )
     # PEFT's fan_in_fan_out: True when the adapted linear layers are Conv1D (GPT-2). PEFT corrects the
-    # flag per layer anyway (a Conv1D is always transposed, an nn.Linear never), so it records the origin.
-    fan_in_fan_out = any(isinstance(m, LoRALinear) and m.fan_in_fan_out for _, m in layers)
+    # flag per layer when it loads (a Conv1D is always transposed, an nn.Linear never), but a tool that
+    # reads the file without the model (lowrank adapter merge) trusts it: one flag must fit every layer.
+    conv1d = {name: m.fan_in_fan_out for name, m in layers if isinstance(m, LoRALinear)}
+    if len(set(conv1d.values())) > 1:
+        raise ValueError(
+            "the adapted layers mix Conv1D (weight stored (in, out)) and Linear: PEFT's one fan_in_fan_out flag "
+            f"cannot describe both, and a merge without the model would transpose one kind; Conv1D layers "
+            f"{[n for n, f in conv1d.items() if f]}, Linear layers {[n for n, f in conv1d.items() if not f]}"
+        )
+    fan_in_fan_out = any(conv1d.values())
     names = [name for name, _ in layers]
     saved = _check_modules_to_save(modules_to_save, modules, names)
 
