@@ -441,3 +441,17 @@ def test_backward_without_forward_is_a_runtime_error():
     for layer in (nn.Conv1D(3, 2), nn.LayerNorm(3), nn.Embedding(3, 2)):
         with pytest.raises(RuntimeError, match=r"backward called without a forward"):
             layer.backward(np.zeros((1, 2), np.float32))
+
+
+def test_attention_with_no_keys_is_zero_as_torch_and_softmax_of_an_empty_axis_is_empty():
+    # S = 0: every query sees no key, the all-masked rule gives weights and output 0
+    # (torch.nn.functional.scaled_dot_product_attention returns zeros of shape (..., T, dv))
+    q = np.arange(24.0).reshape(2, 3, 4)
+    y, cache = F.scaled_dot_product_attention(q, np.zeros((2, 0, 4)), np.zeros((2, 0, 5)))
+    assert y.shape == (2, 3, 5) and not y.any()
+    g = F.scaled_dot_product_attention_backward(np.ones((2, 3, 5)), cache)
+    assert g.q.shape == (2, 3, 4) and not g.q.any()
+    assert g.k.shape == (2, 0, 4) and g.v.shape == (2, 0, 5)
+    p, sm = F.softmax(np.zeros((3, 0)))  # torch.softmax(torch.zeros(3, 0), -1): shape (3, 0)
+    assert p.shape == (3, 0)
+    assert F.softmax_backward(np.zeros((3, 0)), sm).shape == (3, 0)

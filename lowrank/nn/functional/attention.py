@@ -85,6 +85,8 @@ def softmax_core(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, SoftmaxCach
 
     No validation: ``x`` is a float array without NaN or ``+inf``.
     """
+    if x.shape[axis] == 0:  # an empty slice has no max: nothing to normalize (torch returns it empty too)
+        return x, SoftmaxCache(y=x, axis=axis)
     m = x.max(axis=axis, keepdims=True)  # (..., 1, ...)
     all_masked = m == -np.inf
     masked = bool(all_masked.any())
