@@ -455,3 +455,12 @@ def test_attention_with_no_keys_is_zero_as_torch_and_softmax_of_an_empty_axis_is
     p, sm = F.softmax(np.zeros((3, 0)))  # torch.softmax(torch.zeros(3, 0), -1): shape (3, 0)
     assert p.shape == (3, 0)
     assert F.softmax_backward(np.zeros((3, 0)), sm).shape == (3, 0)
+
+
+def test_an_integer_attention_mask_is_refused_as_torch_does():
+    # transformers' attention_mask is int64 with 1 = attend: read as an additive mask it would add
+    # 1 to the kept scores and leave the padding unmasked, silently. torch's SDPA raises a
+    # RuntimeError ("Expected attn_mask dtype to be bool or float"); lowrank a TypeError.
+    q = np.ones((2, 3))
+    with pytest.raises(TypeError, match=r"attn_mask must be boolean .* or float .*, got dtype int64"):
+        F.scaled_dot_product_attention(q, q, q, attn_mask=np.ones((2, 2), dtype=np.int64))

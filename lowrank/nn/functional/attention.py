@@ -177,6 +177,11 @@ def causal_mask(t: int, s: int) -> np.ndarray:
 def _as_attn_mask(mask: Any, shape: tuple[int, ...], dtype: np.dtype, name: str) -> np.ndarray:
     """A boolean mask, or an additive float mask cast to ``dtype``, broadcastable to ``shape``."""
     arr = np.asarray(mask)
+    if arr.dtype != bool and arr.dtype.kind != "f":  # torch refuses these too: a 0/1 integer mask is ambiguous
+        raise TypeError(
+            f"{name} must be boolean (True = attend) or float (added to the scores, -inf = do not attend), "
+            f"got dtype {arr.dtype}; for a 0/1 mask such as transformers' attention_mask pass mask.astype(bool)"
+        )
     if arr.dtype != bool:
         arr = as_float_array(arr, name).astype(dtype, copy=False)
         bad = np.isnan(arr) | (arr == np.inf)
@@ -211,7 +216,8 @@ def scaled_dot_product_attention(
         The same leading dimensions as ``q``, the same dtype.
     attn_mask : ndarray broadcastable to (..., T, S), optional
         Boolean (True = attend, as torch) or float, added to the scores
-        (``-inf`` = do not attend).
+        (``-inf`` = do not attend). Any other dtype (an integer 0/1 mask)
+        is a TypeError, as in torch.
     is_causal : bool, default False
         Query ``i`` attends to keys ``j <= i`` only (``np.tri(T, S)``, aligned
         top-left, as torch). Combined with ``attn_mask`` when both are given.
