@@ -401,7 +401,7 @@ Z = np.zeros
          r"the same leading dimensions"),
         (lambda: F.scaled_dot_product_attention(Z(3), Z(3), Z(3)), ValueError, r"at least 2"),
         (lambda: F.scaled_dot_product_attention(Z((2, 3)), Z((2, 3), np.float32), Z((2, 3))), TypeError,
-         r"k must have the same dtype as x"),
+         r"k must have the same dtype as q"),
         (lambda: F.scaled_dot_product_attention(Z((2, 3)), Z((4, 3)), Z((4, 3)), attn_mask=Z((2, 3), bool)),
          ValueError, r"attn_mask must broadcast to the scores' shape \(\.\.\., T, S\) = \(2, 4\), got shape \(2, 3\)"),
         (lambda: F.scaled_dot_product_attention(Z((2, 3)), Z((4, 3)), Z((4, 3)), attn_mask=np.full((2, 4), np.nan)),
@@ -464,3 +464,22 @@ def test_an_integer_attention_mask_is_refused_as_torch_does():
     q = np.ones((2, 3))
     with pytest.raises(TypeError, match=r"attn_mask must be boolean .* or float .*, got dtype int64"):
         F.scaled_dot_product_attention(q, q, q, attn_mask=np.ones((2, 2), dtype=np.int64))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: F.scaled_dot_product_attention(np.ones((2, 3)), np.ones((2, 3), np.float32), np.ones((2, 3))),
+         r"k must have the same dtype as q, got k float32 and q float64"),
+        (lambda: F.scaled_dot_product_attention(np.ones((2, 3)), np.ones((2, 3)), np.ones((2, 3), np.float32)),
+         r"v must have the same dtype as q, got v float32 and q float64"),
+        (lambda: F.lora_embedding(np.array([0]), np.ones((3, 2)), np.ones((1, 3), np.float32), np.ones((2, 1)), 1.0),
+         r"A must have the same dtype as weight, got A float32 and weight float64"),
+        (lambda: F.lora_embedding(np.array([0]), np.ones((3, 2)), np.ones((1, 3)), np.ones((2, 1), np.float32), 1.0),
+         r"B must have the same dtype as weight, got B float32 and weight float64"),
+    ],
+)
+def test_a_dtype_mismatch_names_the_argument_it_must_match(call, match):
+    # these kernels have no argument x: the message names q (attention) or weight (the embedding table)
+    with pytest.raises(TypeError, match=match):
+        call()

@@ -233,8 +233,8 @@ def scaled_dot_product_attention(
     cache : AttentionCache
     """
     q = as_input(q, "q")
-    k = as_param(k, "k", q.dtype)
-    v = as_param(v, "v", q.dtype)
+    k = as_param(k, "k", q.dtype, "q")
+    v = as_param(v, "v", q.dtype, "q")
     if q.ndim < 2 or k.ndim != q.ndim or v.ndim != q.ndim:
         raise ValueError(
             f"q, k and v must have the same number of dimensions, at least 2: (..., T, d), (..., S, d), "

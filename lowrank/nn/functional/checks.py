@@ -37,12 +37,13 @@ def as_input(x: Any, name: str = "x") -> np.ndarray:
     return arr
 
 
-def as_param(value: Any, name: str, dtype: np.dtype) -> np.ndarray:
-    """A parameter array, which must already have ``x``'s ``dtype``: weights are never cast silently."""
+def as_param(value: Any, name: str, dtype: np.dtype, like: str = "x") -> np.ndarray:
+    """A parameter array, which must already have the ``dtype`` of the argument ``like``: never cast silently."""
     arr = as_float_array(value, name)
     if arr.dtype != dtype:
         raise TypeError(
-            f"{name} must have the same dtype as x, got {name} {arr.dtype} and x {dtype}; cast one of them with .astype"
+            f"{name} must have the same dtype as {like}, got {name} {arr.dtype} and {like} {dtype}; "
+            f"cast one of them with .astype"
         )
     return arr
 

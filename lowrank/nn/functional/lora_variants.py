@@ -130,8 +130,8 @@ def lora_embedding(idx: Any, weight: Any, A: Any, B: Any, scaling: float) -> tup
         raise ValueError(f"weight must be a non-empty 2-D array (num_embeddings, embedding_dim), got {weight.shape}")
     num, dim = weight.shape
     idx = check_indices(idx, num, "idx")
-    A = as_param(A, "A", weight.dtype)
-    B = as_param(B, "B", weight.dtype)
+    A = as_param(A, "A", weight.dtype, "weight")
+    B = as_param(B, "B", weight.dtype, "weight")
     if A.ndim != 2 or A.shape[0] == 0 or A.shape[1] != num:
         raise ValueError(f"A must have shape (r, num_embeddings) with r >= 1 and num_embeddings = {num}, got {A.shape}")
     if B.shape != (dim, A.shape[0]):
