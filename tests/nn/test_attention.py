@@ -483,3 +483,11 @@ def test_a_dtype_mismatch_names_the_argument_it_must_match(call, match):
     # these kernels have no argument x: the message names q (attention) or weight (the embedding table)
     with pytest.raises(TypeError, match=match):
         call()
+
+
+def test_embedding_backward_refuses_a_dy_whose_last_axis_is_not_embedding_dim():
+    # weight (5, 3): a dy of shape (2, 4) is not the output's shape (2, 3); the scatter made a (5, 4)
+    # "gradient" of a (5, 3) table without a word (torch raises on the shape mismatch)
+    _, cache = F.embedding(np.array([0, 2]), np.ones((5, 3)))
+    with pytest.raises(ValueError, match=r"dy must have the shape of the output y, \(2, 3\), got shape \(2, 4\)"):
+        F.embedding_backward(np.ones((2, 4)), cache)

@@ -34,13 +34,15 @@ class EmbeddingCache:
     ----------
     indices : ndarray of int of shape (...)
         The looked-up rows, referenced, not copied.
-    num_embeddings : int
+    num_embeddings, embedding_dim : int
+        The table's shape.
     dtype : numpy.dtype
         The weight's dtype, that of ``dweight``.
     """
 
     indices: np.ndarray
     num_embeddings: int
+    embedding_dim: int
     dtype: np.dtype
 
 
@@ -87,7 +89,8 @@ def embedding(indices: Any, weight: Any) -> tuple[np.ndarray, EmbeddingCache]:
 def embedding_core(indices: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, EmbeddingCache]:
     """:func:`embedding` without validation: integer indices in range, a 2-D float weight."""
     y = weight[indices]  # (..., D), fancy indexing makes a fresh array
-    return y, EmbeddingCache(indices=indices, num_embeddings=weight.shape[0], dtype=weight.dtype)
+    num, dim = weight.shape
+    return y, EmbeddingCache(indices=indices, num_embeddings=num, embedding_dim=dim, dtype=weight.dtype)
 
 
 def embedding_backward(dy: Any, cache: EmbeddingCache) -> np.ndarray:
@@ -105,13 +108,7 @@ def embedding_backward(dy: Any, cache: EmbeddingCache) -> np.ndarray:
         Zero in the rows no index read.
     """
     check_cache(cache, EmbeddingCache, "embedding")
-    dy = as_float_array(dy, "dy")
-    if dy.ndim != cache.indices.ndim + 1 or dy.shape[:-1] != cache.indices.shape:
-        raise ValueError(
-            f"dy must have the shape of the output y, indices.shape + (embedding_dim,) = "
-            f"{cache.indices.shape} + (D,), got shape {dy.shape}"
-        )
-    dy = as_grad(dy, dy.shape, cache.dtype, "the output y")
+    dy = as_grad(dy, (*cache.indices.shape, cache.embedding_dim), cache.dtype, "the output y")
     return embedding_backward_core(dy, cache)
 
 

@@ -148,7 +148,7 @@ def lora_embedding_core(
     ea = A.T[flat]  # (N, r): a fancy index copies, so ea is C-contiguous
     y = weight[flat]  # (N, dim)
     y += ea @ (scaling * B).T  # (N, dim); scaling applied to the small B
-    lookup = EmbeddingCache(indices=flat, num_embeddings=weight.shape[0], dtype=weight.dtype)
+    lookup = EmbeddingCache(indices=flat, num_embeddings=weight.shape[0], embedding_dim=dim, dtype=weight.dtype)
     cache = LoRAEmbeddingCache(lookup=lookup, ea=ea, weight=weight, A=A, B=B, scaling=scaling, idx_shape=idx.shape)
     return y.reshape(*idx.shape, dim), cache
 
