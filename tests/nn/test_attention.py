@@ -491,3 +491,15 @@ def test_embedding_backward_refuses_a_dy_whose_last_axis_is_not_embedding_dim():
     _, cache = F.embedding(np.array([0, 2]), np.ones((5, 3)))
     with pytest.raises(ValueError, match=r"dy must have the shape of the output y, \(2, 3\), got shape \(2, 4\)"):
         F.embedding_backward(np.ones((2, 4)), cache)
+
+
+def test_gelu_tanh_backward_refuses_the_cache_of_the_erf_gelu():
+    # the same cache class carries either form: at x = 1 the erf form's gradient is
+    # Φ(1) + φ(1) = 1.0833, gelu_new's 1.0830 (formulas); the tanh backward returned the first
+    x = np.array([1.0])
+    _, erf_cache = F.gelu(x)
+    with pytest.raises(TypeError, match=r"cache must be the GELUCache returned by gelu_tanh\(\), got one of gelu"):
+        F.gelu_tanh_backward(np.ones(1), erf_cache)
+    t = math.tanh(math.sqrt(2 / math.pi) * (1 + 0.044715))
+    expected = 0.5 * (1 + t) + 0.5 * (1 - t * t) * math.sqrt(2 / math.pi) * (1 + 3 * 0.044715)
+    np.testing.assert_allclose(F.gelu_tanh_backward(np.ones(1), F.gelu_tanh(x)[1]), [expected], rtol=1e-14)

@@ -329,7 +329,13 @@ def gelu_tanh_core(x: np.ndarray) -> tuple[np.ndarray, GELUCache]:
 
 
 def gelu_tanh_backward(dy: Any, cache: GELUCache) -> np.ndarray:
-    """The gradient of :func:`gelu_tanh`: :func:`gelu_backward` of its cache."""
+    """The gradient of :func:`gelu_tanh`: :func:`gelu_backward` of its cache (TypeError for the erf form's)."""
+    check_cache(cache, GELUCache, "gelu_tanh")
+    if cache.approximate != "tanh":
+        raise TypeError(
+            f"cache must be the GELUCache returned by gelu_tanh(), got one of gelu(approximate={cache.approximate!r}); "
+            f"use gelu_backward for it"
+        )
     return gelu_backward(dy, cache)
 
 
