@@ -497,16 +497,10 @@ class LoRALinear(Module):
 
     def _set_weight(self, new64: np.ndarray, action: str, what: str) -> None:
         """``W <- new64`` (out, in) cast to W's dtype once; FloatingPointError (W unchanged) if not finite there."""
-        dtype = self.weight.dtype
-        with np.errstate(over="ignore", invalid="ignore"):  # checked right below
-            new = new64.astype(dtype)  # (out, in)
-        finite = np.isfinite(new)
-        if not finite.all():
-            raise FloatingPointError(
-                f"LoRALinear.{action} refused: {what} would have {int(np.count_nonzero(~finite))} "
-                f"non-finite entries in {dtype} (max |W| = {np.abs(self.weight.data).max():.3g}); "
-                f"the weights are unchanged"
-            )
+        new = _cast_once(
+            new64, self.weight.dtype, f"LoRALinear.{action} refused: {what}",
+            lambda: f"max |W| = {np.abs(self.weight.data).max():.3g}",
+        )  # fmt: skip
         self._set_weight_out_in(new)
 
     def _add_to_weight(self, sign: float, action: str) -> None:
@@ -515,18 +509,14 @@ class LoRALinear(Module):
         For a Conv1D base the ``(out, in)`` view ``weight.T`` is updated, so its
         ``(in, out)`` weight gets ``(scaling * B @ A).T``.
         """
-        dtype = self.weight.dtype
         delta = self.delta_weight()  # (out, in), float64
-        with np.errstate(over="ignore", invalid="ignore"):  # checked right below
-            new = (self.weight_out_in().astype(np.float64) + sign * delta).astype(dtype)  # (out, in)
-        finite = np.isfinite(new)
-        if not finite.all():
-            raise FloatingPointError(
-                f"LoRALinear.{action} refused: W {'+' if sign > 0 else '-'} scaling * B @ A would "
-                f"have {int(np.count_nonzero(~finite))} non-finite entries in {dtype} "
-                f"(max |W| = {np.abs(self.weight.data).max():.3g}, "
-                f"max |scaling * B @ A| = {np.abs(delta).max():.3g}); the weights are unchanged"
-            )
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused by _cast_once
+            new64 = self.weight_out_in().astype(np.float64) + sign * delta  # (out, in)
+        new = _cast_once(
+            new64, self.weight.dtype, f"LoRALinear.{action} refused: W {'+' if sign > 0 else '-'} scaling * B @ A",
+            lambda: f"max |W| = {np.abs(self.weight.data).max():.3g}, "
+            f"max |scaling * B @ A| = {np.abs(delta).max():.3g}",
+        )  # fmt: skip
         self._set_weight_out_in(new)
 
     def extra_repr(self) -> str:
@@ -541,6 +531,25 @@ class LoRALinear(Module):
         )
 
 
+def _cast_once(new64: np.ndarray, dtype: np.dtype, refused: str, detail: Callable[[], str]) -> np.ndarray:
+    """``new64`` (float64) cast to ``dtype`` once; FloatingPointError if an entry is not finite there.
+
+    The one check of every fold (merge and unmerge of each LoRA layer): the
+    message is ``"{refused} would have N non-finite entries in {dtype}
+    ({detail()}); the weights are unchanged"``, ``detail`` evaluated only
+    then. The caller assigns the result, so on refusal nothing has changed.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # checked right below
+        new = new64.astype(dtype)
+    finite = np.isfinite(new)
+    if not finite.all():
+        raise FloatingPointError(
+            f"{refused} would have {int(np.count_nonzero(~finite))} non-finite entries in {dtype} "
+            f"({detail()}); the weights are unchanged"
+        )
+    return new
+
+
 def _add_delta(weight: Parameter, delta: np.ndarray, sign: float, who: str, action: str) -> None:
     """``weight <- weight + sign * delta`` in float64, cast once; FloatingPointError if not finite, weight unchanged.
 
@@ -548,17 +557,12 @@ def _add_delta(weight: Parameter, delta: np.ndarray, sign: float, who: str, acti
     :class:`LoRAEmbedding` and :class:`LoRAMergedLinear` (the rule of
     :meth:`LoRALinear.merge`).
     """
-    dtype = weight.dtype
-    with np.errstate(over="ignore", invalid="ignore"):  # checked right below
-        new = (weight.data.astype(np.float64) + sign * delta).astype(dtype)
-    finite = np.isfinite(new)
-    if not finite.all():
-        raise FloatingPointError(
-            f"{who}.{action} refused: W {'+' if sign > 0 else '-'} delta would have "
-            f"{int(np.count_nonzero(~finite))} non-finite entries in {dtype} (max |W| = "
-            f"{np.abs(weight.data).max():.3g}, max |delta| = {np.abs(delta).max():.3g}); the weights are unchanged"
-        )
-    weight.data = new
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused by _cast_once
+        new64 = weight.data.astype(np.float64) + sign * delta
+    weight.data = _cast_once(
+        new64, weight.dtype, f"{who}.{action} refused: W {'+' if sign > 0 else '-'} delta",
+        lambda: f"max |W| = {np.abs(weight.data).max():.3g}, max |delta| = {np.abs(delta).max():.3g}",
+    )  # fmt: skip
 
 
 class LoRAEmbedding(Module):
