@@ -693,14 +693,21 @@ def check_als(
         return values  # unobserved entries of a dense block are 0 already
 
     with np.errstate(over="ignore", invalid="ignore"):
-        row_eta, col_eta, row_gain, col_gain, data, size = _certify(
-            entries, weights, targets, X, Y, lam_rows, lam_cols, implicit=False
-        )
+        certified = _certify(entries, weights, targets, X, Y, lam_rows, lam_cols, implicit=False)
     penalty = float(lam_rows @ np.einsum("ur,ur->u", X, X)) + float(lam_cols @ np.einsum("jr,jr->j", Y, Y))
-    objective = data + penalty
+    data = certified[4]  # the data term of the objective, summed while streaming
+    return _als_certificate("als", entries, X, data + penalty, certified, tol, worst)
+
+
+def _als_certificate(
+    kind: str, entries: _Entries, X: np.ndarray, objective: float,
+    certified: tuple[np.ndarray, np.ndarray, float, float, float, float], tol: float, worst: int,
+) -> ALSCertificate:
+    """The certificate of either ALS from :func:`_certify`'s numbers, once they are checked finite."""
+    row_eta, col_eta, row_gain, col_gain, _, size = certified
     _finite_result(objective, row_gain, col_gain, float(row_eta.max()), float(col_eta.max()))
     return ALSCertificate(
-        kind="als",
+        kind=kind,
         shape=entries.shape,
         rank=X.shape[1],
         n_observed=entries.n_observed,
@@ -782,23 +789,8 @@ def check_implicit_als(
         return np.where(seen, 1.0 + alpha * values, 0.0)
 
     with np.errstate(over="ignore", invalid="ignore"):
-        row_eta, col_eta, row_gain, col_gain, _, size = _certify(
-            entries, weights, targets, X, Y, lam_rows, lam_cols, implicit=True
-        )
-    _finite_result(objective, row_gain, col_gain, float(row_eta.max()), float(col_eta.max()))
-    return ALSCertificate(
-        kind="implicit-als",
-        shape=entries.shape,
-        rank=X.shape[1],
-        n_observed=entries.n_observed,
-        objective=objective,
-        row_stationarity=row_eta,
-        col_stationarity=col_eta,
-        row_gain=_relative(row_gain, objective, size),
-        col_gain=_relative(col_gain, objective, size),
-        tol=tol,
-        worst=worst,
-    )
+        certified = _certify(entries, weights, targets, X, Y, lam_rows, lam_cols, implicit=True)
+    return _als_certificate("implicit-als", entries, X, objective, certified, tol, worst)
 
 
 # ---------------------------------------------------------------- SVD
